@@ -1,0 +1,23 @@
+# Two commands for a newcomer: `make demo` runs every stage on built-in phantom data,
+# `make test` runs the test suite. Both create .venv and install requirements.txt first.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-requirements
+SYSTEM_PYTHON ?= python3
+
+.PHONY: demo test install
+
+install: $(STAMP)
+
+# Re-install only when requirements.txt changes (the stamp is newer than it otherwise).
+$(STAMP): requirements.txt
+	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PYTHON) Scripts/demo.py

@@ -1,0 +1,82 @@
+"""Atomic writes and small file helpers shared by every stage.
+
+A stage killed half way must never leave a half-written file that a later stage would read,
+so every output is written under a temporary name in the same folder, then renamed.
+"""
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final_path):
+    """Yield a temporary path beside `final_path`; rename it into place if the block succeeds."""
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(
+        prefix=f".{final_path.stem}.", suffix=f".partial{final_path.suffix}", dir=final_path.parent
+    )
+    os.close(handle)
+    temporary_path = Path(temporary_name)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, final_path)
+    finally:
+        temporary_path.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path, data):
+    with atomic_path(path) as temporary_path:
+        temporary_path.write_bytes(data)
+
+
+def write_text_atomic(path, text):
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, data):
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv_atomic(path, rows, fieldnames):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def write_png_atomic(path, image):
+    """Save a Pillow image as PNG under a temporary name, then rename it into place."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def sha256_of_file(path, chunk_size=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def move_aside(path):
+    """Move a folder to `<name>_<timestamp>` beside it instead of deleting it; return the new path."""
+    path = Path(path)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    destination = path.with_name(f"{path.name}_{stamp}")
+    counter = 1
+    while destination.exists():
+        counter += 1
+        destination = path.with_name(f"{path.name}_{stamp}_{counter}")
+    shutil.move(str(path), str(destination))
+    return destination
