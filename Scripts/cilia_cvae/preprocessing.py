@@ -1,0 +1,270 @@
+"""From a raw folder of class sub-folders to square grayscale PNGs split into train and test.
+
+The raw folder is the user's data: it is only ever read. Every file found gets one row in
+the manifest, with its outcome (train, test, duplicate, conflict, rejected) and the reason,
+so nothing is silently skipped. The output for one size is built in a temporary folder and
+swapped into place at the end, so a killed run leaves the previous output intact.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cilia_cvae.config import UserError
+from cilia_cvae.files import write_csv_atomic, write_json_atomic
+from cilia_cvae.images import UnreadableImage, make_square, read_grayscale
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"}
+SYSTEM_FILE_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
+STATISTICS_COLUMNS = ["width_mean", "width_std", "height_mean", "height_std", "aspect_ratio_mean", "aspect_ratio_std"]
+MANIFEST_COLUMNS = [
+    "source_path", "class", "outcome", "reason", "content_hash",
+    "width", "height", "format", "mode", "bit_depth", "processed_path",
+]
+FACTS_FILE_NAME = "preprocessing.json"
+
+
+def size_folder_name(image_size):
+    return f"{image_size}x{image_size}"
+
+
+def read_processed_facts(processed_images_dir, image_size):
+    """The facts preprocessing recorded for one size; a UserError when that size was never made."""
+    facts_path = Path(processed_images_dir) / size_folder_name(image_size) / FACTS_FILE_NAME
+    if not facts_path.is_file():
+        raise UserError(
+            f"no preprocessed images at {size_folder_name(image_size)} in {processed_images_dir}; "
+            f"run python Scripts/cvae_pre_processing.py --image_size={image_size} first"
+        )
+    return json.loads(facts_path.read_text(encoding="utf-8"))
+
+
+def find_raw_files(raw_images_dir):
+    """List (relative path, class or None, reason to skip or None) for every file under the raw folder."""
+    raw_images_dir = Path(raw_images_dir)
+    if not raw_images_dir.is_dir():
+        raise UserError(
+            f"raw image folder {raw_images_dir} does not exist; create it with one sub-folder per class, "
+            f"or run python Scripts/make_phantom_dataset.py for built-in phantom data"
+        )
+    found = []
+    for path in sorted(raw_images_dir.rglob("*")):
+        if not path.is_file() and not path.is_symlink():
+            continue
+        relative = path.relative_to(raw_images_dir)
+        parts = relative.parts
+        if any(part.startswith(".") for part in parts) or path.name.lower() in SYSTEM_FILE_NAMES:
+            found.append((relative, parts[0] if len(parts) > 1 else None, "hidden or operating-system file"))
+        elif len(parts) == 1:
+            found.append((relative, None, "file directly in the raw folder; put images in a folder named after their class"))
+        elif len(parts) > 2:
+            found.append((relative, parts[0], f"inside a sub-folder of class {parts[0]}; only files directly in a class folder are used"))
+        elif not path.is_file():
+            found.append((relative, parts[0], "broken link"))
+        else:
+            found.append((relative, parts[0], None))
+    return found
+
+
+def _process_one(task):
+    """Worker: decode, hash and resize one raw file; stage its PNG under its content hash."""
+    raw_path, staging_dir, image_size, resize_mode, stretch_percentiles = task
+    try:
+        pixels, facts = read_grayscale(raw_path, stretch_percentiles)
+    except UnreadableImage as error:
+        return {"reason": str(error)}
+    digest = hashlib.sha256()
+    digest.update(f"{pixels.shape[0]}x{pixels.shape[1]}:".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    content_hash = digest.hexdigest()
+    staged_path = Path(staging_dir) / f"{content_hash}.png"
+    if not staged_path.exists():
+        square = make_square(pixels, image_size, resize_mode)
+        temporary = staged_path.with_name(f".{content_hash}.{os.getpid()}.png")
+        square.save(temporary, format="PNG", compress_level=3)
+        os.replace(temporary, staged_path)
+    return {"content_hash": content_hash, **facts}
+
+
+def _split_key(seed, relative_path):
+    """A stable pseudo-random rank per file: the same split on every re-run, whatever the file order."""
+    return hashlib.sha256(f"{seed}:{relative_path.as_posix()}".encode("utf-8")).hexdigest()
+
+
+def assign_splits(kept_by_class, test_fraction, seed):
+    """Stratified split: per class, round(n * fraction) test images, at least one of each split when n >= 2."""
+    split_of = {}
+    for class_name, relatives in kept_by_class.items():
+        ranked = sorted(relatives, key=lambda relative: _split_key(seed, relative))
+        count = len(ranked)
+        test_count = int(round(count * test_fraction))
+        if count >= 2:
+            test_count = min(max(test_count, 1), count - 1)
+        else:
+            test_count = 0
+        for position, relative in enumerate(ranked):
+            split_of[relative] = "test" if position < test_count else "train"
+    return split_of
+
+
+def output_names(kept_by_class):
+    """PNG name per kept file: its stem, or <stem>_<ext> when another file of the class has the same stem."""
+    names = {}
+    for relatives in kept_by_class.values():
+        taken = set()
+        for relative in sorted(relatives):
+            stem, extension = relative.stem, relative.suffix.lower().lstrip(".")
+            candidate = f"{stem}.png"
+            if candidate.lower() in taken:
+                candidate = f"{stem}_{extension}.png"
+            counter = 2
+            while candidate.lower() in taken:
+                candidate = f"{stem}_{extension}_{counter}.png"
+                counter += 1
+            taken.add(candidate.lower())
+            names[relative] = candidate
+    return names
+
+
+def raw_statistics(rows):
+    """The original six-column statistics of the raw image sizes (aspect ratio = width / height)."""
+    widths = np.array([row["width"] for row in rows], dtype=np.float64)
+    heights = np.array([row["height"] for row in rows], dtype=np.float64)
+    aspects = widths / heights
+    return {
+        "width_mean": widths.mean(), "width_std": widths.std(),
+        "height_mean": heights.mean(), "height_std": heights.std(),
+        "aspect_ratio_mean": aspects.mean(), "aspect_ratio_std": aspects.std(),
+    }
+
+
+def preprocess(raw_images_dir, processed_images_dir, image_size, resize_mode, test_fraction, seed,
+               stretch_percentiles=None, workers=0):
+    """Run the whole stage; return the summary dictionary that the script prints."""
+    raw_images_dir, processed_images_dir = Path(raw_images_dir), Path(processed_images_dir)
+    found = find_raw_files(raw_images_dir)
+    rows = {}
+    for relative, class_name, reason in found:
+        rows[relative] = {
+            "source_path": relative.as_posix(), "class": class_name or "",
+            "outcome": "rejected" if reason else "", "reason": reason or "",
+        }
+    candidates = [relative for relative, _, reason in found if reason is None]
+    if not candidates:
+        raise UserError(
+            f"no images in class sub-folders of {raw_images_dir}; put one folder per class there "
+            f"(e.g. Normal/, ODA/), or run python Scripts/make_phantom_dataset.py for built-in phantom data"
+        )
+
+    candidate_classes = sorted({rows[relative]["class"] for relative in candidates})
+    if len(candidate_classes) < 2:
+        raise UserError(
+            f"images found in one class folder only ({candidate_classes[0]}) in {raw_images_dir}; a conditional "
+            f"model needs at least two class folders with images"
+        )
+
+    processed_images_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = processed_images_dir / size_folder_name(image_size)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.partial-", dir=processed_images_dir))
+    try:
+        staging_dir = work_dir / "staging"
+        staging_dir.mkdir()
+        tasks = [(raw_images_dir / relative, staging_dir, image_size, resize_mode, stretch_percentiles)
+                 for relative in candidates]
+        worker_count = workers or len(os.sched_getaffinity(0))
+        with ProcessPoolExecutor(max_workers=worker_count) as executor:
+            results = executor.map(_process_one, tasks, chunksize=max(1, min(32, len(tasks) // (4 * worker_count))))
+            for relative, result in tqdm(zip(candidates, results), total=len(tasks), desc="preprocessing",
+                                         unit="image", mininterval=1.0):
+                rows[relative].update(result)
+                if "content_hash" not in result:
+                    rows[relative]["outcome"] = "rejected"
+
+        readable = [relative for relative in candidates if rows[relative]["outcome"] != "rejected"]
+        classes_by_hash = defaultdict(set)
+        first_by_hash = {}
+        for relative in readable:
+            content_hash = rows[relative]["content_hash"]
+            classes_by_hash[content_hash].add(rows[relative]["class"])
+            first_by_hash.setdefault(content_hash, relative)
+        kept_by_class = defaultdict(list)
+        for relative in readable:
+            row = rows[relative]
+            classes = classes_by_hash[row["content_hash"]]
+            if len(classes) > 1:
+                others = ", ".join(sorted(classes - {row["class"]}))
+                row.update(outcome="conflict", reason=f"the same image is also labelled {others}; left out of every class")
+            elif first_by_hash[row["content_hash"]] != relative:
+                row.update(outcome="duplicate", reason=f"same pixels as {first_by_hash[row['content_hash']].as_posix()}, kept once")
+            else:
+                kept_by_class[row["class"]].append(relative)
+
+        class_names = sorted(kept_by_class)
+        if len(class_names) < 2:
+            only = ", ".join(class_names) or "none"
+            left_out = Counter(row["outcome"] for row in rows.values() if row["outcome"] in ("rejected", "duplicate", "conflict"))
+            raise UserError(
+                f"usable images found in {len(class_names)} class(es) ({only}) in {raw_images_dir}, but a conditional "
+                f"model needs at least two class folders with images (files left out: {dict(left_out) or 'none'})"
+            )
+        split_of = assign_splits(kept_by_class, test_fraction, seed)
+        names = output_names(kept_by_class)
+        for split in ("train", "test"):
+            for class_name in class_names:
+                (work_dir / split / class_name).mkdir(parents=True, exist_ok=True)
+        fingerprint = hashlib.sha256()
+        for relative in sorted(split_of, key=lambda item: (rows[item]["class"], names[item])):
+            row = rows[relative]
+            split = split_of[relative]
+            target = work_dir / split / row["class"] / names[relative]
+            shutil.copyfile(staging_dir / f"{row['content_hash']}.png", target)
+            row.update(outcome=split, processed_path=f"{split}/{row['class']}/{names[relative]}")
+            fingerprint.update(f"{row['processed_path']}:{row['content_hash']}\n".encode("utf-8"))
+        shutil.rmtree(staging_dir)
+
+        manifest_rows = [rows[relative] for relative, _, _ in found]
+        write_csv_atomic(work_dir / "manifest.csv", manifest_rows, MANIFEST_COLUMNS)
+        counts = {split: {name: 0 for name in class_names} for split in ("train", "test")}
+        for relative, split in split_of.items():
+            counts[split][rows[relative]["class"]] += 1
+        outcomes = Counter(row["outcome"] for row in manifest_rows)
+        facts = {
+            "image_size": image_size,
+            "resize_mode": resize_mode,
+            "class_names": class_names,
+            "counts": counts,
+            "fingerprint": fingerprint.hexdigest(),
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "stretch_percentiles": list(stretch_percentiles) if stretch_percentiles else None,
+            "raw_images_dir": str(raw_images_dir),
+            "outcomes": dict(outcomes),
+        }
+        write_json_atomic(work_dir / FACTS_FILE_NAME, facts)
+
+        statistics = raw_statistics([rows[relative] for relative in split_of])
+        write_csv_atomic(processed_images_dir / "raw_image_statistics.csv", [statistics], STATISTICS_COLUMNS)
+        _swap_into_place(work_dir, final_dir)
+    finally:
+        if work_dir.exists():
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return {"output_dir": final_dir, "facts": facts, "manifest_rows": manifest_rows}
+
+
+def _swap_into_place(new_dir, final_dir):
+    """Replace the previous output for this size with the new one in two renames."""
+    old_dir = None
+    if final_dir.exists():
+        old_dir = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old_dir)
+    os.replace(new_dir, final_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
