@@ -1,0 +1,110 @@
+"""A small CNN classifier of cilia cross sections: the judge of generated images, and the
+detection-model stand-in of the usefulness experiment.
+
+The same architecture serves three purposes: the domain classifier of cvae_evaluate.py (its
+penultimate layer is the feature space of FID, KID, precision/recall and memorisation), the
+classifiers trained on real versus real + synthetic data, and the phantom separability check.
+It never takes part in CVAE training, so the generator cannot be tuned against its own judge.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+
+from cilia_cvae.files import atomic_path, write_json_atomic  # noqa: E402
+
+FEATURE_LAYER_NAME = "features"
+
+
+def list_images(folder, class_names, limit_per_class=None):
+    """(paths, labels) of the PNGs in folder/<Class>/ for each class, in name order."""
+    paths, labels = [], []
+    for label, class_name in enumerate(class_names):
+        class_paths = sorted((Path(folder) / class_name).glob("*.png"))[:limit_per_class]
+        paths.extend(class_paths)
+        labels.extend([label] * len(class_paths))
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def load_images(paths, size):
+    """Grayscale images as a uint8 array (n, size, size), squashed to a square when they are not."""
+    images = np.empty((len(paths), size, size), dtype=np.uint8)
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            image = image.convert("L")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            images[index] = np.asarray(image)
+    return images
+
+
+def build_classifier(image_size, class_count, width=32):
+    """Four convolution stages, global pooling, a 128-value feature layer and the class scores.
+
+    Rotation and flips are the augmentation because a cross section has no preferred
+    orientation in the microscope; they change neither the class nor the handedness rule much
+    (a mirror flips handedness, which both real hands show).
+    """
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    x = layers.Rescaling(1.0 / 255.0)(inputs)
+    x = layers.RandomFlip("horizontal_and_vertical")(x)
+    x = layers.RandomRotation(0.5, fill_mode="reflect")(x)
+    for stage, filters in enumerate((width, width * 2, width * 4, width * 8)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.ReLU()(x)
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x) if stage < 3 else x
+    x = layers.GlobalAveragePooling2D()(x)
+    features = layers.Dense(128, activation="relu", name=FEATURE_LAYER_NAME)(x)
+    x = layers.Dropout(0.3)(features)
+    outputs = layers.Dense(class_count, activation="softmax", name="class_scores")(x)
+    model = keras.Model(inputs, outputs, name="cilia_classifier")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def train_classifier(images, labels, class_count, epochs, seed, batch_size=32, validation=None, verbose=0):
+    """Train a fresh classifier on uint8 images; class weights keep rare classes from being ignored."""
+    keras.utils.set_random_seed(seed)
+    model = build_classifier(images.shape[1], class_count)
+    counts = np.bincount(labels, minlength=class_count).astype(np.float64)
+    weights = {label: (len(labels) / (class_count * count)) if count else 0.0 for label, count in enumerate(counts)}
+    model.fit(images[..., None], labels, epochs=epochs, batch_size=batch_size, class_weight=weights,
+              shuffle=True, verbose=verbose,
+              validation_data=None if validation is None else (validation[0][..., None], validation[1]))
+    return model
+
+
+def predict(model, images, batch_size=128):
+    """(class scores, features) for uint8 images, in inference mode (no augmentation)."""
+    feature_model = keras.Model(model.inputs, [model.output, model.get_layer(FEATURE_LAYER_NAME).output])
+    scores, features = feature_model.predict(images[..., None], batch_size=batch_size, verbose=0)
+    return scores, features.astype(np.float64)
+
+
+def cached_domain_classifier(cache_dir, fingerprint, train_images, train_labels, class_count, epochs, seed):
+    """Load the domain classifier trained on this exact training split, or train and cache it.
+
+    The cache key is the processed split's fingerprint plus the classifier's settings, so a
+    change of data (or of size, epochs, seed) trains a new judge instead of reusing a stale one.
+    """
+    key = f"{train_images.shape[1]}px_{epochs}epochs_seed{seed}_{fingerprint[:16]}"
+    model_path = Path(cache_dir) / f"domain_classifier_{key}.keras"
+    if model_path.is_file():
+        return keras.models.load_model(model_path), True
+    model = train_classifier(train_images, train_labels, class_count, epochs, seed, verbose=2)
+    with atomic_path(model_path) as temporary:
+        model.save(temporary)
+    write_json_atomic(model_path.with_suffix(".json"), {"fingerprint": fingerprint, "epochs": epochs, "seed": seed,
+                                                       "image_size": int(train_images.shape[1])})
+    return model, False

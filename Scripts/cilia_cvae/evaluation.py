@@ -1,0 +1,157 @@
+"""The evaluation of a folder of generated images against the real splits, and its report."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cilia_cvae import metrics  # noqa: E402
+from cilia_cvae.classifier import cached_domain_classifier, list_images, load_images, predict  # noqa: E402
+from cilia_cvae.config import UserError  # noqa: E402
+from cilia_cvae.files import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
+
+
+def quality_metrics(features, labels, predictions, class_names, seed):
+    """Every feature-space measure of one generated set; `features` etc. are dicts by split name."""
+    generated, test, train = features["generated"], features["test"], features["train"]
+    fidelity, fidelity_per_class = metrics.class_fidelity(predictions["generated"], labels["generated"], len(class_names))
+    kid, kid_std = metrics.kernel_inception_distance(generated, test, seed=seed)
+    kid_floor, kid_floor_std = metrics.kernel_inception_distance(train, test, seed=seed)
+    precision, recall = metrics.precision_recall(test, generated, k=3)
+    density, coverage = metrics.density_coverage(test, generated, k=5)
+    report = {
+        "class_fidelity": fidelity,
+        "class_fidelity_per_class": dict(zip(class_names, fidelity_per_class)),
+        "fid": metrics.frechet_distance(generated, test),
+        "fid_floor": metrics.frechet_distance(train, test),
+        "kid": kid, "kid_std": kid_std, "kid_floor": kid_floor, "kid_floor_std": kid_floor_std,
+        "precision": precision, "recall": recall, "density": density, "coverage": coverage,
+        **metrics.memorisation(train, test, generated),
+    }
+    per_class = {}
+    for label, class_name in enumerate(class_names):
+        mask = {split: labels[split] == label for split in ("generated", "test", "train")}
+        if mask["generated"].sum() < 2 or mask["test"].sum() < 2:
+            continue
+        class_kid, class_kid_std = metrics.kernel_inception_distance(generated[mask["generated"]], test[mask["test"]], seed=seed)
+        class_floor, _ = metrics.kernel_inception_distance(train[mask["train"]], test[mask["test"]], seed=seed)
+        per_class[class_name] = {
+            "generated_images": int(mask["generated"].sum()),
+            "class_fidelity": fidelity_per_class[label],
+            "kid": class_kid, "kid_std": class_kid_std, "kid_floor": class_floor,
+        }
+    report["per_class"] = per_class
+    return report
+
+
+def evaluate_generated(processed_dir, generated_dir, class_names, fingerprint, classifier_cache_dir,
+                       classifier_size, classifier_epochs, images_per_class, seed):
+    """Train or load the judge, embed real and generated images, and compute every measure."""
+    paths, labels = {}, {}
+    for split in ("train", "test"):
+        paths[split], labels[split] = list_images(Path(processed_dir) / split, class_names)
+    paths["generated"], labels["generated"] = list_images(generated_dir, class_names, images_per_class)
+    unknown = sorted({path.name for path in Path(generated_dir).iterdir() if path.is_dir()} - set(class_names))
+    if unknown:
+        raise UserError(f"generated folders {unknown} are not classes of the processed data {class_names}")
+    images = {split: load_images(paths[split], classifier_size) for split in paths}
+    judge, reused = cached_domain_classifier(classifier_cache_dir, fingerprint, images["train"], labels["train"],
+                                             len(class_names), classifier_epochs, seed)
+    scores, features, predictions = {}, {}, {}
+    for split in images:
+        scores[split], features[split] = predict(judge, images[split])
+        predictions[split] = scores[split].argmax(axis=1)
+    # Standardise every feature by the real training split's statistics: KID's polynomial kernel
+    # and the k-NN radii assume features of unit scale, as Inception features roughly are.
+    centre, scale = features["train"].mean(axis=0), features["train"].std(axis=0) + 1e-6
+    features = {split: (values - centre) / scale for split, values in features.items()}
+    report = {
+        "real_accuracy": float(np.mean(predictions["test"] == labels["test"])),
+        "real_accuracy_per_class": {
+            name: float(np.mean(predictions["test"][labels["test"] == label] == label))
+            for label, name in enumerate(class_names) if (labels["test"] == label).any()
+        },
+        "judge_reused_from_cache": reused,
+        "classifier_size": classifier_size,
+        "classifier_epochs": classifier_epochs,
+        "counts": {split: {name: int((labels[split] == label).sum()) for label, name in enumerate(class_names)}
+                   for split in labels},
+        **quality_metrics(features, labels, predictions, class_names, seed),
+    }
+    report["confusion"] = confusion_matrix(labels["generated"], predictions["generated"], len(class_names)).tolist()
+    report["class_names"] = list(class_names)
+    return report
+
+
+def confusion_matrix(requested, predicted, class_count):
+    matrix = np.zeros((class_count, class_count), dtype=np.int64)
+    np.add.at(matrix, (requested, predicted), 1)
+    return matrix
+
+
+def _plot_report(report, path):
+    class_names = report["class_names"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shares = [report["class_fidelity_per_class"][name] for name in class_names]
+    left.bar(class_names, shares, color="#4a7ab0")
+    left.axhline(report["class_fidelity"], color="black", linestyle="--", label=f"overall {report['class_fidelity']:.0%}")
+    left.set_ylim(0, 1)
+    left.set_ylabel("share classified as the requested class")
+    left.set_title("Class fidelity of generated images")
+    left.legend()
+    matrix = np.array(report["confusion"], dtype=np.float64)
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    right.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    right.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    right.set_yticks(range(len(class_names)), class_names)
+    right.set_xlabel("judged as")
+    right.set_ylabel("requested")
+    right.set_title("Generated images: requested vs judged class")
+    for row in range(len(class_names)):
+        for column in range(len(class_names)):
+            right.text(column, row, f"{rows[row, column]:.2f}", ha="center", va="center",
+                       color="white" if rows[row, column] > 0.5 else "black", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+    plt.close(figure)
+
+
+def markdown_report(report):
+    class_names = report["class_names"]
+    lines = [
+        "# Evaluation report", "",
+        f"Judge: a CNN at {report['classifier_size']} px trained {report['classifier_epochs']} epochs on the real "
+        f"training split; accuracy on the real test split **{report['real_accuracy']:.1%}**.", "",
+        "| measure | generated | real-vs-real floor |", "| --- | --- | --- |",
+        f"| class fidelity | {report['class_fidelity']:.1%} | {report['real_accuracy']:.1%} (judge accuracy) |",
+        f"| KID (x1000, +- spread over subsets) | {1000 * report['kid']:.2f} +- {1000 * report['kid_std']:.2f} "
+        f"| {1000 * report['kid_floor']:.2f} +- {1000 * report['kid_floor_std']:.2f} |",
+        f"| FID | {report['fid']:.2f} | {report['fid_floor']:.2f} |",
+        f"| precision / recall (k=3) | {report['precision']:.2f} / {report['recall']:.2f} | |",
+        f"| density / coverage (k=5) | {report['density']:.2f} / {report['coverage']:.2f} | |",
+        f"| memorisation ratio (median nearest-train distance, generated / test) | {report['memorisation_ratio']:.2f} | 1.00 |",
+        f"| near-copies of training images | {report['near_copy_share']:.1%} | |",
+        "", "## Per class", "",
+        "| class | generated | fidelity | KID x1000 | floor x1000 | judge accuracy on real test |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in class_names:
+        row = report["per_class"].get(name)
+        if row:
+            lines.append(f"| {name} | {row['generated_images']} | {row['class_fidelity']:.1%} | {1000 * row['kid']:.2f} "
+                         f"| {1000 * row['kid_floor']:.2f} | {report['real_accuracy_per_class'].get(name, float('nan')):.1%} |")
+    lines += ["", "![class fidelity](evaluation_fidelity.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(report, output_dir):
+    output_dir = Path(output_dir)
+    json_path, markdown_path = output_dir / "evaluation_report.json", output_dir / "evaluation_report.md"
+    _plot_report(report, output_dir / "evaluation_fidelity.png")
+    write_json_atomic(json_path, report)
+    write_text_atomic(markdown_path, markdown_report(report))
+    return json_path, markdown_path

@@ -1,0 +1,72 @@
+"""Measure how good generated images are, in the feature space of a domain classifier.
+
+Reads   PROCESSED_IMAGES_DIR/<S>x<S>/{train,test}/<Class>/*.png   the real images
+        GENERATED_IMAGES_DIR/<S>x<S>/<Class>/*.png                 the generated images
+Writes  GENERATED_IMAGES_DIR/<S>x<S>/evaluation_report.json, evaluation_report.md and plots
+        MODELS_DIR/domain_classifier_*.keras   the judge, cached per training split
+
+The judge is a CNN trained on the real training split only; its accuracy on the real test
+split comes first, because every other number depends on it. Then, against the real test
+split: class fidelity (does the classifier see the class that was asked for?), FID and KID
+beside the real-vs-real floor (train vs test), precision/recall and density/coverage, and
+memorisation (are generated images near-copies of training images?).
+
+Example:
+    python Scripts/cvae_evaluate.py --image_size=224 --images_per_class=200
+
+Expected run time: about 5 minutes on 2 cores at the defaults (most of it training the
+judge once; later runs on the same data reuse it).
+"""
+
+import time
+
+
+from cilia_cvae import config
+from cilia_cvae.config import UserError, configure
+from cilia_cvae.evaluation import evaluate_generated, write_report
+from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
+
+IMAGE_SIZE = 224  # which resolution's processed and generated folders to judge
+IMAGES_PER_CLASS = 200  # generated images judged per class (the first ones in name order)
+CLASSIFIER_SIZE = 128  # the judge works at this size; images are resized to it
+CLASSIFIER_EPOCHS = 15  # epochs of the judge's training (cached once trained)
+SEED = 0  # seeds the judge's training and the KID subsets
+QUICK = False  # a test-sized run: 2 classifier epochs, 32 px, few images
+PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # the real train and test splits
+GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # the generated images; the report is written beside them
+MODELS_DIR = config.MODELS_DIR  # where the judge is cached
+
+settings = configure(globals())
+if QUICK:
+    CLASSIFIER_EPOCHS, CLASSIFIER_SIZE = min(CLASSIFIER_EPOCHS, 2), min(CLASSIFIER_SIZE, 32)
+
+facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
+generated_dir = GENERATED_IMAGES_DIR / size_folder_name(IMAGE_SIZE)
+if not any(generated_dir.glob("*/*.png")):
+    raise UserError(f"no generated images in {generated_dir}; run python Scripts/cvae_inference.py "
+                    f"--image_size={IMAGE_SIZE} first")
+
+started = time.perf_counter()
+report = evaluate_generated(
+    processed_dir=PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE),
+    generated_dir=generated_dir,
+    class_names=facts["class_names"],
+    fingerprint=facts["fingerprint"],
+    classifier_cache_dir=MODELS_DIR,
+    classifier_size=CLASSIFIER_SIZE,
+    classifier_epochs=CLASSIFIER_EPOCHS,
+    images_per_class=IMAGES_PER_CLASS,
+    seed=SEED,
+)
+report["settings"] = config.jsonable(settings)
+report["seconds"] = round(time.perf_counter() - started, 1)
+json_path, markdown_path = write_report(report, generated_dir)
+
+print(f"\njudge (domain classifier) accuracy on the real test split: {report['real_accuracy']:.1%}")
+print(f"class fidelity: {report['class_fidelity']:.1%}  "
+      + "  ".join(f"{name} {share:.0%}" for name, share in report["class_fidelity_per_class"].items()))
+print(f"KID {report['kid']:.4f} +- {report['kid_std']:.4f} (real-vs-real floor {report['kid_floor']:.4f}); "
+      f"FID {report['fid']:.2f} (floor {report['fid_floor']:.2f})")
+print(f"precision {report['precision']:.2f}, recall {report['recall']:.2f}; "
+      f"memorisation ratio {report['memorisation_ratio']:.2f}, near-copies {report['near_copy_share']:.1%}")
+print(f"report: {markdown_path} and {json_path.name}")

@@ -1,0 +1,140 @@
+"""The quality measures on hand-made cases with known answers, and the evaluation script end to end."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_script
+from cilia_cvae import metrics
+
+
+@pytest.fixture
+def two_clouds():
+    rng = np.random.default_rng(0)
+    real = rng.normal(0, 1, (400, 16))
+    same = rng.normal(0, 1, (400, 16))
+    shifted = rng.normal(1.5, 1, (400, 16))
+    return real, same, shifted
+
+
+def test_kid_is_near_zero_for_the_same_distribution_and_large_for_another(two_clouds):
+    real, same, shifted = two_clouds
+    kid_same, spread = metrics.kernel_inception_distance(real, same)
+    kid_shifted, _ = metrics.kernel_inception_distance(real, shifted)
+    assert abs(kid_same) < 3 * spread + 1e-3
+    assert kid_shifted > 20 * abs(kid_same) and kid_shifted > 0.05
+    assert abs(metrics.kernel_inception_distance(real, real.copy())[0]) < kid_shifted / 10, "identical sets"
+
+
+def test_fid_orders_distributions(two_clouds):
+    real, same, shifted = two_clouds
+    assert metrics.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(real, same) < 1.0 < metrics.frechet_distance(real, shifted)
+    assert metrics.frechet_distance(real, shifted) == pytest.approx(16 * 1.5 ** 2, rel=0.15)
+
+
+def test_precision_recall_and_coverage(two_clouds):
+    real, same, shifted = two_clouds
+    precision, recall = metrics.precision_recall(real, same)
+    assert precision > 0.7 and recall > 0.7
+    collapsed = np.repeat(real[:1], 400, axis=0) + 1e-3
+    precision, recall = metrics.precision_recall(real, collapsed)
+    assert precision > 0.9 and recall < 0.05, "mode collapse: realistic but no variety"
+    precision, _ = metrics.precision_recall(real, shifted)
+    _, coverage = metrics.density_coverage(real, shifted)
+    _, coverage_same = metrics.density_coverage(real, same)
+    assert precision < 0.5 and coverage < coverage_same
+
+
+def test_fidelity_of_shuffled_labels_is_low():
+    rng = np.random.default_rng(1)
+    requested = np.repeat(np.arange(5), 100)
+    overall, per_class = metrics.class_fidelity(requested, requested, 5)
+    assert overall == 1.0 and per_class == [1.0] * 5
+    overall, per_class = metrics.class_fidelity(rng.permutation(requested), requested, 5)
+    assert overall < 0.35 and max(per_class) < 0.45
+
+
+def test_copies_of_training_images_are_flagged_as_memorised():
+    rng = np.random.default_rng(2)
+    train, test = rng.normal(0, 1, (300, 8)), rng.normal(0, 1, (100, 8))
+    copies = train[:100] + rng.normal(0, 1e-4, (100, 8))
+    fresh = rng.normal(0, 1, (100, 8))
+    copied = metrics.memorisation(train, test, copies)
+    healthy = metrics.memorisation(train, test, fresh)
+    assert copied["near_copy_share"] == 1.0 and copied["memorisation_ratio"] < 0.01
+    assert healthy["near_copy_share"] < 0.05 and 0.8 < healthy["memorisation_ratio"] < 1.25
+
+
+def _class_image(label, seed, size=32):
+    """Three easy classes: a dark disc, a dark ring, two dots; noise and position vary."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    cy, cx = size / 2 + rng.normal(0, 1.5, 2)
+    radius = np.hypot(y - cy, x - cx)
+    image = np.full((size, size), 200.0)
+    if label == 0:
+        image[radius < size / 4] = 60
+    elif label == 1:
+        image[np.abs(radius - size / 4) < 2] = 60
+    else:
+        image[np.hypot(y - cy, x - cx + 6) < 3] = 60
+        image[np.hypot(y - cy, x - cx - 6) < 3] = 60
+    return np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+
+
+def test_evaluation_script_scores_real_images_as_generated_ones_highly(tmp_path):
+    class_names = ["Disc", "Ring", "Dots"]
+    processed = tmp_path / "processed"
+    size_dir = processed / "32x32"
+    seed = 0
+    for split, count in (("train", 80), ("test", 20)):
+        for label, name in enumerate(class_names):
+            (size_dir / split / name).mkdir(parents=True)
+            for index in range(count):
+                seed += 1
+                Image.fromarray(_class_image(label, seed)).save(size_dir / split / name / f"{name}_{index}.png")
+    (size_dir / "preprocessing.json").write_text(json.dumps(
+        {"image_size": 32, "resize_mode": "squash", "class_names": class_names, "fingerprint": "abc123", "counts": {}}))
+    generated = tmp_path / "generated"
+    for label, name in enumerate(class_names):
+        (generated / "32x32" / name).mkdir(parents=True)
+        for index in range(20):
+            seed += 1
+            Image.fromarray(_class_image(label, seed)).save(generated / "32x32" / name / f"Synthetic_{name}_{index:05d}.png")
+    arguments = (f"--processed_images_dir={processed}", f"--generated_images_dir={generated}",
+                 f"--models_dir={tmp_path / 'models'}", "--image_size=32", "--classifier_size=32",
+                 "--classifier_epochs=12", "--seed=1")
+    finished = run_script("cvae_evaluate", *arguments)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
+    assert report["real_accuracy"] > 0.9
+    assert report["class_fidelity"] > 0.85
+    assert abs(report["kid"] - report["kid_floor"]) < 0.05
+    assert report["memorisation_ratio"] > 0.8 and report["near_copy_share"] == 0.0
+    assert (generated / "32x32" / "evaluation_report.md").is_file()
+    assert (generated / "32x32" / "evaluation_fidelity.png").is_file()
+    assert not report["judge_reused_from_cache"]
+
+    # Mislabelled generated images: the same files under the wrong class names.
+    for name in class_names:
+        shutil.move(generated / "32x32" / name, generated / "32x32" / f"{name}_old")
+    for index, name in enumerate(class_names):
+        shutil.move(generated / "32x32" / f"{name}_old", generated / "32x32" / class_names[(index + 1) % 3])
+    finished = run_script("cvae_evaluate", *arguments)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
+    assert report["judge_reused_from_cache"], "the judge is cached by the split's fingerprint"
+    assert report["class_fidelity"] < 0.2
+
+
+def test_missing_generated_images_is_a_clear_error(tmp_path):
+    size_dir = tmp_path / "processed" / "32x32"
+    size_dir.mkdir(parents=True)
+    (size_dir / "preprocessing.json").write_text(json.dumps({"class_names": ["A", "B"], "fingerprint": "x"}))
+    finished = run_script("cvae_evaluate", f"--processed_images_dir={tmp_path / 'processed'}",
+                          f"--generated_images_dir={tmp_path / 'generated'}", "--image_size=32")
+    assert finished.returncode == 2 and "cvae_inference.py" in finished.stderr
