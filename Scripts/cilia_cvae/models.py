@@ -1,0 +1,301 @@
+"""The two CVAE architectures and the model that trains them.
+
+"original" is a faithful Keras 3 port of the first implementation (see
+../shared/seed/original-implementation.md): a small convolutional stem, a giant
+Flatten -> Dense, BatchNorm and Dropout on dense layers, and a sum-of-squared-errors loss.
+It is kept so that every comparison can run it side by side with ours.
+
+"default" is fully convolutional and residual, normalised with GroupNorm (per image, so it
+behaves the same in training and inference and under any number of replicas). The label
+conditions the encoder as extra input channels and the decoder through FiLM in every
+residual block. The decoder's variance is calibrated per image (sigma-VAE), which balances
+reconstruction against KL without a hand-tuned weight, and the KL term is warmed up.
+
+Encoder and decoder are separate functional models, saved as `cvae_encoder.keras` and
+`cvae_decoder.keras`. Every custom layer is registered here, so `keras.models.load_model`
+finds them once this module is imported, without custom_objects and in safe mode.
+
+    encoder([images (n, S, S, 1) in [0, 1], one-hot labels (n, K)]) -> [z_mean, z_log_var]  (n, latent_dim) each
+    decoder([z (n, latent_dim), one-hot labels (n, K)])            -> images (n, S, S, 1) in [0, 1]
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+ARCHITECTURES = ("default", "original")
+SERIALIZATION_PACKAGE = "cilia_cvae"
+
+# The calibrated variance may not shrink below this many grey levels (out of 1), so that a
+# nearly perfect reconstruction of an easy image cannot dominate the gradient of a batch.
+MINIMUM_DECODER_SIGMA = 1.0 / 255.0
+
+
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+class LabelChannels(layers.Layer):
+    """Append the one-hot label to an image as constant channels, one per class."""
+
+    def call(self, inputs):
+        images, labels = inputs
+        height, width = ops.shape(images)[1], ops.shape(images)[2]
+        planes = ops.broadcast_to(labels[:, None, None, :], (ops.shape(images)[0], height, width, ops.shape(labels)[-1]))
+        return ops.concatenate([images, ops.cast(planes, images.dtype)], axis=-1)
+
+    def compute_output_shape(self, input_shapes):
+        image_shape, label_shape = input_shapes
+        return (*image_shape[:-1], image_shape[-1] + label_shape[-1])
+
+
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+class FiLM(layers.Layer):
+    """Feature-wise linear modulation: scale and shift every channel by an amount learnt per class.
+
+    The scale starts at exactly 1 and the shift at 0 (zero-initialised projection), so a fresh
+    block behaves as if unconditioned and the label's influence is learnt, not imposed.
+    """
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.projection = layers.Dense(2 * channels, kernel_initializer="zeros", name="projection")
+
+    def build(self, input_shapes):
+        self.projection.build(input_shapes[1])
+
+    def call(self, inputs):
+        features, labels = inputs
+        scale_and_shift = ops.cast(self.projection(labels), features.dtype)
+        scale, shift = ops.split(scale_and_shift[:, None, None, :], 2, axis=-1)
+        return features * (1.0 + scale) + shift
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+def _group_count(channels):
+    # Groups of about 8 channels (at most 32 groups, as GroupNorm's authors use), and a count
+    # that divides the channels, as the layer requires.
+    return math.gcd(channels, min(32, max(1, channels // 8)))
+
+
+def _normalise_and_activate(x, name):
+    x = layers.GroupNormalization(groups=_group_count(x.shape[-1]), name=f"{name}_norm")(x)
+    return layers.Activation("swish", name=f"{name}_swish")(x)
+
+
+def _residual_block(x, labels, channels, name):
+    """Pre-activation residual block (GroupNorm, swish, conv, twice); FiLM conditions it when labels are given."""
+    shortcut = x
+    if x.shape[-1] != channels:
+        shortcut = layers.Conv2D(channels, 1, name=f"{name}_shortcut")(x)
+    x = _normalise_and_activate(x, f"{name}_a")
+    x = layers.Conv2D(channels, 3, padding="same", name=f"{name}_conv_a")(x)
+    x = layers.GroupNormalization(groups=_group_count(channels), name=f"{name}_b_norm")(x)
+    if labels is not None:
+        x = FiLM(channels, name=f"{name}_film")([x, labels])
+    x = layers.Activation("swish", name=f"{name}_b_swish")(x)
+    x = layers.Conv2D(channels, 3, padding="same", name=f"{name}_conv_b")(x)
+    return layers.Add(name=f"{name}_add")([shortcut, x])
+
+
+def default_channels(image_size, base_channels, max_channels, smallest_map):
+    """Channels per resolution, full resolution first: doubling at each halving, capped at max_channels."""
+    halvings = int(round(math.log2(image_size / smallest_map)))
+    if smallest_map * 2**halvings != image_size:
+        raise ValueError(f"image size {image_size} is not {smallest_map} times a power of two")
+    return [min(base_channels * 2**level, max_channels) for level in range(halvings + 1)]
+
+
+def smallest_map_size(image_size):
+    """The side of the smallest feature map: 7 for 224 and 448 (as in ResNets), 4 for powers of two."""
+    for side in (7, 4, 5, 3):
+        if image_size % side == 0 and (image_size // side) & (image_size // side - 1) == 0:
+            return side
+    raise ValueError(f"image size {image_size} must be 3, 4, 5 or 7 times a power of two (e.g. 64, 128, 224, 448)")
+
+
+def build_default_encoder(image_size, num_classes, latent_dim, base_channels=16, max_channels=128):
+    channels = default_channels(image_size, base_channels, max_channels, smallest_map_size(image_size))
+    images = keras.Input((image_size, image_size, 1), name="images")
+    labels = keras.Input((num_classes,), name="labels")
+    x = LabelChannels(name="label_channels")([images, labels])
+    # One plain convolution at full resolution: the encoder only has to notice the 6-px arms,
+    # the decoder has to draw them, so the decoder gets the full-resolution residual capacity.
+    x = layers.Conv2D(channels[0], 3, padding="same", name="stem")(x)
+    for level, width in enumerate(channels[1:], start=1):
+        x = _normalise_and_activate(x, f"down{level}")
+        x = layers.Conv2D(width, 3, strides=2, padding="same", name=f"down{level}_conv")(x)
+        if level >= 2:
+            x = _residual_block(x, None, width, name=f"encoder_block{level}")
+    x = _normalise_and_activate(x, "head")
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Concatenate(name="with_label")([x, labels])
+    z_mean = layers.Dense(latent_dim, dtype="float32", name="z_mean")(x)
+    z_log_var = layers.Dense(latent_dim, dtype="float32", name="z_log_var")(x)
+    return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
+
+
+def build_default_decoder(image_size, num_classes, latent_dim, base_channels=16, max_channels=128):
+    side = smallest_map_size(image_size)
+    channels = default_channels(image_size, base_channels, max_channels, side)[::-1]
+    latents = keras.Input((latent_dim,), name="z")
+    labels = keras.Input((num_classes,), name="labels")
+    x = layers.Concatenate(name="with_label")([latents, labels])
+    x = layers.Dense(side * side * channels[0], name="project")(x)
+    x = layers.Reshape((side, side, channels[0]), name="to_map")(x)
+    x = _residual_block(x, labels, channels[0], name="decoder_block0")
+    for level, width in enumerate(channels[1:], start=1):
+        x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}")(x)
+        x = layers.Conv2D(width, 3, padding="same", name=f"up{level}_conv")(x)
+        x = _residual_block(x, labels, width, name=f"decoder_block{level}")
+    x = _normalise_and_activate(x, "head")
+    outputs = layers.Conv2D(1, 3, padding="same", activation="sigmoid", dtype="float32", name="image")(x)
+    return keras.Model([latents, labels], outputs, name="decoder")
+
+
+def _original_encoder_pools(image_size):
+    # At 224 each of the three convolutions is followed by pooling (28 x 28 x 128 into the
+    # Dense: its 51 M weights). The 448 model kept a 112 x 112 x 128 map (its first Dense
+    # holds 0.8 billion weights), i.e. its first convolution ran without pooling.
+    return (True, True, True) if image_size < 448 else (False, True, True)
+
+
+def build_original_encoder(image_size, num_classes, latent_dim=128):
+    images = keras.Input((image_size, image_size, 1), name="images")
+    labels = keras.Input((num_classes,), name="labels")
+    x = images
+    for filters, pool in zip((32, 64, 128), _original_encoder_pools(image_size)):
+        x = layers.Conv2D(filters, 3, activation="relu", padding="same")(x)
+        if pool:
+            x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Concatenate()([x, labels])
+    for units in (512, 256):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Dropout(0.3)(x)
+    z_mean = layers.Dense(latent_dim, dtype="float32", name="z_mean")(x)
+    z_log_var = layers.Dense(latent_dim, dtype="float32", name="z_log_var")(x)
+    return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
+
+
+def build_original_decoder(image_size, num_classes, latent_dim=128):
+    if image_size % 8:
+        raise ValueError(f"the original decoder upsamples three times, so the image size must be a multiple of 8, not {image_size}")
+    side = image_size // 8
+    latents = keras.Input((latent_dim,), name="z")
+    labels = keras.Input((num_classes,), name="labels")
+    x = layers.Concatenate()([latents, labels])
+    for units in (256, 512):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Dropout(0.3)(x)
+    x = layers.Dense(side * side * 64, activation="relu")(x)
+    x = layers.Reshape((side, side, 64))(x)
+    for filters in (64, 32, 16):
+        x = layers.Conv2D(filters, 3, activation="relu", padding="same")(x)
+        x = layers.UpSampling2D(2)(x)
+    outputs = layers.Conv2D(1, 3, activation="sigmoid", padding="same", dtype="float32", name="image")(x)
+    return keras.Model([latents, labels], outputs, name="decoder")
+
+
+def build_encoder_and_decoder(architecture, image_size, num_classes, latent_dim, base_channels=16, max_channels=128):
+    if architecture == "original":
+        return (build_original_encoder(image_size, num_classes, latent_dim),
+                build_original_decoder(image_size, num_classes, latent_dim))
+    if architecture == "default":
+        return (build_default_encoder(image_size, num_classes, latent_dim, base_channels, max_channels),
+                build_default_decoder(image_size, num_classes, latent_dim, base_channels, max_channels))
+    raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+
+
+def reconstruction_loss_kind(architecture):
+    """The original used a plain sum of squared errors; ours a Gaussian with calibrated variance."""
+    return "sum_squared_error" if architecture == "original" else "calibrated_gaussian"
+
+
+class CVAE(keras.Model):
+    """Conditional VAE: trains an encoder and a decoder together; a tracker per loss term.
+
+    Each data element is (images, one-hot labels, example weights). Weights are 1 for real
+    examples and 0 for the padding that evens out validation shards across replicas, so the
+    reported means are exact whatever the number of replicas.
+
+    The loss is computed per example and averaged over the replica's batch, then divided by
+    the number of replicas in sync: the optimizer sums gradients across replicas, so the
+    update equals that of one device seeing the whole batch.
+    """
+
+    def __init__(self, encoder, decoder, reconstruction="calibrated_gaussian", sample_posterior=True, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if reconstruction not in ("calibrated_gaussian", "sum_squared_error"):
+            raise ValueError(f"unknown reconstruction loss {reconstruction!r}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.reconstruction = reconstruction
+        # Without sampling noise the update is a deterministic function of the batch, which is
+        # what the distributed-equivalence tests need; training always samples.
+        self.sample_posterior = sample_posterior
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        # The KL weight is a variable so that warm-up can change it between epochs without retracing.
+        self.kl_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="kl_weight")
+        self.pixel_count = math.prod(decoder.output_shape[1:])
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("loss", "reconstruction_loss", "kl_loss", "squared_error")
+        }
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def call(self, inputs, training=False):
+        images, labels = inputs
+        z_mean, z_log_var = self.encoder([images, labels], training=training)
+        return self.decoder([self.sample(z_mean, z_log_var), labels], training=training)
+
+    def sample(self, z_mean, z_log_var):
+        if not self.sample_posterior:
+            return z_mean
+        noise = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        return z_mean + ops.exp(0.5 * z_log_var) * noise
+
+    def per_example_losses(self, images, labels, training):
+        z_mean, z_log_var = self.encoder([images, labels], training=training)
+        reconstructions = self.decoder([self.sample(z_mean, z_log_var), labels], training=training)
+        squared_error = ops.sum(ops.square(ops.cast(images, "float32") - reconstructions), axis=(1, 2, 3))
+        if self.reconstruction == "sum_squared_error":
+            reconstruction_loss = squared_error
+        else:
+            # Gaussian negative log-likelihood with the variance that maximises it for this
+            # image (sigma^2 = its mean squared error, floored), constants dropped: D/2 log sigma^2.
+            mean_squared_error = ops.maximum(squared_error / self.pixel_count, MINIMUM_DECODER_SIGMA**2)
+            reconstruction_loss = 0.5 * self.pixel_count * ops.log(mean_squared_error)
+        kl_loss = -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1)
+        loss = reconstruction_loss + self.kl_weight * kl_loss
+        return {"loss": loss, "reconstruction_loss": reconstruction_loss, "kl_loss": kl_loss, "squared_error": squared_error}
+
+    def _update_trackers(self, losses, weights):
+        for name, tracker in self.trackers.items():
+            tracker.update_state(losses[name], sample_weight=weights)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, data):
+        images, labels, weights = data
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            losses = self.per_example_losses(images, labels, training=True)
+            batch_loss = ops.sum(losses["loss"] * weights) / ops.maximum(ops.sum(weights), 1.0)
+            scaled_loss = self.optimizer.scale_loss(batch_loss / replicas)
+        gradients = tape.gradient(scaled_loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        return self._update_trackers(losses, weights)
+
+    def test_step(self, data):
+        images, labels, weights = data
+        return self._update_trackers(self.per_example_losses(images, labels, training=False), weights)

@@ -1,0 +1,274 @@
+"""Training as a user runs it: tiny models at 32 px, every output checked, faults and scale-out.
+
+Each script runs in a subprocess with tiny settings (cleanrl style); the saved models are
+reloaded in a fresh process to prove the round trip. The whole file runs in about two and
+a half minutes on 2 cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPOSITORY_ROOT, SCRIPTS_DIR, run_script
+
+CLASS_NAMES = ["Central pair", "Normal", "ODA"]
+SIZE = 32
+TINY_MODEL = [f"--image_size={SIZE}", "--base_channels=4", "--max_channels=8", "--latent_dim=8", "--batch_size=8",
+              "--sample_every=1", "--kl_warmup_epochs=2"]
+# The distributed runs must agree with one device to float32 round-off of summed gradients;
+# after a few SGD steps every weight agrees to this absolute tolerance.
+DISTRIBUTED_TOLERANCE = 1e-5
+
+
+def write_processed_split(root, images_per_class=20, test_images_per_class=2):
+    """The preprocessing stage's output layout, by hand: a dark ring and a class-placed blob per image."""
+    rng = np.random.default_rng(0)
+    y, x = (np.mgrid[:SIZE, :SIZE] + 0.5) / SIZE - 0.5
+    counts = {"train": {}, "test": {}}
+    for label, class_name in enumerate(CLASS_NAMES):
+        for split, count in (("train", images_per_class), ("test", test_images_per_class)):
+            folder = root / f"{SIZE}x{SIZE}" / split / class_name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                angle = rng.uniform(0, 2 * np.pi)
+                ring = np.abs(np.hypot(x, y) - 0.3) < 0.05
+                blob = np.hypot(x - 0.15 * (label - 1) * np.cos(angle), y - 0.15 * np.sin(angle)) < 0.08
+                pixels = 200 - 120 * ring - 80 * blob + rng.normal(0, 8, (SIZE, SIZE))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"image {index:03d}.png")
+            counts[split][class_name] = count
+    facts = {"image_size": SIZE, "resize_mode": "squash", "class_names": CLASS_NAMES, "counts": counts,
+             "fingerprint": "0123abcd"}
+    (root / f"{SIZE}x{SIZE}" / "preprocessing.json").write_text(json.dumps(facts))
+    return root
+
+
+def folders(base):
+    return [f"--processed_images_dir={base / 'processed'}", f"--models_dir={base / 'models'}",
+            f"--latent_tensors_dir={base / 'latents'}"]
+
+
+def train(base, *arguments, **keywords):
+    return run_script("cvae_training_224x224", *TINY_MODEL, *folders(base), *arguments, **keywords)
+
+
+def history_epochs(path):
+    lines = path.read_text().splitlines()[1:] if path.exists() else []
+    return [int(line.split(",")[0]) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("finished")
+    write_processed_split(base / "processed")
+    result = train(base, "--epochs=1")
+    assert result.returncode == 0, result.stderr
+    return base
+
+
+def test_one_epoch_run_writes_every_file(finished_run):
+    model_dir, latent_dir = finished_run / "models" / "32x32", finished_run / "latents" / "32x32"
+    for name in ("cvae_encoder.keras", "cvae_decoder.keras", "cvae_parameters.json", "training_history.csv",
+                 "loss_plot.png", "samples_epoch_1.png", "best_epoch_1.npz"):
+        assert (model_dir / name).is_file(), name
+    assert list((model_dir / "logs").glob("events.out.tfevents.*"))
+    assert history_epochs(model_dir / "training_history.csv") == [1]
+    header = (model_dir / "training_history.csv").read_text().splitlines()[0].split(",")
+    for term in ("loss", "reconstruction_loss", "kl_loss"):
+        assert term in header and f"val_{term}" in header
+    parameters = json.loads((model_dir / "cvae_parameters.json").read_text())
+    assert parameters["class_names"] == CLASS_NAMES
+    assert parameters["image_size"] == SIZE and parameters["latent_dim"] == 8
+    assert parameters["resize_mode"] == "squash" and parameters["data_fingerprint"] == "0123abcd"
+    assert parameters["epochs_done"] == 1 and parameters["architecture"] == "default"
+    assert parameters["settings"]["EPOCHS"] == 1 and "tensorflow" in parameters["library_versions"]
+    for class_name in CLASS_NAMES:
+        for name in ("z_mean", "z_log_var"):
+            latents = np.load(latent_dir / f"{name}_{class_name}.npy", allow_pickle=False)
+            assert latents.dtype == np.float32 and latents.shape == (20, 8)
+
+
+RELOAD_CHECK = """
+import json, sys
+import keras, numpy as np
+import cilia_cvae.models  # registers the custom layers: no custom_objects below
+from cilia_cvae import data, training
+model_dir, latent_dir, processed_dir = sys.argv[1:4]
+parameters = json.load(open(f"{model_dir}/cvae_parameters.json"))
+encoder = keras.models.load_model(f"{model_dir}/cvae_encoder.keras")
+decoder = keras.models.load_model(f"{model_dir}/cvae_decoder.keras")
+class_names, settings = parameters["class_names"], parameters["settings"]
+# The encoder reproduces the latents the training process saved, image for image.
+paths, labels = data.list_training_images(processed_dir, parameters["image_size"], class_names)
+z_mean, _ = training.encode_training_images(encoder, paths, labels, len(class_names), parameters["image_size"], 8)
+for label, name in enumerate(class_names):
+    assert np.array_equal(z_mean[labels == label], np.load(f"{latent_dir}/z_mean_{name}.npy")), name
+# The decoder equals a model rebuilt from the settings with the best epoch's weights.
+import tensorflow as tf
+rebuilt = training.build_cvae(tf.distribute.get_strategy(), settings["ARCHITECTURE"], parameters["image_size"],
+                              len(class_names), parameters["latent_dim"], 1e-3, settings["BASE_CHANNELS"], settings["MAX_CHANNELS"])
+with np.load(f"{model_dir}/best_epoch_{parameters['best_epoch']}.npz") as saved:
+    rebuilt.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
+latents = np.random.default_rng(1).standard_normal((6, parameters["latent_dim"])).astype("float32")
+one_hot = np.eye(len(class_names), dtype="float32")[[0, 1, 2, 0, 1, 2]]
+assert np.array_equal(decoder([latents, one_hot]).numpy(), rebuilt.decoder([latents, one_hot]).numpy())
+print("identical")
+"""
+
+
+def test_saved_models_reload_identically_in_a_fresh_process(finished_run):
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD_CHECK, str(finished_run / "models" / "32x32"),
+         str(finished_run / "latents" / "32x32"), str(finished_run / "processed")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-3000:]
+
+
+def test_refuses_an_existing_run_without_fresh(finished_run):
+    result = train(finished_run, "--epochs=1")
+    assert result.returncode == 2
+    assert "--fresh=True" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_fresh_moves_the_old_run_aside(finished_run, tmp_path):
+    import shutil
+    for name in ("processed", "models", "latents"):
+        shutil.copytree(finished_run / name, tmp_path / name)
+    old_parameters = (tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text()
+    result = train(tmp_path, "--epochs=1", "--latent_dim=6", "--fresh=True")
+    assert result.returncode == 0, result.stderr
+    moved_models = [path for path in (tmp_path / "models").iterdir() if path.name.startswith("32x32_")]
+    moved_latents = [path for path in (tmp_path / "latents").iterdir() if path.name.startswith("32x32_")]
+    assert len(moved_models) == 1 and len(moved_latents) == 1
+    assert (moved_models[0] / "cvae_parameters.json").read_text() == old_parameters
+    assert json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())["latent_dim"] == 6
+
+
+def test_refuses_a_size_that_was_not_preprocessed(finished_run):
+    result = run_script("cvae_training_224x224", *TINY_MODEL, *folders(finished_run), "--image_size=64")
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error:") and "cvae_pre_processing.py" in last_line and "Traceback" not in result.stderr
+
+
+def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
+    write_processed_split(tmp_path / "processed", images_per_class=40)
+    command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path), "--epochs=5"]
+    history = tmp_path / "models" / "32x32" / "training_history.csv"
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+    deadline = time.time() + 120
+    while len(history_epochs(history)) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rows_before = history.read_text().splitlines()
+    assert 2 <= len(rows_before) - 1 < 5, "the run was not killed half way"
+    assert not (tmp_path / "models" / "32x32" / "cvae_parameters.json").exists()
+    result = train(tmp_path, "--epochs=5")
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch" in result.stdout
+    assert history_epochs(history) == [1, 2, 3, 4, 5]
+    # Rows of epochs the checkpoint already held stay exactly as they were written.
+    resumed_from = int(result.stdout.split("resuming after epoch ")[1].split()[0])
+    assert history.read_text().splitlines()[: resumed_from + 1] == rows_before[: resumed_from + 1]
+
+
+DISTRIBUTED_STEPS = """
+import json, sys
+import keras, numpy as np, tensorflow as tf
+mode, processed_dir, output = sys.argv[1:4]
+if mode != "workers":
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from cilia_cvae import data, training
+if mode == "workers":
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()  # from TF_CONFIG, before anything else starts TensorFlow
+elif mode == "mirrored":
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+else:
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+class_names = json.load(open(f"{processed_dir}/32x32/preprocessing.json"))["class_names"]
+paths, labels = data.list_training_images(processed_dir, 32, class_names)
+keras.utils.set_random_seed(7)
+# The default architecture has no BatchNorm or Dropout; the sampling noise is switched off.
+model = training.build_cvae(strategy, "default", 32, len(class_names), 8, 1e-3, 4, 8,
+                            seed=7, sample_posterior=False, optimizer=keras.optimizers.SGD(0.01))
+train_step, _ = training.make_step_functions(model, strategy)
+# Un-shuffled, un-augmented batches: the same 8 images per step whatever the number of replicas.
+batches, steps = training.distributed_evaluation_data(strategy, paths[:48], labels[:48], len(class_names), 32, 8)
+for repeat in range(2):
+    for batch in batches:
+        train_step(batch)
+weights = np.concatenate([weight.ravel() for weight in model.get_weights()])
+if training.is_chief(strategy):
+    np.save(output, weights)
+"""
+
+
+def run_distributed(mode, processed_dir, output, environment=None):
+    return subprocess.Popen(
+        [sys.executable, "-c", DISTRIBUTED_STEPS, mode, str(processed_dir), str(output)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2", **(environment or {})),
+    )
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_device_weights(finished_run, tmp_path_factory):
+    output = tmp_path_factory.mktemp("one_device") / "weights.npy"
+    finish(run_distributed("one_device", finished_run / "processed", output))
+    return np.load(output)
+
+
+def test_mirrored_strategy_on_two_devices_makes_the_same_update_as_one(finished_run, one_device_weights, tmp_path):
+    finish(run_distributed("mirrored", finished_run / "processed", tmp_path / "weights.npy"))
+    mirrored = np.load(tmp_path / "weights.npy")
+    assert np.abs(mirrored - one_device_weights).max() < DISTRIBUTED_TOLERANCE
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for handle in sockets:
+        handle.bind(("127.0.0.1", 0))
+    ports = [handle.getsockname()[1] for handle in sockets]
+    for handle in sockets:
+        handle.close()
+    return ports
+
+
+def test_two_workers_train_to_the_same_weights_as_one(finished_run, one_device_weights, tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = [
+        run_distributed("workers", finished_run / "processed", tmp_path / "weights.npy", {
+            "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})})
+        for index in range(2)
+    ]
+    for process in processes:
+        finish(process)
+    two_workers = np.load(tmp_path / "weights.npy")
+    assert np.abs(two_workers - one_device_weights).max() < DISTRIBUTED_TOLERANCE
+
+
+def test_benchmark_quick_mode_runs(tmp_path):
+    output = tmp_path / "benchmark.json"
+    result = run_script("cvae_benchmark", "--quick=True", f"--output_json={output}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(output.read_text())
+    for contender in ("original_224", "default_224", "original_448", "default_448"):
+        assert measured["train_images_per_s"][contender] > 0
+        assert measured["peak_memory_mb"][contender] > 0
+        assert measured["batch_size"][contender] > 0
