@@ -31,3 +31,22 @@ def run_script(name, *arguments, cwd=None, timeout=600, environment=None):
 @pytest.fixture
 def script():
     return run_script
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_model(tmp_path_factory):
+    """Phantoms -> 32 px preprocessing -> a 1-epoch model: the folders a user has after training."""
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    folders = {name: root / name for name in ("raw", "processed", "models", "latents", "generated")}
+    steps = [
+        ("make_phantom_dataset", f"--raw_images_dir={folders['raw']}", "--num_images=100", "--seed=5"),
+        ("cvae_pre_processing", f"--raw_images_dir={folders['raw']}", f"--processed_images_dir={folders['processed']}",
+         "--image_size=32"),
+        ("cvae_training_224x224", "--image_size=32", "--epochs=1", "--latent_dim=16", "--base_channels=8",
+         "--max_channels=32", f"--processed_images_dir={folders['processed']}", f"--models_dir={folders['models']}",
+         f"--latent_tensors_dir={folders['latents']}"),
+    ]
+    for name, *arguments in steps:
+        finished = run_script(name, *arguments)
+        assert finished.returncode == 0, f"{name} failed:\n{finished.stderr[-3000:]}"
+    return folders

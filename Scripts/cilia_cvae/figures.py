@@ -1,0 +1,119 @@
+"""Figures that show at a glance whether generated images look right."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cilia_cvae.files import atomic_path  # noqa: E402
+
+
+def save_figure(figure, path, dpi=110):
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=dpi, format="png", bbox_inches="tight")
+    plt.close(figure)
+
+
+def _show(axis, image, title=None):
+    axis.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if title:
+        axis.set_title(title, fontsize=8)
+
+
+def image_grid(rows, row_labels, column_titles, path, title):
+    """A grid of grayscale images: one row per class, the titles above the first row."""
+    row_count, column_count = len(rows), max(len(row) for row in rows)
+    figure, axes = plt.subplots(row_count, column_count, figsize=(1.6 * column_count, 1.7 * row_count), squeeze=False)
+    for row_index, row in enumerate(rows):
+        for column_index in range(column_count):
+            axis = axes[row_index][column_index]
+            if column_index < len(row) and row[column_index] is not None:
+                _show(axis, row[column_index], column_titles[column_index] if row_index == 0 else None)
+            else:
+                axis.axis("off")
+        axes[row_index][0].set_ylabel(row_labels[row_index], fontsize=9)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def image_comparison(real_paths, generated_paths, class_names, path, examples=4):
+    """A row per class: real training examples, then generated ones."""
+    rows = []
+    for class_name in class_names:
+        real = [Image.open(item).convert("L") for item in real_paths.get(class_name, [])[:examples]]
+        generated = [Image.open(item).convert("L") for item in generated_paths.get(class_name, [])[:examples]]
+        real += [None] * (examples - len(real))
+        rows.append(real + generated)
+    titles = [f"real {index + 1}" for index in range(examples)] + [f"generated {index + 1}" for index in range(examples)]
+    image_grid(rows, class_names, titles, path, "Real training images (left) beside generated ones (right)")
+
+
+def latent_space(latents_by_class, path):
+    """The stored training latents in two dimensions (PCA), coloured by class."""
+    from sklearn.decomposition import PCA
+
+    class_names = list(latents_by_class)
+    stacked = np.concatenate([latents_by_class[name] for name in class_names])
+    points = PCA(n_components=2, random_state=0).fit_transform(stacked) if len(stacked) > 2 else np.zeros((len(stacked), 2))
+    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    start = 0
+    for class_name in class_names:
+        count = len(latents_by_class[class_name])
+        axis.scatter(points[start:start + count, 0], points[start:start + count, 1], s=6, alpha=0.6,
+                     label=f"{class_name} ({count})")
+        start += count
+    axis.set_xlabel("principal component 1")
+    axis.set_ylabel("principal component 2")
+    axis.set_title("Latent means of the training images (PCA)")
+    axis.legend(markerscale=3, fontsize=8)
+    save_figure(figure, path)
+
+
+def class_interpolation(decode, latent_dim, class_names, reference_class, reference_latent, defect_latents, path, steps=6):
+    """Top row: one latent decoded under every class label. Below: morphs from the reference class to each defect.
+
+    `decode(latents, label_vectors)` returns uint8 images; label vectors may blend two classes.
+    """
+    count = len(class_names)
+    reference = class_names.index(reference_class)
+    same_latent = np.repeat(reference_latent[None, :], count, axis=0)
+    top_row = decode(same_latent, np.eye(count, dtype=np.float32))
+    defects = [name for name in class_names if name != reference_class]
+    fractions = np.linspace(0.0, 1.0, steps)
+    morph_rows = []
+    for defect in defects:
+        target = class_names.index(defect)
+        latents = np.array([(1 - t) * reference_latent + t * defect_latents[defect] for t in fractions], np.float32)
+        labels = np.zeros((steps, count), np.float32)
+        labels[:, reference] = 1 - fractions
+        labels[:, target] = fractions
+        morph_rows.append(decode(latents, labels))
+    columns = max(count, steps)
+    figure, axes = plt.subplots(1 + len(defects), columns, figsize=(1.6 * columns, 1.75 * (1 + len(defects))), squeeze=False)
+    for column in range(columns):
+        if column < count:
+            _show(axes[0][column], top_row[column], f"as {class_names[column]}")
+        else:
+            axes[0][column].axis("off")
+    axes[0][0].set_ylabel("same latent", fontsize=9)
+    for row, (defect, images) in enumerate(zip(defects, morph_rows), start=1):
+        for column in range(columns):
+            if column < steps:
+                _show(axes[row][column], images[column], f"{fractions[column]:.1f}" if row == 1 else None)
+            else:
+                axes[row][column].axis("off")
+        axes[row][0].set_ylabel(f"{reference_class}\n-> {defect}", fontsize=9)
+    figure.suptitle("One latent under each class label (top); morphs towards each defect (below)", fontsize=11)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def first_images(folder, class_names, count, pattern="*.png"):
+    return {name: sorted((Path(folder) / name).glob(pattern))[:count] for name in class_names}

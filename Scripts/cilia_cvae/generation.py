@@ -1,0 +1,210 @@
+"""Class-conditional generation from a trained decoder: loading, sampling, batched decoding, writing.
+
+Three ways to choose latent vectors, all recorded in the generation manifest:
+- "posterior": the original pipeline's draw, around one stored training latent of the class
+  (z = mean + exp(log_var / 2) * noise * temperature); close to real examples, less variety;
+- "prior": z ~ N(0, temperature^2 I), the textbook VAE draw; the label alone sets the class;
+- "class_density": a Gaussian mixture fitted to the class's stored latent means, then sampled;
+  it follows where the class's images really lie instead of assuming the prior is filled.
+"""
+
+import csv
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from cilia_cvae import models  # noqa: E402,F401  (registers the custom layers the saved models use)
+from cilia_cvae.config import UserError  # noqa: E402
+from cilia_cvae.files import sha256_of_file, write_png_atomic  # noqa: E402
+from cilia_cvae.preprocessing import size_folder_name  # noqa: E402
+
+SAMPLING_MODES = ("posterior", "prior", "class_density")
+MANIFEST_COLUMNS = ["file", "class", "sampling", "temperature", "seed", "source_latent_index",
+                    "aspect_ratio", "model_fingerprint", "image_size"]
+FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
+
+
+def training_script_for(image_size):
+    if image_size in (224, 448):
+        return f"python Scripts/cvae_training_{image_size}x{image_size}.py"
+    return f"python Scripts/cvae_training_224x224.py --image_size={image_size}"
+
+
+def load_trained_generator(models_dir, latent_tensors_dir, image_size):
+    """The decoder, its recorded parameters and every class's stored latents, or a UserError."""
+    model_dir = Path(models_dir) / size_folder_name(image_size)
+    parameters_path, decoder_path = model_dir / "cvae_parameters.json", model_dir / "cvae_decoder.keras"
+    if not parameters_path.is_file() or not decoder_path.is_file():
+        raise UserError(f"no trained model in {model_dir}; run {training_script_for(image_size)} first")
+    parameters = pd.read_json(parameters_path, typ="series").to_dict()
+    decoder = keras.models.load_model(decoder_path, safe_mode=True, compile=False)
+    latent_dim = int(parameters["latent_dim"])
+    decoder_latent_dim = int(decoder.inputs[0].shape[-1])
+    if decoder_latent_dim != latent_dim:
+        raise UserError(f"the decoder in {model_dir} takes {decoder_latent_dim} latent values but its "
+                        f"cvae_parameters.json says {latent_dim}; train again with --fresh=True")
+    latent_dir = Path(latent_tensors_dir) / size_folder_name(image_size)
+    latents = {}
+    for class_name in parameters["class_names"]:
+        paths = [latent_dir / f"{name}_{class_name}.npy" for name in ("z_mean", "z_log_var")]
+        missing = [path.name for path in paths if not path.is_file()]
+        if missing:
+            raise UserError(f"latent tensors {', '.join(missing)} missing in {latent_dir}; "
+                            f"run {training_script_for(image_size)} again to write them")
+        z_mean, z_log_var = (np.load(path, allow_pickle=False) for path in paths)
+        if z_mean.ndim != 2 or z_mean.shape[1] != latent_dim or z_mean.shape != z_log_var.shape:
+            raise UserError(f"latent tensors of {class_name} in {latent_dir} have shape {z_mean.shape}, "
+                            f"but the decoder takes {latent_dim} latent values; they belong to another model")
+        latents[class_name] = (z_mean.astype(np.float32), z_log_var.astype(np.float32))
+    return {"parameters": parameters, "decoder": decoder, "latents": latents,
+            "fingerprint": sha256_of_file(decoder_path)[:16], "model_dir": model_dir}
+
+
+def fit_class_density(z_mean, seed):
+    """A Gaussian mixture over a class's latent means: a few components, full covariance if affordable."""
+    from sklearn.mixture import GaussianMixture
+
+    count, dimension = z_mean.shape
+    components = int(np.clip(count // 50, 1, 8))
+    covariance = "full" if count >= 2 * dimension * components else "diag"
+    mixture = GaussianMixture(components, covariance_type=covariance, reg_covar=1e-4, random_state=seed)
+    return mixture.fit(z_mean)
+
+
+def draw_latents(sampling, count, temperature, z_mean, z_log_var, rng, seed):
+    """(latents, source index per latent): the training latent drawn around, the mixture component, or -1."""
+    dimension = z_mean.shape[1]
+    noise = rng.standard_normal((count, dimension)).astype(np.float32)
+    if sampling == "prior":
+        return noise * temperature, np.full(count, -1)
+    if sampling == "posterior":
+        sources = rng.integers(0, len(z_mean), count)
+        return z_mean[sources] + np.exp(0.5 * z_log_var[sources]) * noise * temperature, sources
+    mixture = fit_class_density(z_mean, seed)
+    sources = rng.choice(len(mixture.weights_), size=count, p=mixture.weights_ / mixture.weights_.sum())
+    if mixture.covariance_type == "full":
+        factors = np.linalg.cholesky(mixture.covariances_)
+        offsets = np.einsum("nij,nj->ni", factors[sources], noise)
+    else:
+        offsets = np.sqrt(mixture.covariances_[sources]) * noise
+    return (mixture.means_[sources] + temperature * offsets).astype(np.float32), sources
+
+
+def draw_aspect_ratios(count, statistics, rng):
+    """Aspect ratios (width / height) from the raw statistics, clipped to what crops plausibly have."""
+    ratios = rng.normal(statistics["aspect_ratio_mean"], statistics["aspect_ratio_std"], count)
+    return np.clip(ratios, 0.6, 1.6)
+
+
+def restore_aspect(image, aspect_ratio, resize_mode):
+    """Give a square output the aspect ratio of a real crop.
+
+    After "squash" preprocessing the model learnt squashed crops, so stretching back (keeping
+    the pixel area, as the original did) undoes the squash. After "pad" the square holds the
+    crop in its true proportions, so the crop is cut out instead of stretched.
+    """
+    side = image.width
+    if resize_mode == "pad":
+        if aspect_ratio >= 1:
+            height = max(1, round(side / aspect_ratio))
+            top = (side - height) // 2
+            return image.crop((0, top, side, top + height))
+        width = max(1, round(side * aspect_ratio))
+        left = (side - width) // 2
+        return image.crop((left, 0, left + width, side))
+    width = max(1, round(side * np.sqrt(aspect_ratio)))
+    height = max(1, round(side / np.sqrt(aspect_ratio)))
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def next_file_number(class_dir):
+    """One past the highest Synthetic_<Class>_<N>.png already there, so nothing is overwritten."""
+    numbers = [int(match.group(1)) for path in Path(class_dir).glob("Synthetic_*.png")
+               if (match := FILE_NUMBER_PATTERN.match(path.name))]
+    return max(numbers, default=0) + 1
+
+
+def make_decode_function(decoder, batch_size, latent_dim, num_classes):
+    """A compiled decode of fixed batch shape (the last batch is padded), so it is traced once."""
+    decode = tf.function(lambda latents, labels: decoder([latents, labels], training=False), reduce_retracing=True)
+
+    def decode_batch(latents, label):
+        count = len(latents)
+        padded = np.zeros((batch_size, latent_dim), np.float32)
+        padded[:count] = latents
+        one_hot = np.zeros((batch_size, num_classes), np.float32)
+        one_hot[:, label] = 1.0
+        images = decode(tf.constant(padded), tf.constant(one_hot)).numpy()[:count, :, :, 0]
+        return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+    return decode_batch
+
+
+def decode_mixed(decoder, latents, label_vectors, batch_size=64):
+    """Decode any latents under any (possibly blended) label vectors; for figures."""
+    outputs = []
+    for start in range(0, len(latents), batch_size):
+        images = decoder([latents[start:start + batch_size], label_vectors[start:start + batch_size]], training=False)
+        outputs.append(np.asarray(images)[..., 0])
+    return np.clip(np.rint(np.concatenate(outputs) * 255.0), 0, 255).astype(np.uint8)
+
+
+def generate(generator, output_dir, class_names, images_per_class, sampling, temperature, seed,
+             restore_aspect_ratio, raw_statistics, batch_size, progress):
+    """Decode and write images class by class, a batch at a time; append a manifest row per image."""
+    parameters = generator["parameters"]
+    all_classes = list(parameters["class_names"])
+    latent_dim, image_size = int(parameters["latent_dim"]), int(parameters["image_size"])
+    decode_batch = make_decode_function(generator["decoder"], batch_size, latent_dim, len(all_classes))
+    manifest_path = Path(output_dir) / "generation_manifest.csv"
+    new_manifest = not manifest_path.exists()
+    written = {}
+    with open(manifest_path, "a", newline="", encoding="utf-8") as manifest_file, \
+            ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers:
+        manifest = csv.DictWriter(manifest_file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        if new_manifest:
+            manifest.writeheader()
+        for class_name in class_names:
+            label = all_classes.index(class_name)
+            # One generator per (seed, class): the same seed gives the same images, whatever
+            # other classes are asked for in the same run.
+            rng = np.random.default_rng([seed, label])
+            z_mean, z_log_var = generator["latents"][class_name]
+            latents, sources = draw_latents(sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed)
+            aspects = (draw_aspect_ratios(images_per_class, raw_statistics, rng) if restore_aspect_ratio
+                       else np.ones(images_per_class))
+            class_dir = Path(output_dir) / class_name
+            class_dir.mkdir(parents=True, exist_ok=True)
+            first_number = next_file_number(class_dir)
+            paths = []
+            for start in range(0, images_per_class, batch_size):
+                images = decode_batch(latents[start:start + batch_size], label)
+                rows, jobs = [], []
+                for offset, pixels in enumerate(images):
+                    index = start + offset
+                    path = class_dir / f"Synthetic_{class_name}_{first_number + index:05d}.png"
+                    image = Image.fromarray(pixels)
+                    if restore_aspect_ratio:
+                        image = restore_aspect(image, aspects[index], parameters.get("resize_mode", "squash"))
+                    jobs.append(writers.submit(write_png_atomic, path, image))
+                    paths.append(path)
+                    rows.append({"file": f"{class_name}/{path.name}", "class": class_name, "sampling": sampling,
+                                 "temperature": temperature, "seed": seed, "source_latent_index": int(sources[index]),
+                                 "aspect_ratio": round(float(aspects[index]), 4),
+                                 "model_fingerprint": generator["fingerprint"], "image_size": image_size})
+                for job in jobs:
+                    job.result()
+                manifest.writerows(rows)
+                manifest_file.flush()
+                progress.update(len(images))
+            written[class_name] = paths
+    return written

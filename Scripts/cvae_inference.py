@@ -1,0 +1,86 @@
+"""Generate class-conditional synthetic TEM images of cilia cross sections with a trained CVAE.
+
+Reads   MODELS_DIR/<S>x<S>/cvae_decoder.keras and cvae_parameters.json (class names, sizes)
+        LATENT_TENSORS_DIR/<S>x<S>/z_mean_<Class>.npy, z_log_var_<Class>.npy
+        PROCESSED_IMAGES_DIR/raw_image_statistics.csv and <S>x<S>/train/ (real examples for the figures)
+Writes  GENERATED_IMAGES_DIR/<S>x<S>/<Class>/Synthetic_<Class>_<NNNNN>.png (numbering continues: nothing is overwritten)
+        GENERATED_IMAGES_DIR/<S>x<S>/generation_manifest.csv (one row per image: how it was made)
+        GENERATED_IMAGES_DIR/<S>x<S>/image_comparison.png, latent_space.png, class_interpolation.png
+
+Example:
+    python Scripts/cvae_inference.py --classes=ODA,IDA --images_per_class=1000 --sampling=class_density
+
+Expected run time: a few seconds to start, then a few hundred images/s on 2 cores.
+"""
+
+import time
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cilia_cvae import config, figures, generation
+from cilia_cvae.config import UserError, check_choice, configure
+from cilia_cvae.preprocessing import size_folder_name
+
+IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
+CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
+IMAGES_PER_CLASS = 100  # images generated for each requested class
+SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" or "class_density"
+TEMPERATURE = 1.0  # scales the sampling noise: below 1 gives safer, less varied images
+RESTORE_ASPECT = True  # give each image an aspect ratio drawn from the raw statistics, as the original did
+BATCH_SIZE = 64  # images decoded per call
+FIGURES = True  # write the comparison, latent-space and interpolation figures
+SEED = 0  # the same seed gives the same images
+MODELS_DIR = config.MODELS_DIR  # read: the trained decoder
+LATENT_TENSORS_DIR = config.LATENT_TENSORS_DIR  # read: the stored training latents
+PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: raw statistics and real examples for the figures
+GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # written: the synthetic images, manifest and figures
+
+settings = configure(globals())
+check_choice("SAMPLING", SAMPLING, generation.SAMPLING_MODES)
+if IMAGES_PER_CLASS < 1 or BATCH_SIZE < 1 or TEMPERATURE < 0:
+    raise UserError("--images_per_class and --batch_size must be at least 1 and --temperature not negative")
+
+# The model records its class names, size and latent size; nothing is asked twice.
+generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
+parameters = generator["parameters"]
+all_classes = list(parameters["class_names"])
+requested = all_classes if CLASSES.strip().lower() == "all" else [name.strip() for name in CLASSES.split(",") if name.strip()]
+unknown = [name for name in requested if name not in all_classes]
+if unknown or not requested:
+    raise UserError(f"unknown class(es) {', '.join(unknown) or '(none given)'}; this model knows: {', '.join(all_classes)}")
+
+statistics_path = PROCESSED_IMAGES_DIR / "raw_image_statistics.csv"
+if RESTORE_ASPECT and not statistics_path.is_file():
+    raise UserError(f"{statistics_path} is missing, so no aspect ratio can be restored; "
+                    f"run python Scripts/cvae_pre_processing.py, or pass --restore_aspect=False")
+raw_statistics = pd.read_csv(statistics_path).iloc[0].to_dict() if RESTORE_ASPECT else {}
+
+output_dir = GENERATED_IMAGES_DIR / size_folder_name(IMAGE_SIZE)
+output_dir.mkdir(parents=True, exist_ok=True)
+started = time.perf_counter()
+with tqdm(total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0) as progress:
+    written = generation.generate(generator, output_dir, requested, IMAGES_PER_CLASS, SAMPLING, TEMPERATURE, SEED,
+                                  RESTORE_ASPECT, raw_statistics, BATCH_SIZE, progress)
+elapsed = time.perf_counter() - started
+total = sum(len(paths) for paths in written.values())
+print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {output_dir}")
+
+if FIGURES:
+    # Real training examples beside generated ones; the latents on a map; one latent under each label.
+    real_paths = figures.first_images(PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE) / "train", requested, 4)
+    figures.image_comparison(real_paths, {name: paths[:4] for name, paths in written.items()}, requested,
+                             output_dir / "image_comparison.png")
+    figures.latent_space({name: generator["latents"][name][0] for name in all_classes}, output_dir / "latent_space.png")
+    largest = max(all_classes, key=lambda name: len(generator["latents"][name][0]))
+    reference_class = "Normal" if "Normal" in all_classes else largest
+    reference_latent = generator["latents"][reference_class][0][0]
+    figures.class_interpolation(
+        lambda latents, labels: generation.decode_mixed(generator["decoder"], latents, labels),
+        int(parameters["latent_dim"]), all_classes, reference_class, reference_latent,
+        {name: generator["latents"][name][0][0] for name in all_classes},
+        output_dir / "class_interpolation.png",
+    )
+    print(f"figures: {output_dir / 'image_comparison.png'}, latent_space.png, class_interpolation.png")
+print(f"manifest: {output_dir / 'generation_manifest.csv'}")

@@ -1,0 +1,84 @@
+"""Generation as a user runs it, against a model trained for one epoch at 32 px."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from conftest import run_script
+
+
+def generate(folders, *arguments, generated=None):
+    return run_script(
+        "cvae_inference", "--image_size=32", f"--processed_images_dir={folders['processed']}",
+        f"--models_dir={folders['models']}", f"--latent_tensors_dir={folders['latents']}",
+        f"--generated_images_dir={generated or folders['generated']}", *arguments)
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))
+
+
+def test_counts_names_manifest_figures_and_numbering(tiny_trained_model, tmp_path):
+    folders, output = tiny_trained_model, tmp_path / "generated"
+    finished = generate(folders, "--classes=ODA,IDA", "--images_per_class=7", "--batch_size=4", generated=output)
+    assert finished.returncode == 0, finished.stderr
+    size_dir = output / "32x32"
+    for class_name in ("ODA", "IDA"):
+        names = sorted(path.name for path in (size_dir / class_name).glob("*.png"))
+        assert names == [f"Synthetic_{class_name}_{number:05d}.png" for number in range(1, 8)]
+    assert not (size_dir / "Normal").exists(), "only the requested classes"
+    for figure in ("image_comparison.png", "latent_space.png", "class_interpolation.png"):
+        assert (size_dir / figure).stat().st_size > 1000
+    manifest = pd.read_csv(size_dir / "generation_manifest.csv")
+    assert len(manifest) == 14 and set(manifest["class"]) == {"ODA", "IDA"}
+    assert set(manifest.columns) >= {"file", "class", "sampling", "temperature", "seed", "source_latent_index",
+                                     "aspect_ratio", "model_fingerprint"}
+    with Image.open(size_dir / manifest["file"][0]) as image:
+        width, height = image.size
+    assert abs(width / height - manifest["aspect_ratio"][0]) < 0.1, "the aspect ratio restored is the one recorded"
+
+    # A second run continues the numbering and, with the same seed, makes the same images.
+    first_run = {path.name: pixels(path) for path in (size_dir / "ODA").glob("*.png")}
+    finished = generate(folders, "--classes=ODA", "--images_per_class=7", "--batch_size=3", "--figures=False",
+                        generated=output)
+    assert finished.returncode == 0, finished.stderr
+    names = sorted(path.name for path in (size_dir / "ODA").glob("*.png"))
+    assert names == [f"Synthetic_ODA_{number:05d}.png" for number in range(1, 15)], "nothing overwritten"
+    for number in range(1, 8):
+        again = pixels(size_dir / "ODA" / f"Synthetic_ODA_{number + 7:05d}.png")
+        assert np.array_equal(again, first_run[f"Synthetic_ODA_{number:05d}.png"]), "same seed, same images"
+    assert len(pd.read_csv(size_dir / "generation_manifest.csv")) == 21, "the manifest is appended to"
+
+
+def test_every_sampling_mode_runs_and_square_output_when_asked(tiny_trained_model, tmp_path):
+    for sampling in ("prior", "class_density"):
+        output = tmp_path / sampling
+        finished = generate(tiny_trained_model, f"--sampling={sampling}", "--images_per_class=3",
+                            "--restore_aspect=False", "--figures=False", "--temperature=0.8", generated=output)
+        assert finished.returncode == 0, finished.stderr
+        written = sorted((output / "32x32").glob("*/*.png"))
+        assert len(written) == 15
+        assert all(Image.open(path).size == (32, 32) for path in written)
+        assert set(pd.read_csv(output / "32x32" / "generation_manifest.csv")["sampling"]) == {sampling}
+
+
+def test_refusals_are_one_line_with_exit_code_2(tiny_trained_model, tmp_path):
+    folders = tiny_trained_model
+    finished = generate(folders, "--classes=ODA,Nonsense", generated=tmp_path / "g")
+    assert finished.returncode == 2 and "Nonsense" in finished.stderr and "Normal" in finished.stderr
+    assert not (tmp_path / "g" / "32x32" / "ODA").exists(), "nothing generated after a refusal"
+
+    missing = dict(folders, models=tmp_path / "no_models")
+    finished = generate(missing, generated=tmp_path / "g")
+    assert finished.returncode == 2 and "cvae_training_224x224.py" in finished.stderr
+
+    mismatched = dict(folders, latents=tmp_path / "latents")
+    shutil.copytree(folders["latents"], mismatched["latents"])
+    for path in (mismatched["latents"] / "32x32").glob("*.npy"):
+        np.save(path, np.zeros((3, 5), np.float32))
+    finished = generate(mismatched, generated=tmp_path / "g")
+    assert finished.returncode == 2 and "belong to another model" in finished.stderr
+    assert "Traceback" not in finished.stderr
