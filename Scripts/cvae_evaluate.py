@@ -25,6 +25,7 @@ from cilia_cvae import config
 from cilia_cvae.config import UserError, configure
 from cilia_cvae.evaluation import evaluate_generated, write_report
 from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
+from cilia_cvae.usefulness import load_model_settings, usefulness_experiment
 
 IMAGE_SIZE = 224  # which resolution's processed and generated folders to judge
 IMAGES_PER_CLASS = 200  # generated images judged per class (the first ones in name order)
@@ -32,6 +33,13 @@ CLASSIFIER_SIZE = 128  # the judge works at this size; images are resized to it
 CLASSIFIER_EPOCHS = 15  # epochs of the judge's training (cached once trained)
 SEED = 0  # seeds the judge's training and the KID subsets
 QUICK = False  # a test-sized run: 2 classifier epochs, 32 px, few images
+USEFULNESS = False  # also run the usefulness experiment (long: trains a generator per fraction and seed)
+USEFULNESS_FRACTIONS = "0.1,0.25,1.0"  # shares of the real training data, separated by commas
+USEFULNESS_SEEDS = 3  # repetitions per fraction, for a mean and a spread
+USEFULNESS_CLASSIFIER_SIZE = 64  # the detection-model stand-ins work at this size
+USEFULNESS_CLASSIFIER_EPOCHS = 15  # epochs of each stand-in classifier
+USEFULNESS_GENERATOR_EPOCHS = 20  # epochs of the CVAE trained on each fraction
+SYNTHETIC_PER_CLASS = 200  # synthetic images added per class
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # the real train and test splits
 GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # the generated images; the report is written beside them
 MODELS_DIR = config.MODELS_DIR  # where the judge is cached
@@ -58,6 +66,17 @@ report = evaluate_generated(
     images_per_class=IMAGES_PER_CLASS,
     seed=SEED,
 )
+if USEFULNESS:
+    # The generator of each fraction is trained like the evaluated model, on that fraction only.
+    model_settings = load_model_settings(MODELS_DIR, IMAGE_SIZE)
+    architecture = model_settings.get("ARCHITECTURE", "default")
+    work_root = (MODELS_DIR / "usefulness" / f"{size_folder_name(IMAGE_SIZE)}_{architecture}_"
+                 f"{USEFULNESS_GENERATOR_EPOCHS}epochs_{facts['fingerprint'][:12]}")
+    fractions = [float(text) for text in USEFULNESS_FRACTIONS.split(",") if text.strip()]
+    report["usefulness"] = usefulness_experiment(
+        PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE), work_root, IMAGE_SIZE, facts["class_names"], facts,
+        model_settings, generated_dir, fractions, USEFULNESS_SEEDS, USEFULNESS_CLASSIFIER_SIZE,
+        USEFULNESS_CLASSIFIER_EPOCHS, USEFULNESS_GENERATOR_EPOCHS, SYNTHETIC_PER_CLASS)
 report["settings"] = config.jsonable(settings)
 report["seconds"] = round(time.perf_counter() - started, 1)
 json_path, markdown_path = write_report(report, generated_dir)
@@ -69,4 +88,8 @@ print(f"KID {report['kid']:.4f} +- {report['kid_std']:.4f} (real-vs-real floor {
       f"FID {report['fid']:.2f} (floor {report['fid_floor']:.2f})")
 print(f"precision {report['precision']:.2f}, recall {report['recall']:.2f}; "
       f"memorisation ratio {report['memorisation_ratio']:.2f}, near-copies {report['near_copy_share']:.1%}")
+for fraction, result in report.get("usefulness", {}).items():
+    print(f"usefulness at {float(fraction):.0%} of the real data: macro-F1 real only {result['real_only_f1']:.3f} "
+          f"+- {result['real_only_f1_std']:.3f}, real + synthetic {result['real_plus_synthetic_f1']:.3f} "
+          f"+- {result['real_plus_synthetic_f1_std']:.3f}, synthetic only {result['synthetic_only_f1']:.3f}")
 print(f"report: {markdown_path} and {json_path.name}")

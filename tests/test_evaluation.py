@@ -138,3 +138,32 @@ def test_missing_generated_images_is_a_clear_error(tmp_path):
     finished = run_script("cvae_evaluate", f"--processed_images_dir={tmp_path / 'processed'}",
                           f"--generated_images_dir={tmp_path / 'generated'}", "--image_size=32")
     assert finished.returncode == 2 and "cvae_inference.py" in finished.stderr
+
+
+def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tiny_trained_model, tmp_path):
+    folders = tiny_trained_model
+    generated = tmp_path / "generated"
+    finished = run_script("cvae_inference", "--image_size=32", "--images_per_class=12", "--figures=False",
+                          f"--processed_images_dir={folders['processed']}", f"--models_dir={folders['models']}",
+                          f"--latent_tensors_dir={folders['latents']}", f"--generated_images_dir={generated}")
+    assert finished.returncode == 0, finished.stderr
+    models = tmp_path / "models"
+    shutil.copytree(folders["models"], models)
+    finished = run_script(
+        "cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_fractions=0.8,1.0",
+        "--usefulness_seeds=1", "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1",
+        "--usefulness_generator_epochs=1", "--synthetic_per_class=12",
+        f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}", f"--models_dir={models}")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
+    assert set(report["usefulness"]) == {"0.8", "1.0"}
+    for result in report["usefulness"].values():
+        for name in ("real_only_f1", "real_plus_synthetic_f1", "synthetic_only_f1"):
+            assert 0.0 <= result[name] <= 1.0
+        assert result["runs"][0]["synthetic_images"] == 60
+    assert result["runs"][0]["real_images"] > report["usefulness"]["0.8"]["runs"][0]["real_images"]
+    fraction_runs = list((models / "usefulness").glob("*/fraction_0.8_seed_0"))
+    assert len(fraction_runs) == 1, "the 80% generator was trained in its own work folder"
+    fraction_parameters = json.loads((fraction_runs[0] / "models" / "32x32" / "cvae_parameters.json").read_text())
+    assert fraction_parameters["training_images"] == report["usefulness"]["0.8"]["runs"][0]["real_images"]
+    assert "Usefulness" in (generated / "32x32" / "evaluation_report.md").read_text()

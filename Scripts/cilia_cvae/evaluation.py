@@ -145,6 +145,25 @@ def markdown_report(report):
             lines.append(f"| {name} | {row['generated_images']} | {row['class_fidelity']:.1%} | {1000 * row['kid']:.2f} "
                          f"| {1000 * row['kid_floor']:.2f} | {report['real_accuracy_per_class'].get(name, float('nan')):.1%} |")
     lines += ["", "![class fidelity](evaluation_fidelity.png)", ""]
+    if report.get("usefulness"):
+        lines += ["## Usefulness: a classifier trained on real vs real + synthetic data", "",
+                  "Macro-F1 on the real test split, mean +- standard deviation over seeds; the generator used at a "
+                  "fraction was trained on that fraction only.", "",
+                  "| share of real training data | real only | real + synthetic | synthetic only |",
+                  "| --- | --- | --- | --- |"]
+        for fraction, result in report["usefulness"].items():
+            cells = [f"{result[f'{name}_f1']:.3f} +- {result[f'{name}_f1_std']:.3f}"
+                     for name in ("real_only", "real_plus_synthetic", "synthetic_only")]
+            lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells) + " |")
+        lines += ["", "Recall per class (mean over seeds):", "",
+                  "| share | variant | " + " | ".join(class_names) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in class_names) + " |"]
+        for fraction, result in report["usefulness"].items():
+            for name in ("real_only", "real_plus_synthetic", "synthetic_only"):
+                recalls = result[f"{name}_recall_per_class"]
+                lines.append(f"| {float(fraction):.0%} | {name.replace('_', ' ')} | "
+                             + " | ".join(f"{recalls[class_name]:.2f}" for class_name in class_names) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -1,0 +1,151 @@
+"""Does synthetic data help a detection model? The experiment behind the project's purpose.
+
+At each fraction of the real training data, a classifier (the detection-model stand-in) is
+trained on real images only, on real + synthetic, and on synthetic only, and tested on the
+real test split: macro-F1 and per-class recall, over several seeds.
+
+The generator used at a fraction is trained on that same fraction only: a generator trained
+on all the data would leak the held-back real images into the "small data" experiment. Each
+fraction's generator is made by the user-facing scripts themselves (training, then inference),
+in a work folder that a later run reuses.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score, recall_score
+
+from cilia_cvae.classifier import list_images, load_images, predict, train_classifier
+from cilia_cvae.files import write_json_atomic
+from cilia_cvae.preprocessing import FACTS_FILE_NAME, size_folder_name
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[1]
+# Settings of the evaluated model that the fraction's generator copies; the rest are per fraction.
+COPIED_TRAINING_SETTINGS = ("ARCHITECTURE", "LATENT_DIM", "BASE_CHANNELS", "MAX_CHANNELS", "BATCH_SIZE",
+                            "LEARNING_RATE", "KL_WARMUP_EPOCHS", "VALIDATION_FRACTION", "CLASS_BALANCED", "AUGMENT")
+
+
+def stratified_subset(labels, fraction, seed):
+    """Indices of a class-stratified share of the training images; at least 2 of each class."""
+    rng = np.random.default_rng([seed, int(fraction * 1000)])
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = min(len(members), max(2, int(round(fraction * len(members)))))
+        chosen.extend(rng.choice(members, count, replace=False))
+    return np.sort(np.array(chosen))
+
+
+def run_script(name, arguments):
+    """Run a pipeline script as a user would; its output streams to ours."""
+    finished = subprocess.run([sys.executable, str(SCRIPTS_DIR / f"{name}.py"), *arguments],
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if finished.returncode != 0:
+        raise RuntimeError(f"{name}.py {' '.join(arguments)} failed with exit code {finished.returncode}")
+
+
+def generator_for_fraction(work_dir, processed_dir, image_size, class_names, facts, train_paths, subset,
+                           model_settings, generator_epochs, synthetic_per_class, seed):
+    """Train a CVAE on one fraction of the train split and generate from it; reuse an earlier one."""
+    generated_dir = work_dir / "generated" / size_folder_name(image_size)
+    if (work_dir / "done.json").is_file():
+        return generated_dir
+    fraction_processed = work_dir / "processed"
+    if fraction_processed.exists():
+        shutil.rmtree(fraction_processed)
+    size_dir = fraction_processed / size_folder_name(image_size)
+    for index in subset:
+        source = Path(train_paths[index])
+        target = size_dir / "train" / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    for class_name in class_names:
+        (size_dir / "train" / class_name).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(processed_dir).parent / "raw_image_statistics.csv", fraction_processed / "raw_image_statistics.csv")
+    subset_facts = dict(facts, fingerprint=f"{facts['fingerprint'][:16]}-subset-{len(subset)}-seed{seed}")
+    write_json_atomic(size_dir / FACTS_FILE_NAME, subset_facts)
+    script = f"cvae_training_{size_folder_name(image_size)}"
+    if not (SCRIPTS_DIR / f"{script}.py").exists():
+        script = "cvae_training_224x224"
+    copied = [f"--{name.lower()}={model_settings[name]}" for name in COPIED_TRAINING_SETTINGS if name in model_settings]
+    for folder in ("models", "latents", "generated"):
+        if (work_dir / folder).exists():
+            shutil.rmtree(work_dir / folder)
+    run_script(script, [f"--image_size={image_size}", f"--epochs={generator_epochs}", f"--seed={seed}", *copied,
+                        f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
+                        f"--latent_tensors_dir={work_dir / 'latents'}"])
+    run_script("cvae_inference", [f"--image_size={image_size}", f"--images_per_class={synthetic_per_class}",
+                                  "--restore_aspect=False", "--figures=False", f"--seed={seed}",
+                                  f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
+                                  f"--latent_tensors_dir={work_dir / 'latents'}",
+                                  f"--generated_images_dir={work_dir / 'generated'}"])
+    write_json_atomic(work_dir / "done.json", {"training_images": int(len(subset)), "epochs": generator_epochs})
+    return generated_dir
+
+
+def scores(model, images, labels, class_count):
+    predicted = predict(model, images)[0].argmax(axis=1)
+    return {
+        "macro_f1": float(f1_score(labels, predicted, average="macro", labels=range(class_count), zero_division=0)),
+        "recall_per_class": recall_score(labels, predicted, average=None, labels=range(class_count),
+                                         zero_division=0).tolist(),
+    }
+
+
+def usefulness_experiment(processed_dir, work_root, image_size, class_names, facts, model_settings, full_generated_dir,
+                          fractions, seeds, classifier_size, classifier_epochs, generator_epochs, synthetic_per_class,
+                          log=print):
+    """Real only vs real + synthetic vs synthetic only, per fraction and seed; returns means, spreads and runs."""
+    class_count = len(class_names)
+    train_paths, train_labels = list_images(Path(processed_dir) / "train", class_names)
+    test_paths, test_labels = list_images(Path(processed_dir) / "test", class_names)
+    train_images = load_images(train_paths, classifier_size)
+    test_images = load_images(test_paths, classifier_size)
+    results = {}
+    for fraction in fractions:
+        runs = []
+        for seed in range(seeds):
+            subset = stratified_subset(train_labels, fraction, seed)
+            if fraction >= 1.0:
+                generated_dir = full_generated_dir
+            else:
+                work_dir = Path(work_root) / f"fraction_{fraction}_seed_{seed}"
+                generated_dir = generator_for_fraction(work_dir, processed_dir, image_size, class_names, facts,
+                                                       train_paths, subset, model_settings, generator_epochs,
+                                                       synthetic_per_class, seed)
+            synthetic_paths, synthetic_labels = list_images(generated_dir, class_names, synthetic_per_class)
+            synthetic_images = load_images(synthetic_paths, classifier_size)
+            real_images, real_labels = train_images[subset], train_labels[subset]
+            variants = {
+                "real_only": (real_images, real_labels),
+                "real_plus_synthetic": (np.concatenate([real_images, synthetic_images]),
+                                        np.concatenate([real_labels, synthetic_labels])),
+                "synthetic_only": (synthetic_images, synthetic_labels),
+            }
+            run = {"seed": seed, "real_images": int(len(subset)), "synthetic_images": int(len(synthetic_labels))}
+            for name, (images, labels) in variants.items():
+                model = train_classifier(images, labels, class_count, classifier_epochs, seed)
+                run[name] = scores(model, test_images, test_labels, class_count)
+            log(f"usefulness at {fraction:.0%} of the real data, seed {seed}: macro-F1 real only "
+                f"{run['real_only']['macro_f1']:.3f}, real + synthetic {run['real_plus_synthetic']['macro_f1']:.3f}, "
+                f"synthetic only {run['synthetic_only']['macro_f1']:.3f}")
+            runs.append(run)
+        summary = {"runs": runs}
+        for name in ("real_only", "real_plus_synthetic", "synthetic_only"):
+            values = np.array([run[name]["macro_f1"] for run in runs])
+            summary[f"{name}_f1"] = float(values.mean())
+            summary[f"{name}_f1_std"] = float(values.std())
+            recalls = np.array([run[name]["recall_per_class"] for run in runs]).mean(axis=0)
+            summary[f"{name}_recall_per_class"] = dict(zip(class_names, recalls.tolist()))
+        results[str(fraction)] = summary
+    return results
+
+
+def load_model_settings(models_dir, image_size):
+    path = Path(models_dir) / size_folder_name(image_size) / "cvae_parameters.json"
+    return json.loads(path.read_text(encoding="utf-8"))["settings"] if path.is_file() else {}
