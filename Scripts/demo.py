@@ -1,15 +1,20 @@
 """Run every stage of the pipeline at demo scale on the built-in phantom data (`make demo`).
 
-Reads   RAW_IMAGES_DIR (fills it with phantoms only when it holds no images; your own data is used as it is)
+Reads   RAW_IMAGES_DIR (filled with phantoms only when it holds no images; your own data is used as it is)
 Writes  what each stage writes: Processed Input Images, Models, Latent Space Tensors, Generated Images
 
 Each stage runs as its own script, exactly as a user would run it, and a stage whose output
 already exists is not run again, so a second `make demo` reuses what the first one made.
+The demo trains for a few epochs only: it shows every output, not the best model (see the
+README for what a full run takes).
 
 Example:
-    python Scripts/demo.py --phantom_images=1000
+    python Scripts/demo.py --epochs=12
+
+Expected run time: about 12 minutes on 2 cores, installation included.
 """
 
+import json
 import subprocess
 import sys
 import time
@@ -20,6 +25,10 @@ from cilia_cvae.config import configure
 
 PHANTOM_IMAGES = 1500  # phantoms written when the raw folder holds no images (the full set is 5,210)
 IMAGE_SIZE = 224  # resolution of the demo run
+EPOCHS = 6  # training epochs at demo scale (a full run uses 40)
+IMAGES_PER_CLASS = 100  # images generated per class
+EVALUATION_IMAGES_PER_CLASS = 100  # generated images judged per class
+CLASSIFIER_EPOCHS = 8  # epochs of the evaluation's judge at demo scale
 RAW_IMAGES_DIR = config.RAW_IMAGES_DIR  # your data, or the phantoms written here when it is empty
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # preprocessing output
 MODELS_DIR = config.MODELS_DIR  # trained models
@@ -29,21 +38,23 @@ GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # synthetic images and figur
 settings = configure(globals())
 SCRIPTS_DIR = Path(__file__).resolve().parent
 size_name = f"{IMAGE_SIZE}x{IMAGE_SIZE}"
+processed_dir, model_dir = PROCESSED_IMAGES_DIR / size_name, MODELS_DIR / size_name
+generated_dir = GENERATED_IMAGES_DIR / size_name
 
 
 def run_stage(title, script_name, *arguments):
     """Run one pipeline script in a subprocess with its progress visible; stop the demo if it fails."""
-    script_path = SCRIPTS_DIR / f"{script_name}.py"
-    if not script_path.exists():
-        print(f"\n== {title}: not yet: {script_name}.py lands in a later issue")
-        return False
     print(f"\n== {title}: python Scripts/{script_name}.py {' '.join(arguments)}", flush=True)
     started = time.perf_counter()
-    finished = subprocess.run([sys.executable, str(script_path), *arguments])
+    finished = subprocess.run([sys.executable, str(SCRIPTS_DIR / f"{script_name}.py"), *arguments])
     if finished.returncode != 0:
-        sys.exit(f"demo stopped: {script_name}.py failed with exit code {finished.returncode}")
+        sys.exit(f"error: the demo stopped because {script_name}.py failed (exit code {finished.returncode}); "
+                 f"its message is above")
     print(f"== {title}: done in {time.perf_counter() - started:.0f} s", flush=True)
-    return True
+
+
+def reuse(title, path):
+    print(f"\n== {title}: reusing {path}")
 
 
 def holds_images(folder):
@@ -51,26 +62,66 @@ def holds_images(folder):
 
 
 demo_started = time.perf_counter()
-folders = [f"--raw_images_dir={RAW_IMAGES_DIR}", f"--processed_images_dir={PROCESSED_IMAGES_DIR}"]
+data_folders = [f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--models_dir={MODELS_DIR}"]
 
+# 1. Data: the user's if there is any, otherwise phantoms.
 if holds_images(RAW_IMAGES_DIR):
     print(f"== data: using the images already in {RAW_IMAGES_DIR}")
 else:
     run_stage("phantom data", "make_phantom_dataset", f"--raw_images_dir={RAW_IMAGES_DIR}",
               f"--num_images={PHANTOM_IMAGES}")
 
-if (PROCESSED_IMAGES_DIR / size_name / "preprocessing.json").is_file():
-    print(f"\n== preprocessing: reusing {PROCESSED_IMAGES_DIR / size_name}")
+# 2. Preprocessing (fast; re-run whenever the raw folder is newer than its output).
+facts_path = processed_dir / "preprocessing.json"
+raw_changed = not facts_path.is_file() or any(
+    path.stat().st_mtime > facts_path.stat().st_mtime for path in RAW_IMAGES_DIR.rglob("*"))
+if raw_changed:
+    run_stage("preprocessing", "cvae_pre_processing", f"--raw_images_dir={RAW_IMAGES_DIR}",
+              f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--image_size={IMAGE_SIZE}")
 else:
-    run_stage("preprocessing", "cvae_pre_processing", *folders, f"--image_size={IMAGE_SIZE}")
+    reuse("preprocessing", processed_dir)
 
-run_stage("training", f"cvae_training_{size_name}")
-run_stage("generation", "cvae_inference")
-run_stage("evaluation", "cvae_evaluate")
+# 3. Training at demo scale; a killed demo resumes from its last finished epoch.
+if (model_dir / "cvae_parameters.json").is_file():
+    reuse("training", model_dir)
+else:
+    run_stage("training", "cvae_training_224x224", f"--image_size={IMAGE_SIZE}", f"--epochs={EPOCHS}",
+              f"--latent_tensors_dir={LATENT_TENSORS_DIR}", *data_folders)
 
-print(f"\nDemo finished in {time.perf_counter() - demo_started:.0f} s. Outputs:")
-for label, folder in (("raw images", RAW_IMAGES_DIR), ("processed images", PROCESSED_IMAGES_DIR / size_name),
-                      ("models", MODELS_DIR / size_name), ("latent tensors", LATENT_TENSORS_DIR / size_name),
-                      ("generated images", GENERATED_IMAGES_DIR / size_name)):
-    state = "" if folder.exists() else "  (not made yet)"
-    print(f"  {label:<18} {folder}{state}")
+# 4. Generation for every class, with the comparison figures.
+if any(generated_dir.glob("*/Synthetic_*.png")):
+    reuse("generation", generated_dir)
+else:
+    run_stage("generation", "cvae_inference", f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
+              f"--latent_tensors_dir={LATENT_TENSORS_DIR}", f"--generated_images_dir={GENERATED_IMAGES_DIR}",
+              *data_folders)
+
+# 5. A quick evaluation: the judge's accuracy, class fidelity and KID.
+report_path = generated_dir / "evaluation_report.json"
+if report_path.is_file():
+    reuse("evaluation", report_path)
+else:
+    run_stage("evaluation", "cvae_evaluate", f"--image_size={IMAGE_SIZE}",
+              f"--images_per_class={EVALUATION_IMAGES_PER_CLASS}", f"--classifier_epochs={CLASSIFIER_EPOCHS}",
+              f"--generated_images_dir={GENERATED_IMAGES_DIR}", *data_folders)
+
+report = json.loads(report_path.read_text(encoding="utf-8"))
+parameters = json.loads((model_dir / "cvae_parameters.json").read_text(encoding="utf-8"))
+print(f"\nDemo finished in {time.perf_counter() - demo_started:.0f} s.")
+print(f"Trained {parameters['epochs_done']} epochs ({parameters['architecture']} architecture, "
+      f"{parameters['training_images']} training images at {size_name}).")
+print(f"Judge accuracy on real test images {report['real_accuracy']:.1%}; class fidelity of generated images "
+      f"{report['class_fidelity']:.1%}; KID {report['kid']:.4f} (real-vs-real floor {report['kid_floor']:.4f}).")
+print("This is a demo-scale model: see the README for the quality of a full run.\n\nWhere everything is:")
+for label, path in (("raw images", RAW_IMAGES_DIR),
+                    ("processed images + manifest", processed_dir / "manifest.csv"),
+                    ("trained encoder/decoder", model_dir / "cvae_decoder.keras"),
+                    ("training history / loss plot", model_dir / "loss_plot.png"),
+                    ("training samples per epoch", model_dir),
+                    ("latent tensors", LATENT_TENSORS_DIR / size_name),
+                    ("generated images", generated_dir),
+                    ("real vs generated figure", generated_dir / "image_comparison.png"),
+                    ("latent map", generated_dir / "latent_space.png"),
+                    ("class interpolation", generated_dir / "class_interpolation.png"),
+                    ("evaluation report", generated_dir / "evaluation_report.md")):
+    print(f"  {label:<30} {path}{'' if path.exists() else '  (missing!)'}")
