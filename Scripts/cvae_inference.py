@@ -83,4 +83,12 @@ if FIGURES:
         output_dir / "class_interpolation.png",
     )
     print(f"figures: {output_dir / 'image_comparison.png'}, latent_space.png, class_interpolation.png")
+    # With images generated at several resolutions, compare them side by side as the original did.
+    size_dirs = sorted((path for path in GENERATED_IMAGES_DIR.glob("*x*") if any(path.glob("*/Synthetic_*.png"))),
+                       key=lambda path: int(path.name.split("x")[0]))
+    if len(size_dirs) > 1:
+        figures.cross_resolution(real_paths, {path.name: figures.first_images(path, requested, 2, "Synthetic_*.png")
+                                              for path in size_dirs}, requested,
+                                 GENERATED_IMAGES_DIR / "image_comparison_resolutions.png")
+        print(f"cross-resolution figure: {GENERATED_IMAGES_DIR / 'image_comparison_resolutions.png'}")
 print(f"manifest: {output_dir / 'generation_manifest.csv'}")

@@ -82,3 +82,13 @@ def test_refusals_are_one_line_with_exit_code_2(tiny_trained_model, tmp_path):
     finished = generate(mismatched, generated=tmp_path / "g")
     assert finished.returncode == 2 and "belong to another model" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_cross_resolution_figure_when_several_sizes_were_generated(tiny_trained_model, tmp_path):
+    output = tmp_path / "generated"
+    other_size = output / "64x64" / "ODA"
+    other_size.mkdir(parents=True)
+    Image.fromarray(np.full((64, 64), 120, np.uint8)).save(other_size / "Synthetic_ODA_00001.png")
+    finished = generate(tiny_trained_model, "--images_per_class=2", generated=output)
+    assert finished.returncode == 0, finished.stderr
+    assert (output / "image_comparison_resolutions.png").stat().st_size > 1000

@@ -55,6 +55,21 @@ def image_comparison(real_paths, generated_paths, class_names, path, examples=4)
     image_grid(rows, class_names, titles, path, "Real training images (left) beside generated ones (right)")
 
 
+def cross_resolution(real_paths, generated_by_size, class_names, path, examples=2):
+    """A row per class: real examples, then generated ones at each resolution (the original's Image Comparison)."""
+    rows, titles = [], [f"real {index + 1}" for index in range(examples)]
+    for size_name in generated_by_size:
+        titles += [f"{size_name} #{index + 1}" for index in range(examples)]
+    for class_name in class_names:
+        row = [Image.open(item).convert("L") for item in real_paths.get(class_name, [])[:examples]]
+        row += [None] * (examples - len(row))
+        for generated in generated_by_size.values():
+            images = [Image.open(item).convert("L") for item in generated.get(class_name, [])[:examples]]
+            row += images + [None] * (examples - len(images))
+        rows.append(row)
+    image_grid(rows, class_names, titles, path, "Real images beside generated ones at each resolution")
+
+
 def latent_space(latents_by_class, path):
     """The stored training latents in two dimensions (PCA), coloured by class."""
     from sklearn.decomposition import PCA
