@@ -58,7 +58,7 @@ CLASS_PROPORTIONS = {
 DENSITY = {
     "membrane": 0.86,
     "membrane_middle": 0.55,
-    "coat": 0.30,
+    "coat": 0.40,
     "matrix": 0.24,
     "central_matrix": 0.32,
     "tubule_wall": 0.88,
@@ -66,7 +66,7 @@ DENSITY = {
     "b_lumen": 0.26,
     "central_lumen": 0.40,
     "outer_arm": 0.90,
-    "inner_arm": 0.70,
+    "inner_arm": 0.78,
     "spoke": 0.52,
     "spoke_head": 0.64,
     "nexin": 0.44,
@@ -90,8 +90,8 @@ SPOKE_HEAD_INSET = 44.0  # from the A tubule's centre toward the cilium's centre
 # the next doublet's B tubule, the inner arm a shorter, fainter hook on the inner face.
 OUTER_ARM_PATH = np.array([(-2.0, 10.0), (0.0, 16.5), (4.5, 21.5), (11.0, 23.5), (17.5, 21.5), (21.0, 17.5)])
 OUTER_ARM_HALF_WIDTHS = np.array([5.6, 5.4, 5.0, 4.6, 4.0, 3.4])
-INNER_ARM_PATH = np.array([(-2.0, -10.0), (1.5, -15.5), (7.0, -18.0), (12.5, -16.5)])
-INNER_ARM_HALF_WIDTHS = np.array([4.6, 4.3, 3.9, 3.3])
+INNER_ARM_PATH = np.array([(-2.0, -10.0), (1.5, -16.0), (7.5, -19.0), (14.0, -17.5)])
+INNER_ARM_HALF_WIDTHS = np.array([5.0, 4.8, 4.4, 3.8])
 
 
 @dataclass
@@ -477,7 +477,7 @@ def draw_cilium(draw, cilium, view):
     thickness = cilium.membrane_thickness
     # A faint fuzzy coat (glycocalyx) outside; then the membrane, a bilayer: two dense leaflets
     # around a paler middle.
-    polygon(membrane_outline(cilium, -5.0), DENSITY["coat"])
+    polygon(membrane_outline(cilium, -6.0), DENSITY["coat"])
     polygon(membrane_outline(cilium, 0.0), DENSITY["membrane"])
     polygon(membrane_outline(cilium, thickness * 0.36), DENSITY["membrane_middle"])
     polygon(membrane_outline(cilium, thickness * 0.64), DENSITY["membrane"])
@@ -575,7 +575,7 @@ def outer_extent(cilium, stretch):
 def compose_section(rng, cilium, width, height):
     """Place the cilium in the crop, with neighbours cut by the crop's edge; return density."""
     stretch = rng.uniform(1.0, 1.3)
-    fill = rng.uniform(0.65, 0.92)  # share of the crop's short side the cilium spans
+    fill = rng.uniform(0.72, 0.95)  # share of the crop's short side the cilium spans
     pixels_per_nm = fill * min(width, height) / (2.0 * cilium.membrane_radius * stretch)
     # Supersample small crops so thin walls stay smooth after the reduction.
     supersample = int(min(3, max(1, math.ceil(0.9 / pixels_per_nm))))
@@ -634,11 +634,13 @@ def upsampled_noise(rng, shape, cell_size):
 
 def apply_microscope(rng, density, pixels_per_nm):
     shape = density.shape
-    # Stained material is flocculent, not flat: blobs a few nm across, strongest in the matrix.
-    # Added rather than multiplied, so that dense lines (membrane, walls) stay continuous.
-    texture = upsampled_noise(rng, shape, max(1.5, 4.0 * pixels_per_nm))
-    density = density + 0.03 + rng.uniform(0.06, 0.11) * texture * np.minimum(density * 4.0, 1.0)
-    density = ndimage.gaussian_filter(density, rng.uniform(1.2, 2.8) * pixels_per_nm, truncate=3.0)
+    # Stained cytoplasm is flocculent, not flat: clumps ~6 nm across inside cells, none in the
+    # empty background. Added rather than multiplied, so dense lines (membrane, walls) stay whole.
+    texture = upsampled_noise(rng, shape, max(1.5, 6.0 * pixels_per_nm))
+    # Clumps of stain are darker than the matrix; gaps in it are only a little paler.
+    texture = np.maximum(texture, -0.6)
+    density = density + 0.03 + rng.uniform(0.10, 0.16) * texture * np.minimum(density * 4.0, 1.0)
+    density = ndimage.gaussian_filter(density, rng.uniform(1.5, 3.2) * pixels_per_nm, truncate=3.0)
     intensity = np.exp(-ABSORPTION * density)
     # Uneven section thickness and illumination: a few broad, faint patches.
     intensity *= 1.0 + rng.uniform(0.02, 0.07) * upsampled_noise(rng, shape, max(shape) / rng.uniform(2.0, 5.0))
