@@ -10,8 +10,8 @@ Example:
     python Scripts/cvae_training_448x448.py --epochs=40
     python Scripts/cvae_training_448x448.py --architecture=original --augment=False --class_balanced=False --kl_warmup_epochs=0 --fresh=True
 
-Expected run time on a 2-core CPU: about 40 s per epoch of 4,000 images for the default
-model; a killed run resumes from its last finished epoch when started again with the same
+Expected run time on a 2-core CPU: about 5 minutes per epoch of 4,000 images for the default
+model (one level deeper than the 224 model, twice its latent and low-resolution width); a killed run resumes from its last finished epoch when started again with the same
 command. See the README for several GPUs or hosts (TF_CONFIG).
 """
 
@@ -22,8 +22,8 @@ from cilia_cvae.preprocessing import read_processed_facts
 IMAGE_SIZE = 448  # side of the square images; that size must have been preprocessed
 ARCHITECTURE = "default"  # "default" (ours) or "original" (the first implementation, ported to Keras 3)
 LATENT_DIM = 256  # length of the latent vector (twice the 224 model's: four times the pixels to describe)
-BASE_CHANNELS = 16  # default architecture: channels at full resolution, doubled at each halving
-MAX_CHANNELS = 128  # default architecture: cap on the channels of the low-resolution layers
+BASE_CHANNELS = 12  # default architecture: channels at half resolution, doubled at each further halving
+MAX_CHANNELS = 256  # default architecture: cap on the channels of the low-resolution layers (twice the 224 model's)
 EPOCHS = 40  # passes over the training images
 BATCH_SIZE = 16  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size

@@ -86,7 +86,7 @@ def is_chief(strategy):
 # --------------------------------------------------------------------------- model and data
 
 def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
-               base_channels=16, max_channels=128, seed=None, sample_posterior=True, optimizer=None):
+               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
     The optimizer is Adam(learning_rate) unless one is given (the distribution tests use plain

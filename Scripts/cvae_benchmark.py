@@ -1,0 +1,259 @@
+"""Measure training speed and memory of the original and the default CVAE, side by side.
+
+Reads   the constants of cvae_training_224x224.py and cvae_training_448x448.py (the default
+        contenders are exactly those scripts' default models at their default batch sizes).
+Writes  OUTPUT_JSON: {"train_images_per_s": {"original_224", "default_224", "original_448",
+        "default_448"}, "peak_memory_mb": {...}, "batch_size": {...}, "ratio": {...}, ...}
+        and prints the same as a table.
+
+Each contender runs in its own subprocess (this script, with --contender=<name>), so that
+one model's memory and compiled graphs cannot favour or burden another and ru_maxrss is
+that contender's own peak. A contender builds its model, runs WARMUP_STEPS training steps
+(tracing, memory allocation), then TIMED_WINDOWS windows of at least WINDOW_SECONDS each; its
+speed is the median of the windows. Images come from memory: this measures the model; the
+default contenders then also measure the tf.data pipeline on PNGs of their size
+(input_pipeline_images_per_s), which must exceed the training speed by far.
+
+Ratios are the figure to quote: they hold across machines and noisy neighbours; absolute
+images/s only mean something for the machine named in the output.
+
+Example:
+    python Scripts/cvae_benchmark.py                 # full measurement, about 10-15 minutes on 2 cores
+    python Scripts/cvae_benchmark.py --quick=True    # CI-sized: 32 and 64 px instead of 224 and 448, under a minute
+"""
+
+import ast
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cilia_cvae import config
+from cilia_cvae.config import UserError, configure
+from cilia_cvae.files import write_json_atomic
+
+QUICK = False  # CI-sized run: images of 32 and 64 px stand in for 224 and 448, one short window each
+OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "benchmark.json"  # where the measurements are written
+ORIGINAL_448_BATCH_SIZE = 8  # the original 448 model's batch: at its own 32 it runs out of memory on 24 GB (8 takes ~22 GB)
+NUM_CLASSES = 5  # classes of the benchmark model (the README's five)
+WARMUP_STEPS = 3  # untimed steps first: tracing and memory allocation
+TIMED_WINDOWS = 5  # timed windows per contender; the median is reported
+WINDOW_SECONDS = 10.0  # each window runs whole steps until at least this long
+CONTENDER = ""  # internal: measure only these contenders (comma-separated) and print the result; how the script runs itself
+settings = configure(globals())
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+CONTENDERS = ("original_224", "default_224", "original_448", "default_448")
+warmup_steps, timed_windows, window_seconds = (1, 2, 0.0) if QUICK else (WARMUP_STEPS, TIMED_WINDOWS, WINDOW_SECONDS)
+
+
+def training_script_defaults(image_size):
+    """The literal constants of a training script, read from its source (it is not run)."""
+    source = (SCRIPTS_DIR / f"cvae_training_{image_size}x{image_size}.py").read_text(encoding="utf-8")
+    defaults = {}
+    for statement in ast.parse(source).body:
+        if isinstance(statement, ast.Assign) and isinstance(statement.targets[0], ast.Name):
+            try:
+                defaults[statement.targets[0].id] = ast.literal_eval(statement.value)
+            except ValueError:
+                pass  # the folder constants are expressions, not literals; the benchmark needs none of them
+    return defaults
+
+
+def contender_setup(name):
+    """Architecture, image size, batch and model constants of one contender."""
+    architecture, size_text = name.split("_")
+    defaults = training_script_defaults(int(size_text))
+    image_size = {"224": 32, "448": 64}[size_text] if QUICK else int(size_text)
+    if architecture == "original":
+        batch_size = ORIGINAL_448_BATCH_SIZE if size_text == "448" else 32
+        latent_dim = 128  # the original's latent size at both resolutions
+    else:
+        batch_size, latent_dim = defaults["BATCH_SIZE"], defaults["LATENT_DIM"]
+    return {"architecture": architecture, "image_size": image_size, "batch_size": batch_size, "latent_dim": latent_dim,
+            "base_channels": defaults["BASE_CHANNELS"], "max_channels": defaults["MAX_CHANNELS"]}
+
+
+def measure_training(setup):
+    """Images per second of training steps (median over windows) and this process's peak memory."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from cilia_cvae import training
+
+    strategy = training.choose_strategy()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model = training.build_cvae(strategy, setup["architecture"], setup["image_size"], NUM_CLASSES,
+                                setup["latent_dim"], 1e-3, setup["base_channels"], setup["max_channels"], seed=0)
+    train_step, _ = training.make_step_functions(model, strategy, jit_compile=training.use_gpu_speedups())
+    batch_size, size = setup["batch_size"], setup["image_size"]
+    rng = np.random.default_rng(0)
+    batch = (tf.constant(rng.uniform(size=(batch_size, size, size, 1)).astype("float32")),
+             tf.one_hot(rng.integers(0, NUM_CLASSES, batch_size), NUM_CLASSES), tf.ones(batch_size))
+    distributed = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))))
+    started = time.perf_counter()
+    for _ in range(warmup_steps):
+        train_step(distributed)
+    float(model.trackers["loss"].result())  # wait for the last step to finish before timing
+    first_steps_seconds = time.perf_counter() - started
+    window_speeds = []
+    for _ in range(timed_windows):
+        steps, started = 0, time.perf_counter()
+        while steps == 0 or time.perf_counter() - started < window_seconds:
+            train_step(distributed)
+            steps += 1
+        float(model.trackers["loss"].result())
+        window_speeds.append(steps * batch_size / (time.perf_counter() - started))
+    return {
+        "train_images_per_s": statistics.median(window_speeds),
+        "window_images_per_s": window_speeds,
+        "warmup_seconds": first_steps_seconds,
+        "parameters": model.encoder.count_params() + model.decoder.count_params(),
+        # ru_maxrss is in kilobytes on Linux.
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def measure_input_pipeline(image_size, batch_size, image_count=256):
+    """Images per second the tf.data pipeline delivers (decode, cache, shuffle, augment, batch)
+    from PNGs of the given size: it must exceed the training speed, or the model would wait."""
+    import numpy as np
+    from PIL import Image
+
+    from cilia_cvae import data
+
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)
+        paths = []
+        for index in range(image_count):
+            path = Path(folder) / f"{index}.png"
+            Image.fromarray(rng.integers(0, 256, (image_size, image_size), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+        labels = np.arange(image_count, dtype=np.int32) % NUM_CLASSES
+        dataset = data.training_dataset(np.array(paths), labels, NUM_CLASSES, image_size, batch_size, seed=0,
+                                        augment=True, class_balanced=True)
+        iterator = iter(dataset)
+        for _ in range(image_count // batch_size):  # the first pass decodes and fills the cache
+            next(iterator)
+        batches, started = 0, time.perf_counter()
+        while batches == 0 or time.perf_counter() - started < max(window_seconds, 1.0):
+            next(iterator)
+            batches += 1
+        return batches * batch_size / (time.perf_counter() - started)
+
+
+def generate_images_per_s():
+    """Hook for the inference stage (cvae_inference.py): {"original_loop_224", "default_224",
+    "default_decode_only_224"} in images/s, measured here in the same run. Empty until it exists."""
+    return {}
+
+
+def preprocess_images_per_s():
+    """Hook for the preprocessing stage (cvae_pre_processing.py): images/s of raw images turned
+    into processed PNGs, measured here in the same run. Empty until it exists."""
+    return {}
+
+
+def start_contender(names):
+    """Measure contenders in a child process (this script with --contender=<names>)."""
+    print(f"measuring {names} ...", flush=True)
+    arguments = [f"--{key}={value}" for key, value in (
+        ("quick", QUICK), ("original_448_batch_size", ORIGINAL_448_BATCH_SIZE), ("warmup_steps", WARMUP_STEPS),
+        ("timed_windows", TIMED_WINDOWS), ("window_seconds", WINDOW_SECONDS), ("contender", names))]
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    return subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment)
+
+
+def contender_results(names):
+    """{name: result} from a child, read from the last line of its stdout, or the reason it failed."""
+    child = start_contender(names)
+    if child.returncode != 0:
+        killed = child.returncode < 0 or child.returncode == 137
+        reason = "killed (out of memory?)" if killed else (child.stderr.strip().splitlines() or ["?"])[-1]
+        return {name: {"error": reason} for name in names.split(",")}
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def measure_all_contenders():
+    """One child per contender, one at a time, so that no contender shares the cores or the
+    memory with another. A QUICK run only checks that everything works: one child measures all."""
+    if QUICK:
+        measured = contender_results(",".join(CONTENDERS))
+    else:
+        measured = {name: contender_results(name)[name] for name in CONTENDERS}
+    return {name: {**contender_setup(name), **measured[name]} for name in CONTENDERS}
+
+
+def processor_name():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def print_table(results):
+    print(f"\n{'contender':<14} {'image':>6} {'batch':>6} {'images/s':>10} {'peak MB':>9} {'parameters':>13}")
+    for name, result in results.items():
+        if "error" in result:
+            print(f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6}  failed: {result['error']}")
+            continue
+        print(f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6} {result['train_images_per_s']:>10.2f} "
+              f"{result['peak_memory_mb']:>9.0f} {result['parameters']:>13,}")
+
+
+def measure_contender(name):
+    setup = contender_setup(name)
+    result = measure_training(setup)
+    if name.startswith("default"):
+        result["input_pipeline_images_per_s"] = measure_input_pipeline(setup["image_size"], setup["batch_size"],
+                                                                       image_count=64 if QUICK else 256)
+    return result
+
+
+if CONTENDER:
+    unknown = [name for name in CONTENDER.split(",") if name not in CONTENDERS]
+    if unknown:
+        raise UserError(f"--contender={unknown[0]!r} is not one of {', '.join(CONTENDERS)}")
+    print(json.dumps({name: measure_contender(name) for name in CONTENDER.split(",")}))
+    sys.exit(0)
+
+results = measure_all_contenders()
+print_table(results)
+speed = {name: result.get("train_images_per_s") for name, result in results.items()}
+ratios = {
+    f"default_over_original_{size}": speed[f"default_{size}"] / speed[f"original_{size}"]
+    for size in ("224", "448") if speed[f"default_{size}"] and speed[f"original_{size}"]
+}
+input_pipeline = {size: results[f"default_{size}"].get("input_pipeline_images_per_s") for size in ("224", "448")}
+for name, value in ratios.items():
+    print(f"{name}: {value:.1f}x")
+for size, value in input_pipeline.items():
+    print(f"input pipeline at the default_{size} setting: {value or 0:.0f} images/s")
+report = {
+    "train_images_per_s": speed,
+    "peak_memory_mb": {name: result.get("peak_memory_mb") for name, result in results.items()},
+    "batch_size": {name: result["batch_size"] for name, result in results.items()},
+    "image_size": {name: result["image_size"] for name, result in results.items()},
+    "parameters": {name: result.get("parameters") for name, result in results.items()},
+    "ratio": ratios,
+    "input_pipeline_images_per_s": input_pipeline,
+    "generate_images_per_s": generate_images_per_s(),
+    "preprocess_images_per_s": preprocess_images_per_s(),
+    "details": results,
+    "quick": QUICK,
+    "machine": {"processor": processor_name(), "cpus": os.cpu_count(),
+                "system": platform.platform(), "python": platform.python_version()},
+    "settings": config.jsonable(settings),
+}
+write_json_atomic(OUTPUT_JSON, report)
+print(f"wrote {OUTPUT_JSON}")
