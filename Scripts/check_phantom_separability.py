@@ -39,7 +39,7 @@ NUM_IMAGES = 1000  # phantoms to judge, in the generator's default class proport
 PHANTOM_SEED = 2  # seed of the phantoms (a different one from the default data set's)
 SPLIT_SEED = 0  # fixes the 80/20 split and the CNN's initial weights
 IMAGE_SIZE = 128  # the CNN sees the crops squashed to this square size
-EPOCHS = 40  # CNN training epochs
+EPOCHS = 12  # CNN training epochs, each over the 800 training images in all four quarter turns
 CNN_WIDTH = 16  # filters in the CNN's first stage, doubling over its five stages up to 8 times this
 PHANTOMS_DIR = Path(tempfile.gettempdir()) / "cilia_phantom_separability"  # where the phantoms are, or are written
 
@@ -113,7 +113,12 @@ model = keras.Model(inputs, layers.Dense(len(class_names), activation="softmax")
 model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 counts = np.bincount(labels[train], minlength=len(class_names))
 class_weights = {label: len(train) / (len(class_names) * count) for label, count in enumerate(counts)}
-model.fit(standardised(images[train]), labels[train], epochs=EPOCHS, batch_size=32, class_weight=class_weights, verbose=2)
+# Quarter turns multiply the 800 training images by four. They are exact, unlike arbitrary
+# rotations, whose interpolation smooths the noise: a network trained on smoothed images
+# misjudges sharp test images (measured: 41% instead of the 86% of flips alone).
+turned = np.concatenate([np.rot90(images[train], quarter, axes=(1, 2)) for quarter in range(4)])
+model.fit(standardised(turned), np.tile(labels[train], 4), epochs=EPOCHS, batch_size=32, class_weight=class_weights,
+          shuffle=True, verbose=2)
 predicted = model.predict(standardised(images[test]), verbose=0).argmax(axis=1)
 cnn_accuracy = float(np.mean(predicted == labels[test]))
 cnn_balanced_accuracy = balanced_accuracy_score(labels[test], predicted)

@@ -560,7 +560,7 @@ def draw_density(cilium, view, width, height, supersample, neighbours=(), microv
 def sample_crop_size(rng):
     """Width and height matching the real crops: 524.6 +- 174.4 by 508.5 +- 173.9, w/h 1.040 +- 0.117."""
     while True:
-        size = rng.normal(516.0, 168.0)
+        size = rng.normal(510.0, 176.0)
         aspect = rng.normal(1.040, 0.117)
         if 120.0 <= size <= 1100.0 and 0.7 <= aspect <= 1.45:
             return round(size * math.sqrt(aspect)), round(size / math.sqrt(aspect))
