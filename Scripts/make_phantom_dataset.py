@@ -179,5 +179,5 @@ if PREVIEW_PNG:
                 axis.set_title(f"{title}  {image.width}x{image.height}", fontsize=8)
     figure.tight_layout()
     with atomic_path(Path(PREVIEW_PNG)) as temporary_path:
-        figure.savefig(temporary_path, dpi=110, format="png")
+        figure.savefig(temporary_path, dpi=80, format="png")
     print(f"preview: {PREVIEW_PNG}")

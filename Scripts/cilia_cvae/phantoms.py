@@ -103,7 +103,6 @@ class Doublet:
     has_b_tubule: bool = True
     outer_arm: float = 1.0  # 1 full density, 0 absent
     inner_arm: float = 1.0
-    spoke: float = 1.0
 
     def frame(self):
         """Unit vectors (clockwise tangent, outward radial) of the doublet."""
@@ -277,7 +276,6 @@ def transpose_doublet(rng, cilium):
         tilt=math.radians(15.0),
         outer_arm=0.0,
         inner_arm=0.0,
-        spoke=0.0,
     )
 
 
@@ -443,7 +441,7 @@ def segment(start, end, half_width):
 
 
 def membrane_outline(cilium, inset, count=240):
-    turns = np.arctan2(unit_circle(count)[:, 1], unit_circle(count)[:, 0])
+    turns = np.linspace(0.0, 2 * math.pi, count, endpoint=False)
     relative = np.ones(count)
     for order, amplitude, phase in cilium.membrane_harmonics:
         relative += amplitude * np.cos(order * turns + phase)
@@ -489,12 +487,12 @@ def draw_cilium(draw, cilium, view):
 
     doublets = cilium.doublets
     for doublet in doublets:
-        if not doublet.present or doublet.spoke == 0.0:
+        if not doublet.present:
             continue
-        clockwise, outward = doublet.frame()
+        _, outward = doublet.frame()
         a_centre = doublet.a_tubule_centre()
         head = a_centre - SPOKE_HEAD_INSET * outward
-        polygon(segment(a_centre - 10.0 * outward, head, 1.9), faded("spoke", doublet.spoke))
+        polygon(segment(a_centre - 10.0 * outward, head, 1.9), DENSITY["spoke"])
         polygon(ellipse(head, 6.0, count=20, minor_radius=3.8, angle=doublet.angle + math.pi / 2), DENSITY["spoke_head"])
 
     # Nexin links join each A tubule to the next doublet's B tubule, clockwise.
@@ -628,8 +626,8 @@ def upsampled_noise(rng, shape, cell_size):
     """
     rows, columns = (max(2, math.ceil(side / cell_size) + 1) for side in shape)
     coarse = Image.fromarray(rng.standard_normal((rows, columns), dtype=np.float32), mode="F")
-    field_ = np.asarray(coarse.resize((shape[1], shape[0]), Image.Resampling.BICUBIC), dtype=np.float32)
-    return field_ / (field_.std() + 1e-6)
+    smooth = np.asarray(coarse.resize((shape[1], shape[0]), Image.Resampling.BICUBIC), dtype=np.float32)
+    return smooth / (smooth.std() + 1e-6)
 
 
 def apply_microscope(rng, density, pixels_per_nm):
