@@ -104,17 +104,21 @@ def measure_training(setup):
         train_step(distributed)
     float(model.trackers["loss"].result())  # wait for the last step to finish before timing
     first_steps_seconds = time.perf_counter() - started
-    window_speeds = []
+    window_speeds, window_cpu_speeds = [], []
     for _ in range(timed_windows):
-        steps, started = 0, time.perf_counter()
+        steps, started, cpu_started = 0, time.perf_counter(), time.process_time()
         while steps == 0 or time.perf_counter() - started < window_seconds:
             train_step(distributed)
             steps += 1
         float(model.trackers["loss"].result())
         window_speeds.append(steps * batch_size / (time.perf_counter() - started))
+        window_cpu_speeds.append(steps * batch_size / (time.process_time() - cpu_started))
     return {
         "train_images_per_s": statistics.median(window_speeds),
         "window_images_per_s": window_speeds,
+        # Images per CPU-second of this process: steadier than wall time when other programs
+        # share the cores, so a second witness for the ratios on a busy machine.
+        "train_images_per_cpu_s": statistics.median(window_cpu_speeds),
         "warmup_seconds": first_steps_seconds,
         "parameters": model.encoder.count_params() + model.decoder.count_params(),
         # ru_maxrss is in kilobytes on Linux.
@@ -202,12 +206,13 @@ def processor_name():
 
 
 def print_table(results):
-    print(f"\n{'contender':<14} {'image':>6} {'batch':>6} {'images/s':>10} {'peak MB':>9} {'parameters':>13}")
+    print(f"\n{'contender':<14} {'image':>6} {'batch':>6} {'images/s':>10} {'per CPU-s':>10} {'peak MB':>9} {'parameters':>13}")
     for name, result in results.items():
         if "error" in result:
             print(f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6}  failed: {result['error']}")
             continue
         print(f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6} {result['train_images_per_s']:>10.2f} "
+              f"{result['train_images_per_cpu_s']:>10.2f} "
               f"{result['peak_memory_mb']:>9.0f} {result['parameters']:>13,}")
 
 
@@ -230,17 +235,21 @@ if CONTENDER:
 results = measure_all_contenders()
 print_table(results)
 speed = {name: result.get("train_images_per_s") for name, result in results.items()}
-ratios = {
-    f"default_over_original_{size}": speed[f"default_{size}"] / speed[f"original_{size}"]
-    for size in ("224", "448") if speed[f"default_{size}"] and speed[f"original_{size}"]
-}
+cpu_speed = {name: result.get("train_images_per_cpu_s") for name, result in results.items()}
+ratios = {}
+for size in ("224", "448"):
+    if speed[f"default_{size}"] and speed[f"original_{size}"]:
+        ratios[f"default_over_original_{size}"] = speed[f"default_{size}"] / speed[f"original_{size}"]
+        ratios[f"default_over_original_{size}_cpu_time"] = cpu_speed[f"default_{size}"] / cpu_speed[f"original_{size}"]
 input_pipeline = {size: results[f"default_{size}"].get("input_pipeline_images_per_s") for size in ("224", "448")}
 for name, value in ratios.items():
     print(f"{name}: {value:.1f}x")
+print(f"machine: {processor_name()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at the end (above the CPU count, other programs competed)")
 for size, value in input_pipeline.items():
     print(f"input pipeline at the default_{size} setting: {value or 0:.0f} images/s")
 report = {
     "train_images_per_s": speed,
+    "train_images_per_cpu_s": cpu_speed,
     "peak_memory_mb": {name: result.get("peak_memory_mb") for name, result in results.items()},
     "batch_size": {name: result["batch_size"] for name, result in results.items()},
     "image_size": {name: result["image_size"] for name, result in results.items()},
@@ -251,6 +260,7 @@ report = {
     "preprocess_images_per_s": preprocess_images_per_s(),
     "details": results,
     "quick": QUICK,
+    "load_average_at_end": os.getloadavg()[0],
     "machine": {"processor": processor_name(), "cpus": os.cpu_count(),
                 "system": platform.platform(), "python": platform.python_version()},
     "settings": config.jsonable(settings),

@@ -159,6 +159,16 @@ def test_refuses_a_size_that_was_not_preprocessed(finished_run):
     assert last_line.startswith("error:") and "cvae_pre_processing.py" in last_line and "Traceback" not in result.stderr
 
 
+def test_a_diverging_run_stops_with_one_line_and_keeps_no_bad_checkpoint(finished_run, tmp_path):
+    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=2", "--learning_rate=1e12",
+                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
+                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: the training loss became") and "last good checkpoint" in last_line
+    assert not (tmp_path / "models" / "32x32" / "cvae_parameters.json").exists()
+
+
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=40)
     command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path), "--epochs=5"]

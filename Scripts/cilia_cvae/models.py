@@ -192,8 +192,7 @@ def build_original_encoder(image_size, num_classes, latent_dim=128):
 
 
 def build_original_decoder(image_size, num_classes, latent_dim=128):
-    if image_size % 8:
-        raise ValueError(f"the original decoder upsamples three times, so the image size must be a multiple of 8, not {image_size}")
+    check_image_size("original", image_size)
     side = image_size // 8
     latents = keras.Input((latent_dim,), name="z")
     labels = keras.Input((num_classes,), name="labels")
@@ -219,6 +218,14 @@ def build_encoder_and_decoder(architecture, image_size, num_classes, latent_dim,
         return (build_default_encoder(image_size, num_classes, latent_dim, base_channels, max_channels),
                 build_default_decoder(image_size, num_classes, latent_dim, base_channels, max_channels))
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+
+
+def check_image_size(architecture, image_size):
+    """Raise ValueError, saying why, when an architecture cannot work at this image size."""
+    if architecture == "original" and image_size % 8:
+        raise ValueError(f"the original decoder upsamples three times, so the image size must be a multiple of 8, not {image_size}")
+    if architecture == "default":
+        smallest_map_size(image_size)
 
 
 def reconstruction_loss_kind(architecture):

@@ -48,8 +48,9 @@ from cilia_cvae.preprocessing import size_folder_name
 
 LOSS_TERMS = ("loss", "reconstruction_loss", "kl_loss", "squared_error")
 SAMPLE_GRID_COLUMNS = 8
-# Settings that may change between a killed run and its resumption without changing what is trained.
-SETTINGS_FREE_TO_CHANGE = ("FRESH", "SAMPLE_EVERY")
+# Settings that may change between a killed run and its resumption without changing what was
+# trained so far (more or fewer epochs continue the same run).
+SETTINGS_FREE_TO_CHANGE = ("FRESH", "SAMPLE_EVERY", "EPOCHS")
 
 
 class TrainingDiverged(SystemExit):
@@ -235,25 +236,41 @@ def fixed_sample_inputs(num_classes, latent_dim, seed, columns=SAMPLE_GRID_COLUM
     return latents, labels
 
 
-def sample_grid(decoder, latents, labels, num_classes):
-    """Decode the fixed draws: a (classes * S, columns * S) uint8 mosaic, one row per class."""
-    # A direct call, not predict: predict would run on every replica and, in a multi-worker
+def reference_images(paths, labels, num_classes, image_size):
+    """The first image of each class (black where a class has none) with one-hot labels:
+    its reconstruction in every grid shows whether fine detail is being learnt."""
+    images = np.zeros((num_classes, image_size, image_size, 1), np.float32)
+    for label in range(num_classes):
+        if np.any(labels == label):
+            path = paths[np.flatnonzero(labels == label)[0]]
+            images[label] = data.decode_png(path, image_size).numpy().astype(np.float32) / 255.0
+    return images, np.eye(num_classes, dtype=np.float32)
+
+
+def sample_grid(model, latents, labels, references, num_classes):
+    """A uint8 mosaic, one row per class: a reference image, its reconstruction, then the
+    decoded fixed prior draws."""
+    # Direct calls, not predict: predict would run on every replica and, in a multi-worker
     # run, wait for workers that never call it (only the chief draws samples).
-    images = decoder([latents, labels], training=False).numpy()[..., 0]
-    columns = len(latents) // num_classes
-    size = images.shape[1]
-    grid = images.reshape(num_classes, columns, size, size).transpose(0, 2, 1, 3).reshape(num_classes * size, columns * size)
+    reference, reference_labels = references
+    z_mean, _ = model.encoder([reference, reference_labels], training=False)
+    reconstructions = model.decoder([z_mean.numpy(), reference_labels], training=False).numpy()
+    samples = model.decoder([latents, labels], training=False).numpy()
+    size = reference.shape[1]
+    rows = samples.reshape(num_classes, -1, size, size)
+    rows = np.concatenate([reference[:, None, :, :, 0], reconstructions[:, None, :, :, 0], rows], axis=1)
+    grid = rows.transpose(0, 2, 1, 3).reshape(num_classes * size, -1)
     return np.clip(grid * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def save_sample_figure(path, grid, class_names, epoch):
     from matplotlib import pyplot
     row_height = grid.shape[0] / len(class_names)
-    figure, axis = pyplot.subplots(figsize=(grid.shape[1] / row_height * 1.6 + 2.0, len(class_names) * 1.6 + 0.6))
+    figure, axis = pyplot.subplots(figsize=(grid.shape[1] / row_height * 1.6 + 2.0, len(class_names) * 1.6 + 0.8))
     axis.imshow(grid, cmap="gray", vmin=0, vmax=255)
     axis.set_yticks([(row + 0.5) * row_height for row in range(len(class_names))], class_names)
-    axis.set_xticks([])
-    axis.set_title(f"prior samples after epoch {epoch} (same noise in every row)")
+    axis.set_xticks([(column + 0.5) * row_height for column in range(2)], ["real", "reconstructed"])
+    axis.set_title(f"after epoch {epoch}: a real image, its reconstruction, then prior samples (same noise in every row)")
     figure.tight_layout()
     with atomic_path(path) as temporary_path:
         figure.savefig(temporary_path, format="png", dpi=100)
@@ -279,9 +296,29 @@ def save_loss_plot(path, history):
 
 # --------------------------------------------------------------------------- the whole run
 
+def check_settings(settings):
+    """Refuse values no run can use, naming the setting, before anything is built or written."""
+    for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "SAMPLE_EVERY", "BASE_CHANNELS", "MAX_CHANNELS"):
+        if settings[name] < 1:
+            raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
+    for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE"):
+        if settings[name] < 0:
+            raise UserError(f"--{name.lower()} must be 0 or more, not {settings[name]}")
+    if not 0 <= settings["VALIDATION_FRACTION"] < 1:
+        raise UserError(f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}")
+    if not settings["LEARNING_RATE"] > 0:
+        raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
+    check_choice("ARCHITECTURE", settings["ARCHITECTURE"], models.ARCHITECTURES)
+    try:
+        models.check_image_size(settings["ARCHITECTURE"], settings["IMAGE_SIZE"])
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
 def train(settings, facts):
     """Train (or resume) the CVAE described by a training script's settings; write every output."""
     started = time.time()
+    check_settings(settings)
     image_size = settings["IMAGE_SIZE"]
     class_names = facts["class_names"]
     num_classes = len(class_names)
@@ -338,6 +375,8 @@ def train(settings, facts):
                 stale.unlink()
 
     sample_latents, sample_labels = fixed_sample_inputs(num_classes, settings["LATENT_DIM"], settings["SEED"])
+    references = reference_images(*((validation_paths, validation_labels) if has_validation else (training_paths, training_labels)),
+                                  num_classes, image_size)
     summary_writer = tf.summary.create_file_writer(str(run.logs)) if chief else None
     patience = settings["EARLY_STOPPING_PATIENCE"]
 
@@ -351,7 +390,7 @@ def train(settings, facts):
         epoch_started = time.time()
         model.kl_weight.assign(kl_weight_for_epoch(epoch, settings["KL_WARMUP_EPOCHS"]))
         model.reset_metrics()
-        for _ in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings['EPOCHS']}", disable=not chief,
+        for _ in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings['EPOCHS']}", disable=not chief or not sys.stdout.isatty(),
                       leave=False, file=sys.stdout, mininterval=5):
             train_step(next(training_batches))
         row = {"epoch": epoch, **tracker_results(model)}
@@ -390,7 +429,7 @@ def train(settings, facts):
             for stale in run.directory.glob("best_epoch_*.npz"):
                 if stale != run.best_weights(int(state["best_epoch"])):
                     stale.unlink()
-            report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, class_names,
+            report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names,
                          sample_png=(epoch % settings["SAMPLE_EVERY"] == 0 or epoch == settings["EPOCHS"]))
     if not chief:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -409,11 +448,11 @@ def _plugin_metadata(plugin_name):
     return metadata.SerializeToString()
 
 
-def report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, class_names, sample_png):
+def report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names, sample_png):
     epoch = int(row["epoch"])
     shown = "  ".join(f"{name} {value:.5g}" for name, value in row.items() if name != "epoch")
     print(f"epoch {epoch}: {shown}", flush=True)
-    grid = sample_grid(model.decoder, sample_latents, sample_labels, len(class_names))
+    grid = sample_grid(model, sample_latents, sample_labels, references, len(class_names))
     with summary_writer.as_default(step=epoch):
         for name, value in row.items():
             if name != "epoch":
