@@ -10,9 +10,10 @@ Example:
     python Scripts/cvae_training_224x224.py --epochs=40
     python Scripts/cvae_training_224x224.py --architecture=original --augment=False --class_balanced=False --kl_warmup_epochs=0 --fresh=True
 
-Expected run time on a 2-core CPU: about 1-2 minutes per epoch of 4,000 images for the
-default model (4-5 hours for the original's 150 epochs with --architecture=original); a killed run resumes from its last finished epoch when started again with the same
-command. See the README for several GPUs or hosts (TF_CONFIG).
+Expected run time on a 2-core CPU: about 1-3 minutes per epoch of 4,000 images for the
+default model (the original architecture is 2.5x slower). A killed run resumes from its
+last finished epoch when started again with the same command. See the README for several
+GPUs or hosts (TF_CONFIG).
 """
 
 from cilia_cvae import config, training

@@ -10,9 +10,11 @@ Example:
     python Scripts/cvae_training_448x448.py --epochs=40
     python Scripts/cvae_training_448x448.py --architecture=original --augment=False --class_balanced=False --kl_warmup_epochs=0 --fresh=True
 
-Expected run time on a 2-core CPU: about 5 minutes per epoch of 4,000 images for the default
-model (one level deeper than the 224 model, twice its latent and low-resolution width); a killed run resumes from its last finished epoch when started again with the same
-command. See the README for several GPUs or hosts (TF_CONFIG).
+Expected run time on a 2-core CPU: about 5-10 minutes per epoch of 4,000 images for the
+default model (one level deeper than the 224 model, with twice its latent size and
+low-resolution width); the original 448 model needs about an hour per epoch and 22 GB.
+A killed run resumes from its last finished epoch when started again with the same command.
+See the README for several GPUs or hosts (TF_CONFIG).
 """
 
 from cilia_cvae import config, training

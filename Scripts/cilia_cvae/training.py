@@ -84,6 +84,12 @@ def is_chief(strategy):
     return strategy.extended.should_checkpoint
 
 
+def wait_for_all_workers(strategy):
+    """A barrier: a tiny all-reduce that every worker must reach (nothing to wait for on one worker)."""
+    if strategy.num_replicas_in_sync > 1:
+        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
 # --------------------------------------------------------------------------- model and data
 
 def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
@@ -185,10 +191,16 @@ class RunFolder:
     def samples(self, epoch):
         return self.directory / f"samples_epoch_{epoch}.png"
 
+    def remove_other_best_weights(self, best_epoch):
+        """Keep only the best epoch's weights the checkpoint records (a kill may leave a newer one)."""
+        for path in self.directory.glob("best_epoch_*.npz"):
+            if path != self.best_weights(best_epoch):
+                path.unlink()
+
     def prepare(self, settings, fresh):
         """Refuse a finished run or one with other settings unless fresh; fresh moves it aside.
 
-        Returns True when an unfinished run with the same settings is there to resume.
+        What is left afterwards is either nothing or an unfinished run with the same settings.
         """
         comparable = {name: value for name, value in jsonable(settings).items() if name not in SETTINGS_FREE_TO_CHANGE}
         occupied = [folder for folder in (self.directory, self.latent_directory) if folder.exists() and any(folder.iterdir())]
@@ -208,10 +220,8 @@ class RunFolder:
         if reason or (fresh and occupied):
             for folder in occupied:
                 print(f"moved the earlier run aside: {folder} -> {move_aside(folder)}")
-        resuming = self.run_settings.exists()
-        if not resuming:
+        if not self.run_settings.exists():
             write_json_atomic(self.run_settings, comparable)
-        return resuming
 
 
 # --------------------------------------------------------------------------- history and pictures
@@ -333,7 +343,11 @@ def train(settings, facts):
                         f"{strategy.num_replicas_in_sync} replicas in sync")
     chief = is_chief(strategy)
     run = RunFolder(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], image_size)
-    resuming = run.prepare(settings, settings["FRESH"]) if chief else run.run_settings.exists()
+    if chief:
+        run.prepare(settings, settings["FRESH"])
+    # The other workers look for a checkpoint to resume from only once the chief has refused,
+    # moved aside or accepted what the run folder holds.
+    wait_for_all_workers(strategy)
 
     all_paths, all_labels = data.list_training_images(settings["PROCESSED_IMAGES_DIR"], image_size, class_names)
     training_paths, training_labels, validation_paths, validation_labels = data.hold_out_validation(
@@ -344,9 +358,6 @@ def train(settings, facts):
     model = build_cvae(strategy, settings["ARCHITECTURE"], image_size, num_classes, settings["LATENT_DIM"],
                        settings["LEARNING_RATE"], settings["BASE_CHANNELS"], settings["MAX_CHANNELS"], settings["SEED"])
     train_step, test_step = make_step_functions(model, strategy, jit_compile=on_gpu)
-    training_batches, steps_per_epoch = distributed_training_data(
-        strategy, training_paths, training_labels, num_classes, image_size, settings["BATCH_SIZE"],
-        settings["SEED"], settings["AUGMENT"], settings["CLASS_BALANCED"])
     has_validation = len(validation_paths) > 0
     if has_validation:
         validation_batches, validation_steps = distributed_evaluation_data(
@@ -363,16 +374,19 @@ def train(settings, facts):
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, **state)
     checkpoint_dir = run.checkpoints if chief else Path(tempfile.mkdtemp(prefix="cvae_worker_checkpoint_"))
     manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
-    history = read_history(run.history) if chief else []
-    if resuming and tf.train.latest_checkpoint(str(run.checkpoints)):
-        checkpoint.restore(tf.train.latest_checkpoint(str(run.checkpoints))).expect_partial()
+    latest_checkpoint = tf.train.latest_checkpoint(str(run.checkpoints))
+    if latest_checkpoint:
+        checkpoint.restore(latest_checkpoint).expect_partial()
         print(f"resuming after epoch {int(state['epochs_done'])} from {run.checkpoints}")
     epochs_done = int(state["epochs_done"])
-    history = [row for row in history if row["epoch"] <= epochs_done]
+    # Rows of epochs after the checkpoint's are recomputed, so they are dropped, not repeated.
+    history = [row for row in read_history(run.history) if row["epoch"] <= epochs_done] if chief else []
     if chief:
-        for stale in run.directory.glob("best_epoch_*.npz"):
-            if stale != run.best_weights(int(state["best_epoch"])):
-                stale.unlink()
+        run.remove_other_best_weights(int(state["best_epoch"]))
+    # A resumed run continues with a new shuffle, not the first epochs' order again.
+    training_batches, steps_per_epoch = distributed_training_data(
+        strategy, training_paths, training_labels, num_classes, image_size, settings["BATCH_SIZE"],
+        settings["SEED"] + epochs_done, settings["AUGMENT"], settings["CLASS_BALANCED"])
 
     sample_latents, sample_labels = fixed_sample_inputs(num_classes, settings["LATENT_DIM"], settings["SEED"])
     references = reference_images(*((validation_paths, validation_labels) if has_validation else (training_paths, training_labels)),
@@ -395,9 +409,9 @@ def train(settings, facts):
             train_step(next(training_batches))
         row = {"epoch": epoch, **tracker_results(model)}
         if not all(math.isfinite(row[term]) for term in LOSS_TERMS):
-            raise TrainingDiverged(
-                f"the training loss became {row['loss']} in epoch {epoch}; the last good checkpoint "
-                f"(epoch {epoch - 1}) is kept in {run.checkpoints}; lower --learning_rate and start again with --fresh=True")
+            kept = f"the last good checkpoint (epoch {epoch - 1}) is kept in {run.checkpoints}" if epoch > 1 else "no epoch finished"
+            raise TrainingDiverged(f"the training loss became {row['loss']} in epoch {epoch}; {kept}; "
+                                   f"lower --learning_rate and start again with --fresh=True")
         if has_validation:
             model.reset_metrics()
             validation_iterator = iter(validation_batches)
@@ -426,9 +440,7 @@ def train(settings, facts):
             write_history(run.history, history)
         manager.save(checkpoint_number=epoch)
         if chief:
-            for stale in run.directory.glob("best_epoch_*.npz"):
-                if stale != run.best_weights(int(state["best_epoch"])):
-                    stale.unlink()
+            run.remove_other_best_weights(int(state["best_epoch"]))
             report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names,
                          sample_png=(epoch % settings["SAMPLE_EVERY"] == 0 or epoch == settings["EPOCHS"]))
     if not chief:
