@@ -154,16 +154,108 @@ def measure_input_pipeline(image_size, batch_size, image_count=256):
         return batches * batch_size / (time.perf_counter() - started)
 
 
+def measure_original_generation_loop(image_size, image_count):
+    """The original inference: one `predict` call per image, then a resize to a drawn aspect ratio and a PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from cilia_cvae import models
+
+    decoder = models.build_original_decoder(image_size, NUM_CLASSES, 128)
+    rng = np.random.default_rng(0)
+    one_hot = np.eye(NUM_CLASSES, dtype="float32")
+    with tempfile.TemporaryDirectory() as folder:
+        def one_image(index):
+            latent = rng.standard_normal((1, 128)).astype("float32")
+            pixels = decoder.predict([latent, one_hot[index % NUM_CLASSES][None]], verbose=0)[0, :, :, 0]
+            aspect = rng.normal(1.04, 0.117)
+            image = Image.fromarray((pixels * 255).astype("uint8"))
+            image = image.resize((round(image_size * aspect ** 0.5), round(image_size / aspect ** 0.5)))
+            image.save(Path(folder) / f"Synthetic_{index}.png")
+
+        for index in range(2):  # warm-up: the first predict builds the graph
+            one_image(index)
+        started = time.perf_counter()
+        for index in range(image_count):
+            one_image(index)
+        return image_count / (time.perf_counter() - started)
+
+
+def measure_default_generation(image_size, images_per_class):
+    """Our inference: batched decoding alone, then end to end with PNGs written by cvae_inference's own code.
+
+    Peak memory is this process's after writing NUM_CLASSES * images_per_class images."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from cilia_cvae import generation, models
+
+    defaults = training_script_defaults(224)
+    latent_dim = defaults["LATENT_DIM"]
+    decoder = models.build_default_decoder(image_size, NUM_CLASSES, latent_dim, defaults["BASE_CHANNELS"],
+                                           defaults["MAX_CHANNELS"])
+    batch_size = 64
+    decode_batch = generation.make_decode_function(decoder, batch_size, latent_dim, NUM_CLASSES)
+    latents = np.random.default_rng(0).standard_normal((batch_size, latent_dim)).astype("float32")
+    decode_batch(latents, 0)
+    speeds = []
+    for _ in range(timed_windows):
+        batches, started = 0, time.perf_counter()
+        while batches == 0 or time.perf_counter() - started < max(window_seconds / 2, 1.0):
+            decode_batch(latents, batches % NUM_CLASSES)
+            batches += 1
+        speeds.append(batches * batch_size / (time.perf_counter() - started))
+    class_names = [f"Class{index}" for index in range(NUM_CLASSES)]
+    rng = np.random.default_rng(1)
+    stored = {name: (rng.standard_normal((50, latent_dim)).astype("float32"),
+                     np.full((50, latent_dim), -2.0, "float32")) for name in class_names}
+    generator = {"parameters": {"class_names": class_names, "latent_dim": latent_dim, "image_size": image_size,
+                                "resize_mode": "squash"},
+                 "decoder": decoder, "latents": stored, "fingerprint": "benchmark"}
+    with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
+        started = time.perf_counter()
+        written = generation.generate(generator, folder, class_names, images_per_class, "posterior", 1.0, 0, True,
+                                      {"aspect_ratio_mean": 1.04, "aspect_ratio_std": 0.117}, batch_size, progress)
+        end_to_end = sum(len(paths) for paths in written.values()) / (time.perf_counter() - started)
+    return {"default_decode_only": statistics.median(speeds), "default_end_to_end": end_to_end,
+            "images_written": NUM_CLASSES * images_per_class,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_preprocessing(image_count):
+    """Raw phantom crops (~520 px, written first by make_phantom_dataset.py) -> 224 px PNGs, on every core."""
+    from cilia_cvae.preprocessing import preprocess
+
+    with tempfile.TemporaryDirectory() as folder:
+        raw = Path(folder) / "raw"
+        subprocess.run([sys.executable, str(SCRIPTS_DIR / "make_phantom_dataset.py"), f"--raw_images_dir={raw}",
+                        f"--num_images={image_count}", "--seed=7"], check=True, capture_output=True)
+        started = time.perf_counter()
+        preprocess(raw, Path(folder) / "processed", 224, "squash", 0.2, 123)
+        return image_count / (time.perf_counter() - started)
+
+
+GENERATION_SIZE = 32 if QUICK else 224
+EXTRA_MEASUREMENTS = {
+    "generation_original_loop": lambda: {"original_loop": measure_original_generation_loop(GENERATION_SIZE, 5 if QUICK else 40)},
+    "generation_default": lambda: measure_default_generation(GENERATION_SIZE, 4 if QUICK else 2000),
+    "preprocessing": lambda: {"images_per_s": measure_preprocessing(40 if QUICK else 400)},
+}
+
+
 def generate_images_per_s():
-    """Hook for the inference stage (cvae_inference.py): {"original_loop_224", "default_224",
-    "default_decode_only_224"} in images/s, measured here in the same run. Empty until it exists."""
-    return {}
+    """Generation at 224, each way in its own child: the original's loop, our decoding alone, ours end to end."""
+    original = contender_results("generation_original_loop")["generation_original_loop"]
+    default = contender_results("generation_default")["generation_default"]
+    speeds = {"original_loop_224": original.get("original_loop"), "default_224": default.get("default_end_to_end"),
+              "default_decode_only_224": default.get("default_decode_only")}
+    memory = {"images_written": default.get("images_written"), "peak_memory_mb": default.get("peak_memory_mb")}
+    return speeds, memory, {**original, **default}
 
 
 def preprocess_images_per_s():
-    """Hook for the preprocessing stage (cvae_pre_processing.py): images/s of raw images turned
-    into processed PNGs, measured here in the same run. Empty until it exists."""
-    return {}
+    """Preprocessing at 224 of ~520 px phantom crops on every core, in its own child."""
+    return contender_results("preprocessing")["preprocessing"].get("images_per_s")
 
 
 def start_contender(names):
@@ -226,10 +318,11 @@ def measure_contender(name):
 
 
 if CONTENDER:
-    unknown = [name for name in CONTENDER.split(",") if name not in CONTENDERS]
+    unknown = [name for name in CONTENDER.split(",") if name not in CONTENDERS and name not in EXTRA_MEASUREMENTS]
     if unknown:
-        raise UserError(f"--contender={unknown[0]!r} is not one of {', '.join(CONTENDERS)}")
-    print(json.dumps({name: measure_contender(name) for name in CONTENDER.split(",")}))
+        raise UserError(f"--contender={unknown[0]!r} is not one of {', '.join([*CONTENDERS, *EXTRA_MEASUREMENTS])}")
+    print(json.dumps({name: EXTRA_MEASUREMENTS[name]() if name in EXTRA_MEASUREMENTS else measure_contender(name)
+                      for name in CONTENDER.split(",")}))
     sys.exit(0)
 
 results = measure_all_contenders()
@@ -247,6 +340,14 @@ for name, value in ratios.items():
 print(f"machine: {processor_name()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at the end (above the CPU count, other programs competed)")
 for size, value in input_pipeline.items():
     print(f"input pipeline at the default_{size} setting: {value or 0:.0f} images/s")
+generation_speeds, generation_memory, generation_details = generate_images_per_s()
+preprocessing_speed = preprocess_images_per_s()
+original_loop = generation_speeds["original_loop_224"]
+for name, value in generation_speeds.items():
+    if value and original_loop:
+        print(f"generation {name}: {value:.1f} images/s ({value / original_loop:.0f}x the original's loop)")
+print(f"generating {generation_memory['images_written']} images: peak memory {generation_memory['peak_memory_mb'] or 0:.0f} MB")
+print(f"preprocessing at 224 of ~520 px crops: {preprocessing_speed or 0:.0f} images/s")
 report = {
     "train_images_per_s": speed,
     "train_images_per_cpu_s": cpu_speed,
@@ -256,8 +357,12 @@ report = {
     "parameters": {name: result.get("parameters") for name, result in results.items()},
     "ratio": ratios,
     "input_pipeline_images_per_s": input_pipeline,
-    "generate_images_per_s": generate_images_per_s(),
-    "preprocess_images_per_s": preprocess_images_per_s(),
+    "generate_images_per_s": generation_speeds,
+    "generate_ratio_over_original_loop": {name: value / original_loop for name, value in generation_speeds.items()
+                                          if value and original_loop},
+    "generate_memory": generation_memory,
+    "generate_details": generation_details,
+    "preprocess_images_per_s": preprocessing_speed,
     "details": results,
     "quick": QUICK,
     "load_average_at_end": os.getloadavg()[0],
