@@ -15,6 +15,12 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+# mkstemp creates files readable by their owner only; outputs should get the usual
+# permissions (0666 less the umask), like any file a program writes with open().
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(final_path):
@@ -28,6 +34,8 @@ def atomic_path(final_path):
     temporary_path = Path(temporary_name)
     try:
         yield temporary_path
+        if temporary_path.is_file():
+            os.chmod(temporary_path, FILE_MODE)
         os.replace(temporary_path, final_path)
     finally:
         temporary_path.unlink(missing_ok=True)
