@@ -12,7 +12,7 @@ Reads   PHANTOMS_DIR (phantoms written by make_phantom_dataset.py; it writes the
 Writes  nothing else; prints both numbers, per-class recall and the confusion matrix
 
 Example:
-    python Scripts/check_phantom_separability.py --epochs=20
+    python Scripts/check_phantom_separability.py
 
 Expected run time: 7 minutes of CPU on 2 cores (13 min wall measured on a machine shared with
 other jobs), of which ~1 minute writes the 1,000 phantoms.

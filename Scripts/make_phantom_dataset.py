@@ -18,8 +18,8 @@ The same settings give byte-identical files, whatever the number of workers.
 Example:
     python Scripts/make_phantom_dataset.py --raw_images_dir=/tmp/phantoms --num_images=200 --seed=1
 
-Expected run time: 2-4 minutes for the default 5,210 images on 2 cores (~930 MB of PNGs); 4 min 8 s
-measured on a 2-core machine shared with other jobs (docs/phantoms.md).
+Expected run time: ~4.3 CPU-minutes for the default 5,210 images (~2 min on 2 free cores; ~930 MB);
+4-7.5 minutes measured on a 2-core machine shared with other jobs (docs/phantoms.md).
 """
 
 import json
