@@ -77,7 +77,8 @@ def contender_setup(name):
     else:
         batch_size, latent_dim = defaults["BATCH_SIZE"], defaults["LATENT_DIM"]
     return {"architecture": architecture, "image_size": image_size, "batch_size": batch_size, "latent_dim": latent_dim,
-            "base_channels": defaults["BASE_CHANNELS"], "max_channels": defaults["MAX_CHANNELS"]}
+            "base_channels": defaults["BASE_CHANNELS"], "max_channels": defaults["MAX_CHANNELS"],
+            "spatial_latent": defaults["SPATIAL_LATENT"] and architecture == "default"}
 
 
 def measure_training(setup):
@@ -92,7 +93,8 @@ def measure_training(setup):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = training.build_cvae(strategy, setup["architecture"], setup["image_size"], NUM_CLASSES,
-                                setup["latent_dim"], 1e-3, setup["base_channels"], setup["max_channels"], seed=0)
+                                setup["latent_dim"], 1e-3, setup["base_channels"], setup["max_channels"], seed=0,
+                                spatial_latent=setup["spatial_latent"])
     train_step, _ = training.make_step_functions(model, strategy, jit_compile=training.use_gpu_speedups())
     batch_size, size = setup["batch_size"], setup["image_size"]
     rng = np.random.default_rng(0)

@@ -26,6 +26,7 @@ ARCHITECTURE = "default"  # "default" (ours) or "original" (the first implementa
 LATENT_DIM = 256  # length of the latent vector (twice the 224 model's: four times the pixels to describe)
 BASE_CHANNELS = 12  # default architecture: channels at half resolution, doubled at each further halving
 MAX_CHANNELS = 256  # default architecture: cap on the channels of the low-resolution layers (twice the 224 model's)
+SPATIAL_LATENT = False  # default architecture: the latent is the smallest feature map (7x7 here), flattened, so LATENT_DIM must be a multiple of 49; a candidate under evaluation
 EPOCHS = 40  # passes over the training images
 BATCH_SIZE = 16  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size

@@ -125,7 +125,16 @@ def default_channels(image_size, base_channels, max_channels):
 # smallest map, where they are cheap. The original, by contrast, spends most of its time in
 # wide convolutions at half and quarter resolution and in a 51-million-weight Dense layer.
 
-def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128):
+def latent_map_channels(image_size, latent_dim):
+    """Channels of a spatial latent: the map at the smallest resolution, flattened, is LATENT_DIM long."""
+    side = smallest_map_size(image_size)
+    if latent_dim % (side * side):
+        raise ValueError(f"a spatial latent at {image_size} px is a {side}x{side} map, so the latent size must be a "
+                         f"multiple of {side * side} (e.g. {side * side * 4}), not {latent_dim}")
+    return latent_dim // (side * side)
+
+
+def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, spatial_latent=False):
     channels = default_channels(image_size, base_channels, max_channels)
     images = keras.Input((image_size, image_size, 1), name="images")
     labels = keras.Input((num_classes,), name="labels")
@@ -137,6 +146,15 @@ def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12,
         x = layers.Conv2D(width, 3, strides=2, padding="same", name=f"down{level}_conv")(x)
     x = _residual_block(x, labels=None, name="encoder_block")
     x = _normalise_and_activate(x, "head")
+    if spatial_latent:
+        # Each latent number describes one region of the image, which the convolutional decoder
+        # can draw locally, instead of one global code the decoder must map onto positions.
+        map_channels = latent_map_channels(image_size, latent_dim)
+        z_mean = layers.Flatten(dtype="float32", name="z_mean")(
+            layers.Conv2D(map_channels, 1, dtype="float32", name="z_mean_map")(x))
+        z_log_var = layers.Flatten(dtype="float32", name="z_log_var")(
+            layers.Conv2D(map_channels, 1, dtype="float32", name="z_log_var_map")(x))
+        return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Concatenate(name="with_label")([x, labels])
     z_mean = layers.Dense(latent_dim, dtype="float32", name="z_mean")(x)
@@ -144,14 +162,19 @@ def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12,
     return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
 
 
-def build_default_decoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128):
+def build_default_decoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, spatial_latent=False):
     side = smallest_map_size(image_size)
     channels = default_channels(image_size, base_channels, max_channels)[::-1]
     latents = keras.Input((latent_dim,), name="z")
     labels = keras.Input((num_classes,), name="labels")
-    x = layers.Concatenate(name="with_label")([latents, labels])
-    x = layers.Dense(side * side * channels[0], name="project")(x)
-    x = layers.Reshape((side, side, channels[0]), name="to_map")(x)
+    if spatial_latent:
+        x = layers.Reshape((side, side, latent_map_channels(image_size, latent_dim)), name="to_map")(latents)
+        x = LabelChannels(name="label_channels")([x, labels])
+        x = layers.Conv2D(channels[0], 3, padding="same", name="project")(x)
+    else:
+        x = layers.Concatenate(name="with_label")([latents, labels])
+        x = layers.Dense(side * side * channels[0], name="project")(x)
+        x = layers.Reshape((side, side, channels[0]), name="to_map")(x)
     x = _residual_block(x, labels, name="decoder_block_smallest")
     for level, width in enumerate(channels[1:], start=1):
         x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}")(x)
@@ -192,7 +215,7 @@ def build_original_encoder(image_size, num_classes, latent_dim=128):
 
 
 def build_original_decoder(image_size, num_classes, latent_dim=128):
-    check_image_size("original", image_size)
+    check_sizes("original", image_size, latent_dim)
     side = image_size // 8
     latents = keras.Input((latent_dim,), name="z")
     labels = keras.Input((num_classes,), name="labels")
@@ -210,22 +233,25 @@ def build_original_decoder(image_size, num_classes, latent_dim=128):
     return keras.Model([latents, labels], outputs, name="decoder")
 
 
-def build_encoder_and_decoder(architecture, image_size, num_classes, latent_dim, base_channels=12, max_channels=128):
+def build_encoder_and_decoder(architecture, image_size, num_classes, latent_dim, base_channels=12, max_channels=128,
+                              spatial_latent=False):
     if architecture == "original":
         return (build_original_encoder(image_size, num_classes, latent_dim),
                 build_original_decoder(image_size, num_classes, latent_dim))
     if architecture == "default":
-        return (build_default_encoder(image_size, num_classes, latent_dim, base_channels, max_channels),
-                build_default_decoder(image_size, num_classes, latent_dim, base_channels, max_channels))
+        return (build_default_encoder(image_size, num_classes, latent_dim, base_channels, max_channels, spatial_latent),
+                build_default_decoder(image_size, num_classes, latent_dim, base_channels, max_channels, spatial_latent))
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
 
 
-def check_image_size(architecture, image_size):
-    """Raise ValueError, saying why, when an architecture cannot work at this image size."""
+def check_sizes(architecture, image_size, latent_dim, spatial_latent=False):
+    """Raise ValueError, saying why, when an architecture cannot work at this image or latent size."""
     if architecture == "original" and image_size % 8:
         raise ValueError(f"the original decoder upsamples three times, so the image size must be a multiple of 8, not {image_size}")
     if architecture == "default":
         smallest_map_size(image_size)
+        if spatial_latent:
+            latent_map_channels(image_size, latent_dim)
 
 
 def reconstruction_loss_kind(architecture):

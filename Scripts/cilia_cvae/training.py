@@ -93,7 +93,7 @@ def wait_for_all_workers(strategy):
 # --------------------------------------------------------------------------- model and data
 
 def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
-               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None):
+               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None, spatial_latent=False):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
     The optimizer is Adam(learning_rate) unless one is given (the distribution tests use plain
@@ -103,7 +103,7 @@ def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, lear
     check_choice("ARCHITECTURE", architecture, models.ARCHITECTURES)
     with strategy.scope():
         encoder, decoder = models.build_encoder_and_decoder(
-            architecture, image_size, num_classes, latent_dim, base_channels, max_channels)
+            architecture, image_size, num_classes, latent_dim, base_channels, max_channels, spatial_latent)
         model = models.CVAE(encoder, decoder, reconstruction=models.reconstruction_loss_kind(architecture),
                             sample_posterior=sample_posterior, seed=seed)
         model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate))
@@ -320,7 +320,7 @@ def check_settings(settings):
         raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
     check_choice("ARCHITECTURE", settings["ARCHITECTURE"], models.ARCHITECTURES)
     try:
-        models.check_image_size(settings["ARCHITECTURE"], settings["IMAGE_SIZE"])
+        models.check_sizes(settings["ARCHITECTURE"], settings["IMAGE_SIZE"], settings["LATENT_DIM"], settings["SPATIAL_LATENT"])
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -356,7 +356,8 @@ def train(settings, facts):
           f"at {image_size}x{image_size}; {strategy.num_replicas_in_sync} replica(s)")
 
     model = build_cvae(strategy, settings["ARCHITECTURE"], image_size, num_classes, settings["LATENT_DIM"],
-                       settings["LEARNING_RATE"], settings["BASE_CHANNELS"], settings["MAX_CHANNELS"], settings["SEED"])
+                       settings["LEARNING_RATE"], settings["BASE_CHANNELS"], settings["MAX_CHANNELS"], settings["SEED"],
+                       spatial_latent=settings["SPATIAL_LATENT"])
     train_step, test_step = make_step_functions(model, strategy, jit_compile=on_gpu)
     has_validation = len(validation_paths) > 0
     if has_validation:
