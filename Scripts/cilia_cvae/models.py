@@ -7,9 +7,10 @@ It is kept so that every comparison can run it side by side with ours.
 
 "default" is fully convolutional and residual, normalised with GroupNorm (per image, so it
 behaves the same in training and inference and under any number of replicas). The label
-conditions the encoder as extra input channels and the decoder through FiLM in every
-residual block. The decoder's variance is calibrated per image (sigma-VAE), which balances
-reconstruction against KL without a hand-tuned weight, and the KL term is warmed up.
+conditions the encoder as extra input channels and the decoder through FiLM at every scale.
+The decoder's variance is calibrated per image (sigma-VAE), which balances reconstruction
+against KL without a hand-tuned weight, and the KL term is warmed up (training.py). The
+latent is a vector, or, with spatial_latent, the smallest feature map flattened.
 
 Encoder and decoder are separate functional models, saved as `cvae_encoder.keras` and
 `cvae_decoder.keras`. Every custom layer is registered here, so `keras.models.load_model`
