@@ -158,6 +158,26 @@ def decode_mixed(decoder, latents, label_vectors, batch_size=64):
     return np.clip(np.rint(np.concatenate(outputs) * 255.0), 0, 255).astype(np.uint8)
 
 
+def save_generated(path, pixels, aspect_ratio, resize_mode):
+    """Runs in a writer thread: restore the aspect ratio (if asked) and write the PNG."""
+    image = Image.fromarray(pixels)
+    if aspect_ratio is not None:
+        image = restore_aspect(image, aspect_ratio, resize_mode)
+    write_png_atomic(path, image, compress_level=1)
+
+
+def finish_batch(pending, manifest, manifest_file, progress):
+    """Wait for a batch's PNGs, then record them: a manifest row never names a missing file."""
+    if pending is None:
+        return
+    jobs, rows = pending
+    for job in jobs:
+        job.result()
+    manifest.writerows(rows)
+    manifest_file.flush()
+    progress.update(len(rows))
+
+
 def generate(generator, output_dir, class_names, images_per_class, sampling, temperature, seed,
              restore_aspect_ratio, raw_statistics, batch_size, progress):
     """Decode and write images class by class, a batch at a time; append a manifest row per image."""
@@ -186,25 +206,22 @@ def generate(generator, output_dir, class_names, images_per_class, sampling, tem
             class_dir.mkdir(parents=True, exist_ok=True)
             first_number = next_file_number(class_dir)
             paths = []
+            pending = None  # the previous batch's writes, finishing while this batch decodes
             for start in range(0, images_per_class, batch_size):
                 images = decode_batch(latents[start:start + batch_size], label)
                 rows, jobs = [], []
                 for offset, pixels in enumerate(images):
                     index = start + offset
                     path = class_dir / f"Synthetic_{class_name}_{first_number + index:05d}.png"
-                    image = Image.fromarray(pixels)
-                    if restore_aspect_ratio:
-                        image = restore_aspect(image, aspects[index], parameters.get("resize_mode", "squash"))
-                    jobs.append(writers.submit(write_png_atomic, path, image))
+                    aspect = aspects[index] if restore_aspect_ratio else None
+                    jobs.append(writers.submit(save_generated, path, pixels, aspect, parameters.get("resize_mode", "squash")))
                     paths.append(path)
                     rows.append({"file": f"{class_name}/{path.name}", "class": class_name, "sampling": sampling,
                                  "temperature": temperature, "seed": seed, "source_latent_index": int(sources[index]),
                                  "aspect_ratio": round(float(aspects[index]), 4),
                                  "model_fingerprint": generator["fingerprint"], "image_size": image_size})
-                for job in jobs:
-                    job.result()
-                manifest.writerows(rows)
-                manifest_file.flush()
-                progress.update(len(images))
+                finish_batch(pending, manifest, manifest_file, progress)
+                pending = (jobs, rows)
+            finish_batch(pending, manifest, manifest_file, progress)
             written[class_name] = paths
     return written
