@@ -275,7 +275,9 @@ def contender_results(names):
     child = start_contender(names)
     if child.returncode != 0:
         killed = child.returncode < 0 or child.returncode == 137
-        reason = "killed (out of memory?)" if killed else (child.stderr.strip().splitlines() or ["?"])[-1]
+        # TensorFlow ends its error messages with an op name; the line naming the error says more.
+        lines = child.stderr.strip().splitlines() or ["?"]
+        reason = "killed (out of memory?)" if killed else next((line for line in reversed(lines) if "Error" in line), lines[-1])
         return {name: {"error": reason} for name in names.split(",")}
     return json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -339,7 +341,9 @@ for size in ("224", "448"):
 input_pipeline = {size: results[f"default_{size}"].get("input_pipeline_images_per_s") for size in ("224", "448")}
 for name, value in ratios.items():
     print(f"{name}: {value:.1f}x")
-print(f"machine: {processor_name()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at the end (above the CPU count, other programs competed)")
+load = os.getloadavg()[0]
+competed = " (above the CPU count: other programs competed for the cores)" if load > os.cpu_count() else ""
+print(f"machine: {processor_name()}, {os.cpu_count()} CPUs; load average {load:.1f} at the end{competed}")
 for size, value in input_pipeline.items():
     print(f"input pipeline at the default_{size} setting: {value or 0:.0f} images/s")
 generation_speeds, generation_memory, generation_details = generate_images_per_s()

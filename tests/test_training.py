@@ -1,8 +1,8 @@
 """Training as a user runs it: tiny models at 32 px, every output checked, faults and scale-out.
 
 Each script runs in a subprocess with tiny settings (cleanrl style); the saved models are
-reloaded in a fresh process to prove the round trip. The whole file runs in 2-3 minutes on
-2 cores (3.3 minutes measured while other programs kept the load average at 5).
+reloaded in a fresh process to prove the round trip. The whole file runs in about 3 minutes
+on 2 cores (3.3 minutes measured while other programs kept the load average at 3-5).
 """
 
 import json
@@ -224,11 +224,12 @@ for name, strategy in strategies.items():
         weights[name] = final
         weights[name + "_change"] = np.abs(final - initial).max(keepdims=True)
 if mode != "workers":
-    # The GPU recipe (mixed_float16, loss scaling, XLA) on the CPU: it must train and stay finite.
+    # The GPU recipe (mixed_float16 with loss scaling) on the CPU: it must train and stay finite.
+    # XLA is left out: compiling takes 17 s on 2 cores, longer than everything else here.
     keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = strategies["one_device"]
     model = training.build_cvae(strategy, "default", 32, len(class_names), 8, 1e-3, 4, 8, seed=7)
-    train_step, _ = training.make_step_functions(model, strategy, jit_compile=True)
+    train_step, _ = training.make_step_functions(model, strategy)
     batches, steps = training.distributed_evaluation_data(strategy, paths[:48], labels[:48], len(class_names), 32, 8)
     for batch in batches:
         train_step(batch)
@@ -285,7 +286,7 @@ def test_mirrored_strategy_on_two_devices_makes_the_same_update_as_one(distribut
     assert difference < DISTRIBUTED_TOLERANCE
 
 
-def test_mixed_precision_and_xla_recipe_trains_on_the_cpu(distributed_weights):
+def test_mixed_precision_recipe_trains_on_the_cpu(distributed_weights):
     assert np.isfinite(distributed_weights["mixed_precision_loss"][0])
     assert distributed_weights["mixed_precision_loss_scaled"][0] and distributed_weights["mixed_precision_output_float32"][0]
 
