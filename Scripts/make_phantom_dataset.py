@@ -19,7 +19,7 @@ Example:
     python Scripts/make_phantom_dataset.py --raw_images_dir=/tmp/phantoms --num_images=200 --seed=1
 
 Expected run time: ~4.3 CPU-minutes for the default 5,210 images (~2 min on 2 free cores; ~930 MB);
-4-7.5 minutes measured on a 2-core machine shared with other jobs (docs/phantoms.md).
+2 min 7 s measured on an idle 2-core machine (4-7.5 minutes when other jobs share the cores; docs/phantoms.md).
 """
 
 import json
