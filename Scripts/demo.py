@@ -11,7 +11,8 @@ README for what a full run takes).
 Example:
     python Scripts/demo.py --epochs=12
 
-Expected run time: about 12 minutes on 2 cores, installation included.
+Expected run time: estimated at about 10 minutes on 2 cores, installation included (the
+parts were measured separately; the whole demo has not yet been timed end to end).
 """
 
 import json
