@@ -68,6 +68,8 @@ def training_script_defaults(image_size):
 
 def contender_setup(name):
     """Architecture, image size, batch and model constants of one contender."""
+    from cilia_cvae import models
+
     architecture, size_text = name.split("_")
     defaults = training_script_defaults(int(size_text))
     image_size = {"224": 32, "448": 64}[size_text] if QUICK else int(size_text)
@@ -75,10 +77,12 @@ def contender_setup(name):
         batch_size = ORIGINAL_448_BATCH_SIZE if size_text == "448" else 32
         latent_dim = 128  # the original's latent size at both resolutions
     else:
-        batch_size, latent_dim = defaults["BATCH_SIZE"], defaults["LATENT_DIM"]
+        batch_size = defaults["BATCH_SIZE"]
+        latent_dim = models.latent_length(image_size, defaults["LATENT_DIM"], defaults["LATENT_MAP_STRIDE"],
+                                          defaults["LATENT_MAP_CHANNELS"])
+    map_side = models.latent_map_side(image_size, defaults["LATENT_MAP_STRIDE"]) if architecture == "default" else 0
     return {"architecture": architecture, "image_size": image_size, "batch_size": batch_size, "latent_dim": latent_dim,
-            "base_channels": defaults["BASE_CHANNELS"], "max_channels": defaults["MAX_CHANNELS"],
-            "spatial_latent": defaults["SPATIAL_LATENT"] and architecture == "default"}
+            "base_channels": defaults["BASE_CHANNELS"], "max_channels": defaults["MAX_CHANNELS"], "map_side": map_side}
 
 
 def measure_training(setup):
@@ -94,7 +98,7 @@ def measure_training(setup):
     keras.utils.set_random_seed(0)
     model = training.build_cvae(strategy, setup["architecture"], setup["image_size"], NUM_CLASSES,
                                 setup["latent_dim"], 1e-3, setup["base_channels"], setup["max_channels"], seed=0,
-                                spatial_latent=setup["spatial_latent"])
+                                map_side=setup["map_side"])
     train_step, _ = training.make_step_functions(model, strategy, jit_compile=training.use_gpu_speedups())
     batch_size, size = setup["batch_size"], setup["image_size"]
     rng = np.random.default_rng(0)
@@ -193,9 +197,10 @@ def measure_default_generation(image_size, images_per_class):
     from cilia_cvae import generation, models
 
     defaults = training_script_defaults(224)
-    latent_dim = defaults["LATENT_DIM"]
-    decoder = models.build_default_decoder(image_size, NUM_CLASSES, latent_dim, defaults["BASE_CHANNELS"],
-                                           defaults["MAX_CHANNELS"])
+    latent_dim = models.latent_length(image_size, defaults["LATENT_DIM"], defaults["LATENT_MAP_STRIDE"],
+                                      defaults["LATENT_MAP_CHANNELS"])
+    decoder = models.build_default_decoder(image_size, NUM_CLASSES, latent_dim, defaults["BASE_CHANNELS"], defaults["MAX_CHANNELS"],
+                                           models.latent_map_side(image_size, defaults["LATENT_MAP_STRIDE"]))
     batch_size = 64
     decode_batch = generation.make_decode_function(decoder, batch_size, latent_dim, NUM_CLASSES)
     latents = np.random.default_rng(0).standard_normal((batch_size, latent_dim)).astype("float32")

@@ -3,7 +3,7 @@
 Reads   PROCESSED_IMAGES_DIR/<S>x<S>/{train,test}/<Class>/*.png   the real images
         GENERATED_IMAGES_DIR/<S>x<S>/<Class>/*.png                 the generated images
 Writes  GENERATED_IMAGES_DIR/<S>x<S>/evaluation_report.json, evaluation_report.md and plots
-        MODELS_DIR/domain_classifier_*.keras   the judge, cached per training split
+        JUDGE_DIR/domain_classifier_*.keras    the judge, cached per training split
 
 The judge is a CNN trained on the real training split only; its accuracy on the real test
 split comes first, because every other number depends on it. Then, against the real test
@@ -43,7 +43,8 @@ USEFULNESS_GENERATOR_EPOCHS = 20  # epochs of the CVAE trained on each fraction
 SYNTHETIC_PER_CLASS = 200  # synthetic images added per class
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # the real train and test splits
 GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # the generated images; the report is written beside them
-MODELS_DIR = config.MODELS_DIR  # where the judge is cached
+MODELS_DIR = config.MODELS_DIR  # read: the evaluated model's settings, which the usefulness generators copy
+JUDGE_DIR = config.MODELS_DIR  # where the judge is cached (one judge can serve several models' evaluations)
 
 settings = configure(globals())
 if QUICK:
@@ -61,7 +62,7 @@ report = evaluate_generated(
     generated_dir=generated_dir,
     class_names=facts["class_names"],
     fingerprint=facts["fingerprint"],
-    classifier_cache_dir=MODELS_DIR,
+    classifier_cache_dir=JUDGE_DIR,
     classifier_size=CLASSIFIER_SIZE,
     classifier_epochs=CLASSIFIER_EPOCHS,
     images_per_class=IMAGES_PER_CLASS,

@@ -22,10 +22,11 @@ from cilia_cvae.preprocessing import read_processed_facts
 
 IMAGE_SIZE = 224  # side of the square images; that size must have been preprocessed
 ARCHITECTURE = "default"  # "default" (ours) or "original" (the first implementation, ported to Keras 3)
-LATENT_DIM = 128  # length of the latent vector
+LATENT_DIM = 128  # length of the latent vector (the original architecture, or LATENT_MAP_STRIDE=0)
 BASE_CHANNELS = 12  # default architecture: channels at half resolution, doubled at each further halving
 MAX_CHANNELS = 128  # default architecture: cap on the channels of the low-resolution layers
-SPATIAL_LATENT = False  # default architecture: the latent is the smallest feature map (7x7 here), flattened, so LATENT_DIM must be a multiple of 49; a candidate under evaluation
+LATENT_MAP_STRIDE = 8  # default architecture: the latent is a map at 1/stride of the image side (28 x 28 at 224), each cell describing its own patch; 0: one latent vector of LATENT_DIM numbers
+LATENT_MAP_CHANNELS = 4  # default architecture: numbers per cell of the latent map
 EPOCHS = 40  # passes over the training images
 BATCH_SIZE = 32  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size

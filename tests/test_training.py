@@ -21,7 +21,7 @@ from conftest import REPOSITORY_ROOT, SCRIPTS_DIR, run_script
 
 CLASS_NAMES = ["Central pair", "Normal", "ODA"]
 SIZE = 32
-TINY_MODEL = [f"--image_size={SIZE}", "--base_channels=4", "--max_channels=8", "--latent_dim=8", "--batch_size=8",
+TINY_MODEL = [f"--image_size={SIZE}", "--base_channels=4", "--max_channels=8", "--latent_map_channels=2", "--batch_size=8",
               "--sample_every=1", "--kl_warmup_epochs=2"]
 # The distributed runs must agree with one device to float32 round-off of summed gradients;
 # after a few SGD steps every weight agrees to this absolute tolerance.
@@ -85,14 +85,14 @@ def test_one_epoch_run_writes_every_file(finished_run):
         assert term in header and f"val_{term}" in header
     parameters = json.loads((model_dir / "cvae_parameters.json").read_text())
     assert parameters["class_names"] == CLASS_NAMES
-    assert parameters["image_size"] == SIZE and parameters["latent_dim"] == 8
+    assert parameters["image_size"] == SIZE and parameters["latent_dim"] == 4 * 4 * 2  # a 4 x 4 latent map (stride 8), 2 deep
     assert parameters["resize_mode"] == "squash" and parameters["data_fingerprint"] == "0123abcd"
     assert parameters["epochs_done"] == 1 and parameters["architecture"] == "default"
     assert parameters["settings"]["EPOCHS"] == 1 and "tensorflow" in parameters["library_versions"]
     for class_name in CLASS_NAMES:
         for name in ("z_mean", "z_log_var"):
             latents = np.load(latent_dir / f"{name}_{class_name}.npy", allow_pickle=False)
-            assert latents.dtype == np.float32 and latents.shape == (20, 8)
+            assert latents.dtype == np.float32 and latents.shape == (20, 32)
 
 
 RELOAD_CHECK = """
@@ -113,7 +113,8 @@ for label, name in enumerate(class_names):
 # The decoder equals a model rebuilt from the settings with the best epoch's weights.
 import tensorflow as tf
 rebuilt = training.build_cvae(tf.distribute.get_strategy(), settings["ARCHITECTURE"], parameters["image_size"],
-                              len(class_names), parameters["latent_dim"], 1e-3, settings["BASE_CHANNELS"], settings["MAX_CHANNELS"])
+                              len(class_names), parameters["latent_dim"], 1e-3, settings["BASE_CHANNELS"], settings["MAX_CHANNELS"],
+                              map_side=parameters["latent_map_side"])
 with np.load(f"{model_dir}/best_epoch_{parameters['best_epoch']}.npz") as saved:
     rebuilt.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
 latents = np.random.default_rng(1).standard_normal((6, parameters["latent_dim"])).astype("float32")
@@ -143,7 +144,7 @@ def test_fresh_moves_the_old_run_aside(finished_run, tmp_path):
     for name in ("processed", "models", "latents"):
         shutil.copytree(finished_run / name, tmp_path / name)
     old_parameters = (tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text()
-    result = train(tmp_path, "--epochs=1", "--latent_dim=6", "--fresh=True")
+    result = train(tmp_path, "--epochs=1", "--latent_map_stride=0", "--latent_dim=6", "--fresh=True")
     assert result.returncode == 0, result.stderr
     moved_models = [path for path in (tmp_path / "models").iterdir() if path.name.startswith("32x32_")]
     moved_latents = [path for path in (tmp_path / "latents").iterdir() if path.name.startswith("32x32_")]

@@ -10,7 +10,7 @@ behaves the same in training and inference and under any number of replicas). Th
 conditions the encoder as extra input channels and the decoder through FiLM at every scale.
 The decoder's variance is calibrated per image (sigma-VAE), which balances reconstruction
 against KL without a hand-tuned weight, and the KL term is warmed up (training.py). The
-latent is a vector, or, with spatial_latent, the smallest feature map flattened.
+latent is a vector, or a map at 1/8 (or 1/16...) of the image side, flattened (the default).
 
 Encoder and decoder are separate functional models, saved as `cvae_encoder.keras` and
 `cvae_decoder.keras`. Every custom layer is registered here, so `keras.models.load_model`
@@ -126,17 +126,38 @@ def default_channels(image_size, base_channels, max_channels):
 # smallest map, where they are cheap. The original, by contrast, spends most of its time in
 # wide convolutions at half and quarter resolution and in a 51-million-weight Dense layer.
 
-def latent_map_channels(image_size, latent_dim):
-    """Channels of a spatial latent: the map at the smallest resolution, flattened, is LATENT_DIM long."""
-    side = smallest_map_size(image_size)
-    if latent_dim % (side * side):
-        raise ValueError(f"a spatial latent at {image_size} px is a {side}x{side} map, so the latent size must be a "
-                         f"multiple of {side * side} (e.g. {side * side * 4}), not {latent_dim}")
-    return latent_dim // (side * side)
+def latent_map_side(image_size, stride):
+    """The side of a spatial latent map at 1/stride of the image (28 for 224 at stride 8), or 0
+    for a vector latent (stride 0). The map must be one of the encoder's feature maps."""
+    if not stride:
+        return 0
+    smallest, sides, size = smallest_map_size(image_size), [], image_size // 2
+    while size >= smallest:
+        sides.append(size)
+        size //= 2
+    if image_size % stride or image_size // stride not in sides:
+        strides = [image_size // side for side in sides]
+        raise ValueError(f"a latent map at {image_size} px needs a stride among {strides}, not {stride}")
+    return image_size // stride
 
 
-def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, spatial_latent=False):
+def latent_length(image_size, latent_dim, map_stride, map_channels):
+    """How many numbers the latent holds: LATENT_DIM for a vector, cells x channels for a map."""
+    side = latent_map_side(image_size, map_stride)
+    return side * side * map_channels if side else latent_dim
+
+
+def _levels_to(image_size, side):
+    """How many stride-2 steps after the stem lead from image_size / 2 down to a map of this side."""
+    return int(round(math.log2(image_size // 2 // side)))
+
+
+def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, map_side=0):
     channels = default_channels(image_size, base_channels, max_channels)
+    side = map_side
+    if side:
+        # A spatial latent stops the encoder at that resolution.
+        channels = channels[:_levels_to(image_size, side) + 1]
     images = keras.Input((image_size, image_size, 1), name="images")
     labels = keras.Input((num_classes,), name="labels")
     x = LabelChannels(name="label_channels")([images, labels])
@@ -147,10 +168,10 @@ def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12,
         x = layers.Conv2D(width, 3, strides=2, padding="same", name=f"down{level}_conv")(x)
     x = _residual_block(x, labels=None, name="encoder_block")
     x = _normalise_and_activate(x, "head")
-    if spatial_latent:
+    if side:
         # Each latent number describes one region of the image, which the convolutional decoder
         # can draw locally, instead of one global code the decoder must map onto positions.
-        map_channels = latent_map_channels(image_size, latent_dim)
+        map_channels = latent_dim // (side * side)
         z_mean = layers.Flatten(dtype="float32", name="z_mean")(
             layers.Conv2D(map_channels, 1, dtype="float32", name="z_mean_map")(x))
         z_log_var = layers.Flatten(dtype="float32", name="z_log_var")(
@@ -163,13 +184,18 @@ def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12,
     return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
 
 
-def build_default_decoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, spatial_latent=False):
-    side = smallest_map_size(image_size)
-    channels = default_channels(image_size, base_channels, max_channels)[::-1]
+def build_default_decoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, map_side=0):
+    channels = default_channels(image_size, base_channels, max_channels)
+    side = map_side
+    if side:
+        channels = channels[:_levels_to(image_size, side) + 1]
+    else:
+        side = smallest_map_size(image_size)
+    channels = channels[::-1]
     latents = keras.Input((latent_dim,), name="z")
     labels = keras.Input((num_classes,), name="labels")
-    if spatial_latent:
-        x = layers.Reshape((side, side, latent_map_channels(image_size, latent_dim)), name="to_map")(latents)
+    if map_side:
+        x = layers.Reshape((side, side, latent_dim // (side * side)), name="to_map")(latents)
         x = LabelChannels(name="label_channels")([x, labels])
         x = layers.Conv2D(channels[0], 3, padding="same", name="project")(x)
     else:
@@ -235,24 +261,23 @@ def build_original_decoder(image_size, num_classes, latent_dim=128):
 
 
 def build_encoder_and_decoder(architecture, image_size, num_classes, latent_dim, base_channels=12, max_channels=128,
-                              spatial_latent=False):
+                              map_side=0):
     if architecture == "original":
         return (build_original_encoder(image_size, num_classes, latent_dim),
                 build_original_decoder(image_size, num_classes, latent_dim))
     if architecture == "default":
-        return (build_default_encoder(image_size, num_classes, latent_dim, base_channels, max_channels, spatial_latent),
-                build_default_decoder(image_size, num_classes, latent_dim, base_channels, max_channels, spatial_latent))
+        return (build_default_encoder(image_size, num_classes, latent_dim, base_channels, max_channels, map_side),
+                build_default_decoder(image_size, num_classes, latent_dim, base_channels, max_channels, map_side))
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
 
 
-def check_sizes(architecture, image_size, latent_dim, spatial_latent=False):
-    """Raise ValueError, saying why, when an architecture cannot work at this image or latent size."""
+def check_sizes(architecture, image_size, map_stride=0):
+    """Raise ValueError, saying why, when an architecture cannot work at this image size or latent map."""
     if architecture == "original" and image_size % 8:
         raise ValueError(f"the original decoder upsamples three times, so the image size must be a multiple of 8, not {image_size}")
     if architecture == "default":
         smallest_map_size(image_size)
-        if spatial_latent:
-            latent_map_channels(image_size, latent_dim)
+        latent_map_side(image_size, map_stride)
 
 
 def reconstruction_loss_kind(architecture):

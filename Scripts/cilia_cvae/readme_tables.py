@@ -1,11 +1,14 @@
 """Keep the README's tables of script constants in step with the code.
 
 Each script's table sits between `<!-- constants:<script> -->` and `<!-- /constants -->` in
-README.md. `python Scripts/cilia_cvae/readme_tables.py` rewrites them from the scripts'
-constant blocks; a test fails when the README and the code disagree.
+README.md, and the quality comparison between `<!-- evaluation:<json path> -->` and
+`<!-- /evaluation -->`. `python Scripts/cilia_cvae/readme_tables.py` rewrites them from the
+scripts' constant blocks and from the comparison that cvae_compare.py wrote; a test fails
+when the README and the code or the measurements disagree.
 """
 
 import ast
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 README = REPOSITORY_ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- constants:(?P<script>[\w.]+) -->\n)(.*?)(<!-- /constants -->)", re.DOTALL)
+EVALUATION_BLOCK = re.compile(r"(<!-- evaluation:(?P<path>[\w./-]+) -->\n)(.*?)(<!-- /evaluation -->)", re.DOTALL)
 
 
 def constants_table(script_name):
@@ -39,8 +43,51 @@ def constants_table(script_name):
     return "\n".join(rows) + "\n"
 
 
+def _percent(value):
+    return "" if value is None else f"{100 * value:.0f}%"
+
+
+def evaluation_table(relative_path):
+    """The comparison of docs/evaluation_<S>.json as markdown: one row per contender."""
+    comparison = json.loads((REPOSITORY_ROOT / relative_path).read_text(encoding="utf-8"))
+    contenders = {"original": comparison.get("original"), "default": comparison.get("default"),
+                  **comparison.get("candidates", {})}
+    contenders = {name: result for name, result in contenders.items() if result}
+    original_kid = contenders["original"]["kid"] if "original" in contenders else None
+    rows = ["| contender | change against the default | class fidelity (lowest class) | KID +- spread (floor) "
+            "| KID distance to the floor closed vs original | FID (floor) | precision / recall "
+            "| memorisation ratio (near-copies) | best epoch |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, result in contenders.items():
+        change = " ".join(result["training"]["overrides"] + result["inference"]["overrides"]) or "(the default)"
+        lowest = min(result["class_fidelity_per_class"].items(), key=lambda item: item[1])
+        closed = ""
+        if original_kid is not None and name != "original" and original_kid != result["kid_floor"]:
+            closed = _percent((original_kid - result["kid"]) / (original_kid - result["kid_floor"]))
+        rows.append(
+            f"| {name} | `{change}` | {_percent(result['class_fidelity'])} ({lowest[0]} {_percent(lowest[1])}) "
+            f"| {result['kid']:.3f} +- {result['kid_std']:.3f} ({result['kid_floor']:.3f}) | {closed} "
+            f"| {result['fid']:.1f} ({result['fid_floor']:.1f}) | {result['precision']:.2f} / {result['recall']:.2f} "
+            f"| {result['memorisation_ratio']:.2f} ({_percent(result['near_copy_share'])}) "
+            f"| {result['training']['best_epoch']} of {result['training']['epochs']} |")
+    useful = {name: result["usefulness"] for name, result in contenders.items() if result.get("usefulness")}
+    if useful:
+        rows += ["", "| contender | share of the real training data | macro-F1 real only | real + synthetic | synthetic only |",
+                 "| --- | --- | --- | --- | --- |"]
+        for name, fractions in useful.items():
+            for fraction, values in fractions.items():
+                rows.append(f"| {name} | {_percent(float(fraction))} | {values['real_only_f1']:.3f} +- {values['real_only_f1_std']:.3f} "
+                            f"| {values['real_plus_synthetic_f1']:.3f} +- {values['real_plus_synthetic_f1_std']:.3f} "
+                            f"| {values['synthetic_only_f1']:.3f} +- {values['synthetic_only_f1_std']:.3f} |")
+    rows += ["", f"Judge accuracy on the real test split: {_percent(contenders[next(iter(contenders))]['real_accuracy'])}. "
+             f"Budget: {comparison['epochs']} epochs at {comparison['image_size']} px for every trained contender. "
+             f"Machine: {comparison['machine']}. Command: `{comparison['command']}`."]
+    return "\n".join(rows) + "\n"
+
+
 def updated_readme(text):
-    return BLOCK.sub(lambda match: match.group(1) + constants_table(match.group("script")) + match.group(4), text)
+    text = BLOCK.sub(lambda match: match.group(1) + constants_table(match.group("script")) + match.group(4), text)
+    return EVALUATION_BLOCK.sub(lambda match: match.group(1) + evaluation_table(match.group("path")) + match.group(4), text)
 
 
 if __name__ == "__main__":

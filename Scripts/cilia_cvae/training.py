@@ -93,7 +93,7 @@ def wait_for_all_workers(strategy):
 # --------------------------------------------------------------------------- model and data
 
 def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
-               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None, spatial_latent=False):
+               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None, map_side=0):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
     The optimizer is Adam(learning_rate) unless one is given (the distribution tests use plain
@@ -103,7 +103,7 @@ def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, lear
     check_choice("ARCHITECTURE", architecture, models.ARCHITECTURES)
     with strategy.scope():
         encoder, decoder = models.build_encoder_and_decoder(
-            architecture, image_size, num_classes, latent_dim, base_channels, max_channels, spatial_latent)
+            architecture, image_size, num_classes, latent_dim, base_channels, max_channels, map_side)
         model = models.CVAE(encoder, decoder, reconstruction=models.reconstruction_loss_kind(architecture),
                             sample_posterior=sample_posterior, seed=seed)
         model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate))
@@ -308,7 +308,7 @@ def save_loss_plot(path, history):
 
 def check_settings(settings):
     """Refuse values no run can use, naming the setting, before anything is built or written."""
-    for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "SAMPLE_EVERY", "BASE_CHANNELS", "MAX_CHANNELS"):
+    for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "LATENT_MAP_CHANNELS", "SAMPLE_EVERY", "BASE_CHANNELS", "MAX_CHANNELS"):
         if settings[name] < 1:
             raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
     for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE"):
@@ -320,7 +320,7 @@ def check_settings(settings):
         raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
     check_choice("ARCHITECTURE", settings["ARCHITECTURE"], models.ARCHITECTURES)
     try:
-        models.check_sizes(settings["ARCHITECTURE"], settings["IMAGE_SIZE"], settings["LATENT_DIM"], settings["SPATIAL_LATENT"])
+        models.check_sizes(settings["ARCHITECTURE"], settings["IMAGE_SIZE"], settings["LATENT_MAP_STRIDE"])
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -355,9 +355,13 @@ def train(settings, facts):
     print(f"{len(training_paths)} training and {len(validation_paths)} validation images of {num_classes} classes "
           f"at {image_size}x{image_size}; {strategy.num_replicas_in_sync} replica(s)")
 
-    model = build_cvae(strategy, settings["ARCHITECTURE"], image_size, num_classes, settings["LATENT_DIM"],
+    # The original architecture always has a latent vector; ours a latent map unless the stride is 0.
+    map_stride = settings["LATENT_MAP_STRIDE"] if settings["ARCHITECTURE"] == "default" else 0
+    map_side = models.latent_map_side(image_size, map_stride)
+    latent_dim = models.latent_length(image_size, settings["LATENT_DIM"], map_stride, settings["LATENT_MAP_CHANNELS"])
+    model = build_cvae(strategy, settings["ARCHITECTURE"], image_size, num_classes, latent_dim,
                        settings["LEARNING_RATE"], settings["BASE_CHANNELS"], settings["MAX_CHANNELS"], settings["SEED"],
-                       spatial_latent=settings["SPATIAL_LATENT"])
+                       map_side=map_side)
     train_step, test_step = make_step_functions(model, strategy, jit_compile=on_gpu)
     has_validation = len(validation_paths) > 0
     if has_validation:
@@ -389,7 +393,7 @@ def train(settings, facts):
         strategy, training_paths, training_labels, num_classes, image_size, settings["BATCH_SIZE"],
         settings["SEED"] + epochs_done, settings["AUGMENT"], settings["CLASS_BALANCED"])
 
-    sample_latents, sample_labels = fixed_sample_inputs(num_classes, settings["LATENT_DIM"], settings["SEED"])
+    sample_latents, sample_labels = fixed_sample_inputs(num_classes, latent_dim, settings["SEED"])
     references = reference_images(*((validation_paths, validation_labels) if has_validation else (training_paths, training_labels)),
                                   num_classes, image_size)
     summary_writer = tf.summary.create_file_writer(str(run.logs)) if chief else None
@@ -523,7 +527,9 @@ def finish(run, model, settings, facts, history, best_epoch, all_paths, all_labe
         "class_names": class_names,
         "image_size": settings["IMAGE_SIZE"],
         "resize_mode": facts["resize_mode"],
-        "latent_dim": settings["LATENT_DIM"],
+        "latent_dim": int(model.decoder.inputs[0].shape[-1]),
+        "latent_map_side": models.latent_map_side(settings["IMAGE_SIZE"], settings["LATENT_MAP_STRIDE"])
+        if settings["ARCHITECTURE"] == "default" else 0,
         "epochs_done": int(history[-1]["epoch"]),
         "best_epoch": best_epoch,
         "final_losses": {"best_epoch": best_row, "last_epoch": history[-1]},

@@ -1,0 +1,155 @@
+"""Compare the original architecture, our default and candidate improvements, by measurement.
+
+Every contender is trained by the training script with the same epoch budget, generates with
+the inference script and is judged by cvae_evaluate.py with one shared judge, exactly as a
+user would run them; this script only chooses the settings and collects the reports.
+
+Reads   PROCESSED_IMAGES_DIR/<S>x<S>/ (the processed phantoms or your data)
+Writes  WORK_DIR/<contender>/{models,latents,generated}/ and WORK_DIR/judge/
+        OUTPUT_JSON: {"default": R, "original": R, "candidates": {name: R}, "command", "epochs", "machine"}
+        where R holds the judge's real accuracy, class fidelity (overall and per class), FID, KID
+        and their real-vs-real floors, precision/recall, density/coverage, memorisation and,
+        with --usefulness=True, the usefulness experiment; then the README's quality table is
+        regenerated from OUTPUT_JSON (python Scripts/cilia_cvae/readme_tables.py).
+
+A killed comparison resumes: finished trainings, generations and reports are reused.
+
+Example:
+    python Scripts/cvae_compare.py --epochs=10
+    python Scripts/cvae_compare.py --contenders=default,original --usefulness=True
+
+Expected run time on 2 cores at 224: the judge 18 minutes once, then per trained contender
+about 1.3 minutes per epoch (default) or 3 minutes per epoch (original) plus 2 minutes of
+generation and judging; sampling candidates reuse the default's training.
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cilia_cvae import config
+from cilia_cvae.config import UserError, configure
+from cilia_cvae.files import write_json_atomic
+from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
+
+IMAGE_SIZE = 224  # which processed size to train and judge at
+EPOCHS = 10  # the same epoch budget for every trained contender
+CONTENDERS = "all"  # "all", or names separated by commas (see CONTENDER_SETTINGS below)
+IMAGES_PER_CLASS = 200  # generated and judged per class
+USEFULNESS = False  # also run the usefulness experiment for USEFULNESS_FOR (long)
+USEFULNESS_FOR = "default,original"  # contenders whose usefulness is measured
+USEFULNESS_SEEDS = 3  # repetitions per fraction
+USEFULNESS_GENERATOR_EPOCHS = 20  # epochs of the generator trained on each fraction
+WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents and images
+PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the processed train and test splits
+OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "evaluation_224.json"  # written: the comparison
+settings = configure(globals())
+
+# Each contender: the training overrides (its architecture or training change) and the
+# inference overrides (its sampling). Candidates change one thing against the default.
+ORIGINAL_TRAINING = ["--architecture=original", "--augment=False", "--class_balanced=False", "--kl_warmup_epochs=0"]
+CONTENDER_SETTINGS = {
+    "default": {"training": [], "inference": []},
+    "original": {"training": ORIGINAL_TRAINING, "inference": []},
+    "class_density_sampling": {"training": [], "inference": ["--sampling=class_density"]},
+    "low_temperature": {"training": [], "inference": ["--temperature=0.5"]},
+    "vector_latent": {"training": ["--latent_map_stride=0"], "inference": []},
+    "no_kl_warmup": {"training": ["--kl_warmup_epochs=0"], "inference": []},
+    "prior_sampling": {"training": [], "inference": ["--sampling=prior"]},
+}
+SCRIPTS_DIR = Path(__file__).resolve().parent
+
+names = list(CONTENDER_SETTINGS) if CONTENDERS.strip() == "all" else [name.strip() for name in CONTENDERS.split(",")]
+unknown = [name for name in names if name not in CONTENDER_SETTINGS]
+if unknown:
+    raise UserError(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDER_SETTINGS)}")
+facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
+size_name = size_folder_name(IMAGE_SIZE)
+training_script = "cvae_training_448x448" if IMAGE_SIZE == 448 else "cvae_training_224x224"
+
+
+def run(script, arguments, log_path):
+    """Run a pipeline script as a user would, its output to a log; one line of progress here."""
+    print(f"  {script}.py {' '.join(arguments)}  (log: {log_path})", flush=True)
+    started = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        finished = subprocess.run([sys.executable, str(SCRIPTS_DIR / f"{script}.py"), *arguments],
+                                  stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if finished.returncode != 0:
+        raise UserError(f"{script}.py failed (exit code {finished.returncode}); see the end of {log_path}")
+    return time.perf_counter() - started
+
+
+def training_key(name):
+    # Contenders that differ only in sampling share one trained model.
+    training = CONTENDER_SETTINGS[name]["training"]
+    return next(other for other in CONTENDER_SETTINGS if CONTENDER_SETTINGS[other]["training"] == training)
+
+
+def contender_report(name):
+    key = training_key(name)
+    trained, generated = WORK_DIR / key, WORK_DIR / name / "generated"
+    folders = [f"--models_dir={trained / 'models'}", f"--latent_tensors_dir={trained / 'latents'}"]
+    parameters_path = trained / "models" / size_name / "cvae_parameters.json"
+    if not parameters_path.is_file():
+        run(training_script, [f"--image_size={IMAGE_SIZE}", f"--epochs={EPOCHS}", f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+                              *folders, *CONTENDER_SETTINGS[key]["training"]], WORK_DIR / f"{key}_training.log")
+    report_path = generated / size_name / "evaluation_report.json"
+    if not report_path.is_file():
+        # Generation appends, so an interrupted one is started again from nothing.
+        shutil.rmtree(generated, ignore_errors=True)
+        run("cvae_inference", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
+                               f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
+                               *folders, *CONTENDER_SETTINGS[name]["inference"]], WORK_DIR / f"{name}_inference.log")
+        usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
+        run("cvae_evaluate", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
+                              f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
+                              f"--models_dir={trained / 'models'}", f"--judge_dir={WORK_DIR / 'judge'}",
+                              f"--usefulness={usefulness}", f"--usefulness_seeds={USEFULNESS_SEEDS}",
+                              f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}"],
+            WORK_DIR / f"{name}_evaluate.log")
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    parameters = json.loads(parameters_path.read_text(encoding="utf-8"))
+    result = {key_name: value for key_name, value in report.items()
+              if key_name not in ("settings", "confusion", "counts", "class_names")}
+    result["usefulness"] = {fraction: {measure: values[measure] for measure in values if measure != "runs"}
+                            for fraction, values in report.get("usefulness", {}).items()}
+    result["training"] = {"overrides": CONTENDER_SETTINGS[key]["training"], "epochs": parameters["epochs_done"],
+                          "best_epoch": parameters["best_epoch"], "seconds": parameters.get("training_seconds"),
+                          "architecture": parameters["architecture"]}
+    result["inference"] = {"overrides": CONTENDER_SETTINGS[name]["inference"], "images_per_class": IMAGES_PER_CLASS}
+    result["generated_images_dir"] = str(generated / size_name)
+    return result
+
+
+WORK_DIR.mkdir(parents=True, exist_ok=True)
+results = {}
+for name in names:
+    print(f"{name}:", flush=True)
+    results[name] = contender_report(name)
+    print(f"  class fidelity {results[name]['class_fidelity']:.1%}, KID {results[name]['kid']:.4f} "
+          f"(floor {results[name]['kid_floor']:.4f}), memorisation ratio {results[name]['memorisation_ratio']:.2f}",
+          flush=True)
+
+# Merge with what an earlier comparison recorded, so contenders can be run a few at a time.
+previous = json.loads(OUTPUT_JSON.read_text(encoding="utf-8")) if OUTPUT_JSON.is_file() else {}
+comparison = {
+    "default": results.get("default", previous.get("default")),
+    "original": results.get("original", previous.get("original")),
+    "candidates": {**previous.get("candidates", {}),
+                   **{name: result for name, result in results.items() if name not in ("default", "original")}},
+    "command": f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
+               + (" --usefulness=True" if USEFULNESS else ""),
+    "epochs": EPOCHS,
+    "image_size": IMAGE_SIZE,
+    "data": {"fingerprint": facts["fingerprint"], "counts": facts.get("counts", {})},
+    "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}",
+}
+OUTPUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+write_json_atomic(OUTPUT_JSON, comparison)
+print(f"comparison: {OUTPUT_JSON}")
