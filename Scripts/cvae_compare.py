@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from cilia_cvae import config
+from cilia_cvae import config, figures
 from cilia_cvae.config import UserError, configure
 from cilia_cvae.files import write_json_atomic
 from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
@@ -48,6 +48,8 @@ USEFULNESS_GENERATOR_EPOCHS = 20  # epochs of the generator trained on each frac
 WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents and images
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the processed train and test splits
 OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "evaluation_224.json"  # written: the comparison
+FIGURE = config.REPOSITORY_ROOT / "docs" / "real_phantom_generated.png"  # written: phantoms beside the default's images
+REAL_SAMPLES_DIR = ""  # optional folder of real TEM crops shown in the figure's top row ("" for none)
 settings = configure(globals())
 
 # Each contender: the training overrides (its architecture or training change) and the
@@ -153,3 +155,12 @@ comparison = {
 OUTPUT_JSON.parent.mkdir(parents=True, exist_ok=True)
 write_json_atomic(OUTPUT_JSON, comparison)
 print(f"comparison: {OUTPUT_JSON}")
+
+# The picture for the README: test-split phantoms beside the default model's generated images.
+if "default" in results:
+    class_names = facts["class_names"]
+    phantoms = figures.first_images(PROCESSED_IMAGES_DIR / size_name / "test", class_names, 3)
+    generated = figures.first_images(Path(results["default"]["generated_images_dir"]), class_names, 3, "Synthetic_*.png")
+    real = sorted(path for path in Path(REAL_SAMPLES_DIR).glob("*") if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff")) if REAL_SAMPLES_DIR else []
+    figures.real_phantom_generated(real, phantoms, generated, class_names, FIGURE)
+    print(f"figure: {FIGURE}")

@@ -257,14 +257,19 @@ def reference_images(paths, labels, num_classes, image_size):
     return images, np.eye(num_classes, dtype=np.float32)
 
 
-def sample_grid(model, latents, labels, references, num_classes):
+def sample_grid(model, latents, labels, references, num_classes, posterior_draws=False):
     """A uint8 mosaic, one row per class: a reference image, its reconstruction, then the
-    decoded fixed prior draws."""
+    decoded fixed prior draws, or, with posterior_draws (a latent map, whose prior draws are
+    texture, not cilia), draws around the reference's latent with the same fixed noise."""
     # Direct calls, not predict: predict would run on every replica and, in a multi-worker
     # run, wait for workers that never call it (only the chief draws samples).
     reference, reference_labels = references
-    z_mean, _ = model.encoder([reference, reference_labels], training=False)
+    z_mean, z_log_var = model.encoder([reference, reference_labels], training=False)
     reconstructions = model.decoder([z_mean.numpy(), reference_labels], training=False).numpy()
+    if posterior_draws:
+        columns = len(latents) // num_classes
+        latents = (np.repeat(z_mean.numpy(), columns, axis=0)
+                   + np.repeat(np.exp(0.5 * z_log_var.numpy()), columns, axis=0) * latents)
     samples = model.decoder([latents, labels], training=False).numpy()
     size = reference.shape[1]
     rows = samples.reshape(num_classes, -1, size, size)
@@ -273,14 +278,15 @@ def sample_grid(model, latents, labels, references, num_classes):
     return np.clip(grid * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_sample_figure(path, grid, class_names, epoch):
+def save_sample_figure(path, grid, class_names, epoch, posterior_draws=False):
     from matplotlib import pyplot
     row_height = grid.shape[0] / len(class_names)
     figure, axis = pyplot.subplots(figsize=(grid.shape[1] / row_height * 1.6 + 2.0, len(class_names) * 1.6 + 0.8))
     axis.imshow(grid, cmap="gray", vmin=0, vmax=255)
     axis.set_yticks([(row + 0.5) * row_height for row in range(len(class_names))], class_names)
     axis.set_xticks([(column + 0.5) * row_height for column in range(2)], ["real", "reconstructed"])
-    axis.set_title(f"after epoch {epoch}: a real image, its reconstruction, then prior samples (same noise in every row)")
+    drawn = "draws around its latent" if posterior_draws else "prior samples (same noise in every row)"
+    axis.set_title(f"after epoch {epoch}: a real image, its reconstruction, then {drawn}")
     figure.tight_layout()
     with atomic_path(path) as temporary_path:
         figure.savefig(temporary_path, format="png", dpi=100)
@@ -447,7 +453,8 @@ def train(settings, facts):
         if chief:
             run.remove_other_best_weights(int(state["best_epoch"]))
             report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names,
-                         sample_png=(epoch % settings["SAMPLE_EVERY"] == 0 or epoch == settings["EPOCHS"]))
+                         sample_png=(epoch % settings["SAMPLE_EVERY"] == 0 or epoch == settings["EPOCHS"]),
+                         posterior_draws=map_side > 0)
     if not chief:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return None
@@ -465,11 +472,12 @@ def _plugin_metadata(plugin_name):
     return metadata.SerializeToString()
 
 
-def report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names, sample_png):
+def report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names, sample_png,
+                 posterior_draws=False):
     epoch = int(row["epoch"])
     shown = "  ".join(f"{name} {value:.5g}" for name, value in row.items() if name != "epoch")
     print(f"epoch {epoch}: {shown}", flush=True)
-    grid = sample_grid(model, sample_latents, sample_labels, references, len(class_names))
+    grid = sample_grid(model, sample_latents, sample_labels, references, len(class_names), posterior_draws)
     with summary_writer.as_default(step=epoch):
         for name, value in row.items():
             if name != "epoch":
@@ -480,7 +488,7 @@ def report_epoch(run, model, row, summary_writer, sample_latents, sample_labels,
                          metadata=_plugin_metadata("images"))
     summary_writer.flush()
     if sample_png:
-        save_sample_figure(run.samples(epoch), grid, class_names, epoch)
+        save_sample_figure(run.samples(epoch), grid, class_names, epoch, posterior_draws)
 
 
 def encode_training_images(encoder, paths, labels, num_classes, image_size, batch_size):
