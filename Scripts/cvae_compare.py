@@ -44,7 +44,8 @@ IMAGES_PER_CLASS = 200  # generated and judged per class
 USEFULNESS = False  # also run the usefulness experiment for USEFULNESS_FOR (long)
 USEFULNESS_FOR = "default,original"  # contenders whose usefulness is measured
 USEFULNESS_SEEDS = 3  # repetitions per fraction
-USEFULNESS_GENERATOR_EPOCHS = 20  # epochs of the generator trained on each fraction
+USEFULNESS_GENERATOR_EPOCHS = 10  # epochs of the generator trained on each fraction (the comparison's budget)
+QUICK = False  # a test-sized run: the evaluation's quick mode (a 2-epoch judge at 32 px)
 WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents and images
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the processed train and test splits
 OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "evaluation_224.json"  # written: the comparison
@@ -102,18 +103,22 @@ def contender_report(name):
         run(training_script, [f"--image_size={IMAGE_SIZE}", f"--epochs={EPOCHS}", f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
                               *folders, *CONTENDER_SETTINGS[key]["training"]], WORK_DIR / f"{key}_training.log")
     report_path = generated / size_name / "evaluation_report.json"
-    if not report_path.is_file():
+    generation_done = WORK_DIR / name / "generation_done.json"
+    if not generation_done.is_file():
         # Generation appends, so an interrupted one is started again from nothing.
         shutil.rmtree(generated, ignore_errors=True)
         run("cvae_inference", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
                                f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
                                *folders, *CONTENDER_SETTINGS[name]["inference"]], WORK_DIR / f"{name}_inference.log")
-        usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
+        write_json_atomic(generation_done, {"images_per_class": IMAGES_PER_CLASS})
+    usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
+    earlier = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
+    if earlier is None or (usefulness and not earlier.get("usefulness")):
         run("cvae_evaluate", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
                               f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
                               f"--models_dir={trained / 'models'}", f"--judge_dir={WORK_DIR / 'judge'}",
                               f"--usefulness={usefulness}", f"--usefulness_seeds={USEFULNESS_SEEDS}",
-                              f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}"],
+                              f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}", f"--quick={QUICK}"],
             WORK_DIR / f"{name}_evaluate.log")
     report = json.loads(report_path.read_text(encoding="utf-8"))
     parameters = json.loads(parameters_path.read_text(encoding="utf-8"))
@@ -146,7 +151,8 @@ comparison = {
     "candidates": {**previous.get("candidates", {}),
                    **{name: result for name, result in results.items() if name not in ("default", "original")}},
     "command": f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
-               + (" --usefulness=True" if USEFULNESS else ""),
+               + (f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_seeds={USEFULNESS_SEEDS} "
+                  f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}" if USEFULNESS else ""),
     "epochs": EPOCHS,
     "image_size": IMAGE_SIZE,
     "data": {"fingerprint": facts["fingerprint"], "counts": facts.get("counts", {})},

@@ -26,7 +26,7 @@ from cilia_cvae.preprocessing import size_folder_name
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
 IMAGES_PER_CLASS = 100  # images generated for each requested class
-SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" or "class_density"
+SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" (texture only with a latent map) or "class_density"
 TEMPERATURE = 1.0  # scales the sampling noise: below 1 gives safer, less varied images
 RESTORE_ASPECT = True  # give each image an aspect ratio drawn from the raw statistics, as the original did
 BATCH_SIZE = 64  # images decoded per call
@@ -50,6 +50,11 @@ requested = all_classes if CLASSES.strip().lower() == "all" else [name.strip() f
 unknown = [name for name in requested if name not in all_classes]
 if unknown or not requested:
     raise UserError(f"unknown class(es) {', '.join(unknown) or '(none given)'}; this model knows: {', '.join(all_classes)}")
+
+if SAMPLING == "prior" and parameters.get("latent_map_side"):
+    # Not refused (it is the textbook draw, and a comparison may want to show it), but said.
+    print(f"note: this model's latent is a {parameters['latent_map_side']}x{parameters['latent_map_side']} map; "
+          "prior draws give texture, not cilia (see the README's quality table); use posterior or class_density")
 
 statistics_path = PROCESSED_IMAGES_DIR / "raw_image_statistics.csv"
 if RESTORE_ASPECT and not statistics_path.is_file():

@@ -167,3 +167,33 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     fraction_parameters = json.loads((fraction_runs[0] / "models" / "32x32" / "cvae_parameters.json").read_text())
     assert fraction_parameters["training_images"] == report["usefulness"]["0.8"]["runs"][0]["real_images"]
     assert "Usefulness" in (generated / "32x32" / "evaluation_report.md").read_text()
+
+
+def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_trained_model, tmp_path):
+    from cilia_cvae import readme_tables
+
+    folders, work = tiny_trained_model, tmp_path / "comparison"
+    output, figure = tmp_path / "evaluation_32.json", tmp_path / "picture.png"
+    arguments = ["--image_size=32", "--epochs=1", "--contenders=default,original,low_temperature", "--images_per_class=6",
+                 "--quick=True", f"--work_dir={work}", f"--processed_images_dir={folders['processed']}",
+                 f"--output_json={output}", f"--figure={figure}"]
+    finished = run_script("cvae_compare", *arguments, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:] + finished.stdout[-2000:]
+    comparison = json.loads(output.read_text())
+    assert set(comparison["candidates"]) == {"low_temperature"} and comparison["epochs"] == 1
+    for result in (comparison["default"], comparison["original"], comparison["candidates"]["low_temperature"]):
+        for key in ("real_accuracy", "class_fidelity", "class_fidelity_per_class", "fid", "kid", "kid_floor",
+                    "memorisation_ratio", "usefulness"):
+            assert key in result, key
+        assert set(result["class_fidelity_per_class"]) == {"CP", "Disarranged", "IDA", "Normal", "ODA"}
+    assert comparison["original"]["training"]["architecture"] == "original"
+    assert comparison["candidates"]["low_temperature"]["inference"]["overrides"] == ["--temperature=0.5"]
+    # A sampling candidate reuses the default's training instead of training again.
+    assert not (work / "low_temperature" / "models").exists()
+    assert (work / "low_temperature" / "generated" / "32x32" / "evaluation_report.json").is_file()
+    assert figure.is_file()
+    table = readme_tables.evaluation_table(output)
+    assert "| original |" in table and "| low_temperature |" in table and "`--temperature=0.5`" in table
+    # A second run reuses everything: nothing is trained, generated or judged again.
+    again = run_script("cvae_compare", *arguments, timeout=600)
+    assert again.returncode == 0 and ".py --" not in again.stdout, again.stdout

@@ -13,5 +13,5 @@ def test_readme_settings_tables_match_the_scripts():
 def test_every_script_has_a_settings_table_and_help():
     current = (REPOSITORY_ROOT / "README.md").read_text(encoding="utf-8")
     for script in ("cvae_pre_processing", "make_phantom_dataset", "cvae_training_224x224", "cvae_training_448x448",
-                   "cvae_inference", "cvae_evaluate"):
+                   "cvae_inference", "cvae_evaluate", "cvae_compare"):
         assert f"<!-- constants:{script} -->" in current

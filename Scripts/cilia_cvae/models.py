@@ -125,6 +125,12 @@ def default_channels(image_size, base_channels, max_channels):
 # arm is 3 px) gives the decoder its drawing capacity, and the other residual blocks sit at the
 # smallest map, where they are cheap. The original, by contrast, spends most of its time in
 # wide convolutions at half and quarter resolution and in a 51-million-weight Dense layer.
+#
+# The latent, chosen by the quality comparison (README, docs/evaluation_224.json): a vector
+# latent, decoded through a Dense layer, drew only the membrane and a grey ring where the nine
+# doublets should be, because one code for the whole image must say where every doublet is. A
+# latent map at 1/8 of the image side (28 x 28 x 4 at 224) lets each cell describe its own
+# patch, and the same model draws doublets, dynein arms and the central pair.
 
 def latent_map_side(image_size, stride):
     """The side of a spatial latent map at 1/stride of the image (28 for 224 at stride 8), or 0
