@@ -43,7 +43,10 @@ CONTENDERS = "all"  # "all", or names separated by commas (see CONTENDER_SETTING
 IMAGES_PER_CLASS = 200  # generated and judged per class
 USEFULNESS = False  # also run the usefulness experiment for USEFULNESS_FOR (long)
 USEFULNESS_FOR = "default,original"  # contenders whose usefulness is measured
-USEFULNESS_SEEDS = 3  # repetitions per fraction
+USEFULNESS_FRACTIONS = "0.1,0.25,1.0"  # shares of the real training data
+USEFULNESS_SEEDS = 3  # repetitions per fraction below 100%
+USEFULNESS_SEEDS_AT_FULL_DATA = 1  # repetitions at 100% (the costliest point, and not one of the targets)
+USEFULNESS_CLASSIFIER_EPOCHS = 3  # passes of each detection-model stand-in over the real + synthetic set (each in all four quarter turns)
 USEFULNESS_GENERATOR_EPOCHS = 10  # epochs of the generator trained on each fraction (the comparison's budget)
 QUICK = False  # a test-sized run: the evaluation's quick mode (a 2-epoch judge at 32 px)
 WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents and images
@@ -118,13 +121,17 @@ def contender_report(name):
                               f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
                               f"--models_dir={trained / 'models'}", f"--judge_dir={WORK_DIR / 'judge'}",
                               f"--usefulness={usefulness}", f"--usefulness_seeds={USEFULNESS_SEEDS}",
+                              f"--usefulness_fractions={USEFULNESS_FRACTIONS}",
+                              f"--usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
+                              f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
                               f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}", f"--quick={QUICK}"],
             WORK_DIR / f"{name}_evaluate.log")
     report = json.loads(report_path.read_text(encoding="utf-8"))
     parameters = json.loads(parameters_path.read_text(encoding="utf-8"))
     result = {key_name: value for key_name, value in report.items()
               if key_name not in ("settings", "confusion", "counts", "class_names")}
-    result["usefulness"] = {fraction: {measure: values[measure] for measure in values if measure != "runs"}
+    result["usefulness"] = {fraction: {**{measure: values[measure] for measure in values if measure != "runs"},
+                                       "seeds": len(values["runs"])}
                             for fraction, values in report.get("usefulness", {}).items()}
     result["training"] = {"overrides": CONTENDER_SETTINGS[key]["training"], "epochs": parameters["epochs_done"],
                           "best_epoch": parameters["best_epoch"], "seconds": parameters.get("training_seconds"),
@@ -151,7 +158,9 @@ comparison = {
     "candidates": {**previous.get("candidates", {}),
                    **{name: result for name, result in results.items() if name not in ("default", "original")}},
     "command": f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
-               + (f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_seeds={USEFULNESS_SEEDS} "
+               + (f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_fractions={USEFULNESS_FRACTIONS} "
+                  f"--usefulness_seeds={USEFULNESS_SEEDS} --usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA} "
+                  f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS} "
                   f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}" if USEFULNESS else ""),
     "epochs": EPOCHS,
     "image_size": IMAGE_SIZE,

@@ -37,8 +37,9 @@ QUICK = False  # a test-sized run: 2 classifier epochs, 32 px, few images
 USEFULNESS = False  # also run the usefulness experiment (long: trains a generator per fraction and seed)
 USEFULNESS_FRACTIONS = "0.1,0.25,1.0"  # shares of the real training data, separated by commas
 USEFULNESS_SEEDS = 3  # repetitions per fraction, for a mean and a spread
+USEFULNESS_SEEDS_AT_FULL_DATA = 3  # repetitions at 100% of the real data (its generator is the evaluated model itself)
 USEFULNESS_CLASSIFIER_SIZE = 64  # the detection-model stand-ins work at this size
-USEFULNESS_CLASSIFIER_EPOCHS = 15  # epochs of each stand-in classifier
+USEFULNESS_CLASSIFIER_EPOCHS = 15  # passes over the real + synthetic set; every stand-in classifier of a run gets that many steps
 USEFULNESS_GENERATOR_EPOCHS = 20  # epochs of the CVAE trained on each fraction
 SYNTHETIC_PER_CLASS = 200  # synthetic images added per class
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # the real train and test splits
@@ -78,7 +79,8 @@ if USEFULNESS:
     report["usefulness"] = usefulness_experiment(
         PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE), work_root, IMAGE_SIZE, facts["class_names"], facts,
         model_settings, generated_dir, fractions, USEFULNESS_SEEDS, USEFULNESS_CLASSIFIER_SIZE,
-        USEFULNESS_CLASSIFIER_EPOCHS, USEFULNESS_GENERATOR_EPOCHS, SYNTHETIC_PER_CLASS)
+        USEFULNESS_CLASSIFIER_EPOCHS, USEFULNESS_GENERATOR_EPOCHS, SYNTHETIC_PER_CLASS,
+        seeds_at_full_data=USEFULNESS_SEEDS_AT_FULL_DATA)
 report["settings"] = config.jsonable(settings)
 report["seconds"] = round(time.perf_counter() - started, 1)
 json_path, markdown_path = write_report(report, generated_dir)

@@ -99,8 +99,13 @@ def scores(model, images, labels, class_count):
 
 def usefulness_experiment(processed_dir, work_root, image_size, class_names, facts, model_settings, full_generated_dir,
                           fractions, seeds, classifier_size, classifier_epochs, generator_epochs, synthetic_per_class,
-                          log=print):
-    """Real only vs real + synthetic vs synthetic only, per fraction and seed; returns means, spreads and runs."""
+                          log=print, seeds_at_full_data=None):
+    """Real only vs real + synthetic vs synthetic only, per fraction and seed; returns means, spreads and runs.
+
+    Every classifier of a run takes the same number of optimisation steps: classifier_epochs
+    passes over the real + synthetic set. Counting epochs instead would give the larger
+    real + synthetic set more steps, and its advantage would partly be longer training.
+    """
     class_count = len(class_names)
     train_paths, train_labels = list_images(Path(processed_dir) / "train", class_names)
     test_paths, test_labels = list_images(Path(processed_dir) / "test", class_names)
@@ -109,7 +114,7 @@ def usefulness_experiment(processed_dir, work_root, image_size, class_names, fac
     results = {}
     for fraction in fractions:
         runs = []
-        for seed in range(seeds):
+        for seed in range(seeds if fraction < 1.0 or seeds_at_full_data is None else seeds_at_full_data):
             subset = stratified_subset(train_labels, fraction, seed)
             if fraction >= 1.0:
                 generated_dir = full_generated_dir
@@ -128,8 +133,10 @@ def usefulness_experiment(processed_dir, work_root, image_size, class_names, fac
                 "synthetic_only": (synthetic_images, synthetic_labels),
             }
             run = {"seed": seed, "real_images": int(len(subset)), "synthetic_images": int(len(synthetic_labels))}
+            largest = max(len(labels) for _, labels in variants.values())
             for name, (images, labels) in variants.items():
-                model = train_classifier(images, labels, class_count, classifier_epochs, seed)
+                epochs = max(1, int(round(classifier_epochs * largest / len(labels))))
+                model = train_classifier(images, labels, class_count, epochs, seed)
                 run[name] = scores(model, test_images, test_labels, class_count)
             log(f"usefulness at {fraction:.0%} of the real data, seed {seed}: macro-F1 real only "
                 f"{run['real_only']['macro_f1']:.3f}, real + synthetic {run['real_plus_synthetic']['macro_f1']:.3f}, "
