@@ -158,6 +158,7 @@ comparison = {
     "candidates": {**previous.get("candidates", {}),
                    **{name: result for name, result in results.items() if name not in ("default", "original")}},
     "command": f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
+               + ("" if CONTENDERS.strip() == "all" else f" --contenders={CONTENDERS}")
                + (f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_fractions={USEFULNESS_FRACTIONS} "
                   f"--usefulness_seeds={USEFULNESS_SEEDS} --usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA} "
                   f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS} "

@@ -135,18 +135,17 @@ def first_images(folder, class_names, count, pattern="*.png"):
 
 
 def real_phantom_generated(real_tem_paths, phantom_paths, generated_paths, class_names, path, examples=3):
-    """The README's picture: real TEM crops (when available), then per class phantoms beside generated images."""
+    """The README's picture: per class, phantoms beside generated images; real TEM crops (when given) below."""
     rows, labels = [], []
-    columns = 2 * examples
-    if real_tem_paths:
-        # Real crops are not square: shown squashed to the model's square, as preprocessing does.
-        side = Image.open(phantom_paths[class_names[0]][0]).size[0]
-        rows.append([Image.open(item).convert("L").resize((side, side)) for item in real_tem_paths[:columns]])
-        labels.append("real TEM")
     for class_name in class_names:
         phantoms = [Image.open(item).convert("L") for item in phantom_paths.get(class_name, [])[:examples]]
         generated = [Image.open(item).convert("L") for item in generated_paths.get(class_name, [])[:examples]]
         rows.append(phantoms + [None] * (examples - len(phantoms)) + generated)
         labels.append(class_name)
+    if real_tem_paths:
+        # Real crops are not square: shown squashed to the model's square, as preprocessing does.
+        side = Image.open(phantom_paths[class_names[0]][0]).size[0]
+        rows.append([Image.open(item).convert("L").resize((side, side)) for item in real_tem_paths[:2 * examples]])
+        labels.append("real TEM")
     titles = [f"phantom {index + 1}" for index in range(examples)] + [f"generated {index + 1}" for index in range(examples)]
-    image_grid(rows, labels, titles, path, "Real TEM (top row, when given), phantoms (left) and generated images (right)")
+    image_grid(rows, labels, titles, path, "Phantoms (left) and generated images (right) per class; real TEM crops below, when given")

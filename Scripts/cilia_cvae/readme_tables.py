@@ -66,9 +66,9 @@ def evaluation_table(relative_path):
             closed = _percent((original_kid - result["kid"]) / (original_kid - result["kid_floor"]))
         rows.append(
             f"| {name} | `{change}` | {_percent(result['class_fidelity'])} ({lowest[0]} {_percent(lowest[1])}) "
-            f"| {result['kid']:.3f} +- {result['kid_std']:.3f} ({result['kid_floor']:.3f}) | {closed} "
-            f"| {result['fid']:.1f} ({result['fid_floor']:.1f}) | {result['precision']:.2f} / {result['recall']:.2f} "
-            f"| {result['memorisation_ratio']:.2f} ({_percent(result['near_copy_share'])}) "
+            f"| {result['kid']:.3g} +- {result['kid_std']:.2g} ({result['kid_floor']:.2g}) | {closed} "
+            f"| {result['fid']:.3g} ({result['fid_floor']:.3g}) | {result['precision']:.2f} / {result['recall']:.2f} "
+            f"| {result['memorisation_ratio']:.3g} ({_percent(result['near_copy_share'])}) "
             f"| {result['training']['best_epoch']} of {result['training']['epochs']} |")
     useful = {name: result["usefulness"] for name, result in contenders.items() if result.get("usefulness")}
     if useful:
@@ -80,7 +80,7 @@ def evaluation_table(relative_path):
                             f"| {values['real_only_f1']:.3f} +- {values['real_only_f1_std']:.3f} "
                             f"| {values['real_plus_synthetic_f1']:.3f} +- {values['real_plus_synthetic_f1_std']:.3f} "
                             f"| {values['synthetic_only_f1']:.3f} +- {values['synthetic_only_f1_std']:.3f} |")
-    rows += ["", f"Judge accuracy on the real test split: {_percent(contenders[next(iter(contenders))]['real_accuracy'])}. "
+    rows += ["", f"Judge accuracy on the real test split: {100 * contenders[next(iter(contenders))]['real_accuracy']:.1f}%. "
              f"Budget: {comparison['epochs']} epochs at {comparison['image_size']} px for every trained contender. "
              f"Machine: {comparison['machine']}. Command: `{comparison['command']}`."]
     return "\n".join(rows) + "\n"
