@@ -26,8 +26,8 @@ from cilia_cvae.preprocessing import FACTS_FILE_NAME, size_folder_name
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1]
 # Settings of the evaluated model that the fraction's generator copies; the rest are per fraction.
-COPIED_TRAINING_SETTINGS = ("ARCHITECTURE", "LATENT_DIM", "LATENT_MAP_STRIDE", "LATENT_MAP_CHANNELS", "BASE_CHANNELS", "MAX_CHANNELS", "BATCH_SIZE",
-                            "LEARNING_RATE", "KL_WARMUP_EPOCHS", "VALIDATION_FRACTION", "CLASS_BALANCED", "AUGMENT")
+COPIED_TRAINING_SETTINGS = ("ARCHITECTURE", "LATENT_DIM", "LATENT_MAP_STRIDE", "LATENT_MAP_CHANNELS", "BASE_CHANNELS",
+                            "MAX_CHANNELS", "BATCH_SIZE", "LEARNING_RATE", "KL_WARMUP_EPOCHS", "VALIDATION_FRACTION", "CLASS_BALANCED", "AUGMENT")
 
 
 def stratified_subset(labels, fraction, seed):
