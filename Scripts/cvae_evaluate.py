@@ -20,6 +20,7 @@ reuse the cached judge and take a minute or two.
 """
 
 import time
+from pathlib import Path
 
 
 from cilia_cvae import config
@@ -45,7 +46,7 @@ SYNTHETIC_PER_CLASS = 200  # synthetic images added per class
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # the real train and test splits
 GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # the generated images; the report is written beside them
 MODELS_DIR = config.MODELS_DIR  # read: the evaluated model's settings, which the usefulness generators copy
-JUDGE_DIR = config.MODELS_DIR  # where the judge is cached (one judge can serve several models' evaluations)
+JUDGE_DIR = ""  # where the judge is cached ("" : MODELS_DIR; one judge can serve several models' evaluations)
 
 settings = configure(globals())
 if QUICK:
@@ -63,7 +64,7 @@ report = evaluate_generated(
     generated_dir=generated_dir,
     class_names=facts["class_names"],
     fingerprint=facts["fingerprint"],
-    classifier_cache_dir=JUDGE_DIR,
+    classifier_cache_dir=Path(JUDGE_DIR) if JUDGE_DIR else MODELS_DIR,
     classifier_size=CLASSIFIER_SIZE,
     classifier_epochs=CLASSIFIER_EPOCHS,
     images_per_class=IMAGES_PER_CLASS,
