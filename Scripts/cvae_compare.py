@@ -47,7 +47,8 @@ USEFULNESS_FRACTIONS = "0.1,0.25,1.0"  # shares of the real training data
 USEFULNESS_SEEDS = 3  # repetitions per fraction below 100%
 USEFULNESS_SEEDS_AT_FULL_DATA = 1  # repetitions at 100% (the costliest point, and not one of the targets)
 USEFULNESS_CLASSIFIER_EPOCHS = 3  # passes of each detection-model stand-in over the real + synthetic set (each in all four quarter turns)
-USEFULNESS_GENERATOR_EPOCHS = 10  # epochs of the generator trained on each fraction (the comparison's budget)
+USEFULNESS_GENERATOR_EPOCHS = 10  # training of the generator on each fraction, in epochs of the full train split (the comparison's budget: the same steps as the full model)
+REEVALUATE = False  # evaluate every contender again though a report exists (after a change to the measures)
 QUICK = False  # a test-sized run: the evaluation's quick mode (a 2-epoch judge at 32 px)
 WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents and images
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the processed train and test splits
@@ -69,6 +70,10 @@ CONTENDER_SETTINGS = {
     "prior_sampling": {"training": [], "inference": ["--sampling=prior"]},
 }
 SCRIPTS_DIR = Path(__file__).resolve().parent
+# The budgets an evaluation report records for its usefulness, as cvae_evaluate names them.
+USEFULNESS_SETTINGS = {name: settings[name] for name in (
+    "USEFULNESS_FRACTIONS", "USEFULNESS_SEEDS", "USEFULNESS_SEEDS_AT_FULL_DATA", "USEFULNESS_CLASSIFIER_EPOCHS",
+    "USEFULNESS_GENERATOR_EPOCHS")}
 
 names = list(CONTENDER_SETTINGS) if CONTENDERS.strip() == "all" else [name.strip() for name in CONTENDERS.split(",")]
 unknown = [name for name in names if name not in CONTENDER_SETTINGS]
@@ -116,7 +121,10 @@ def contender_report(name):
         write_json_atomic(generation_done, {"images_per_class": IMAGES_PER_CLASS})
     usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
     earlier = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
-    if earlier is None or (usefulness and not earlier.get("usefulness")):
+    # A usefulness measured with other generator or classifier budgets is measured again.
+    stale_usefulness = usefulness and (not earlier.get("usefulness") or any(
+        earlier.get("settings", {}).get(setting) != value for setting, value in USEFULNESS_SETTINGS.items())) if earlier else True
+    if REEVALUATE or earlier is None or stale_usefulness:
         run("cvae_evaluate", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
                               f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
                               f"--models_dir={trained / 'models'}", f"--judge_dir={WORK_DIR / 'judge'}",

@@ -41,7 +41,7 @@ USEFULNESS_SEEDS = 3  # repetitions per fraction, for a mean and a spread
 USEFULNESS_SEEDS_AT_FULL_DATA = 3  # repetitions at 100% of the real data (its generator is the evaluated model itself)
 USEFULNESS_CLASSIFIER_SIZE = 64  # the detection-model stand-ins work at this size
 USEFULNESS_CLASSIFIER_EPOCHS = 15  # passes over the real + synthetic set; every stand-in classifier of a run gets that many steps
-USEFULNESS_GENERATOR_EPOCHS = 20  # epochs of the CVAE trained on each fraction
+USEFULNESS_GENERATOR_EPOCHS = 20  # training of the CVAE on each fraction, in epochs of the full train split: on 10% it runs 10x the epochs, so every generator takes the same steps
 SYNTHETIC_PER_CLASS = 200  # synthetic images added per class
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # the real train and test splits
 GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # the generated images; the report is written beside them
@@ -75,7 +75,7 @@ if USEFULNESS:
     model_settings = load_model_settings(MODELS_DIR, IMAGE_SIZE)
     architecture = model_settings.get("ARCHITECTURE", "default")
     work_root = (MODELS_DIR / "usefulness" / f"{size_folder_name(IMAGE_SIZE)}_{architecture}_"
-                 f"{USEFULNESS_GENERATOR_EPOCHS}epochs_{facts['fingerprint'][:12]}")
+                 f"{USEFULNESS_GENERATOR_EPOCHS}full_epochs_{facts['fingerprint'][:12]}")
     fractions = [float(text) for text in USEFULNESS_FRACTIONS.split(",") if text.strip()]
     report["usefulness"] = usefulness_experiment(
         PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE), work_root, IMAGE_SIZE, facts["class_names"], facts,

@@ -36,6 +36,7 @@ VALIDATION_FRACTION = 0.1  # share of the train split held out to choose the bes
 CLASS_BALANCED = True  # draw every class equally often, so rare classes are learnt as well as Normal
 AUGMENT = True  # random rotation by any angle and flips (labels are unchanged by both)
 EARLY_STOPPING_PATIENCE = 0  # stop after this many epochs without validation improvement (0: never)
+MAX_MINUTES = 0.0  # do not start an epoch that would end after this many minutes of this run (0: no limit); a resumed run gets the budget afresh
 FRESH = False  # move an earlier run in the output folders aside and start again
 SAMPLE_EVERY = 5  # write samples_epoch_<N>.png every this many epochs
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the preprocessed images

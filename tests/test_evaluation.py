@@ -29,6 +29,24 @@ def test_kid_is_near_zero_for_the_same_distribution_and_large_for_another(two_cl
     assert abs(metrics.kernel_inception_distance(real, real.copy())[0]) < kid_shifted / 10, "identical sets"
 
 
+def test_a_feature_dead_on_real_images_counts_but_cannot_explode_kid_or_fid():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(300, 16))
+    real[:, 0] = 0.0  # a judge feature that never fires on real images
+    test = rng.normal(size=(300, 16))
+    test[:, 0] = 0.0
+    generated = rng.normal(size=(300, 16))
+    generated[:, 0] = 5.0  # generated images that switch it on
+    centre, scale = metrics.feature_standardiser(real)
+    assert scale[0] > 0.05 and np.allclose(scale[1:], real[:, 1:].std(axis=0))
+    kid_real, _ = metrics.kernel_inception_distance((test - centre) / scale, (real - centre) / scale)
+    kid_generated, _ = metrics.kernel_inception_distance((generated - centre) / scale, (real - centre) / scale)
+    fid_generated = metrics.frechet_distance((generated - centre) / scale, (real - centre) / scale)
+    assert abs(kid_real) < 0.05 < kid_generated and np.isfinite(kid_generated)
+    # Ten median spreads in one feature: a large but bounded distance (1e27 with the bare spread).
+    assert 50 < fid_generated < 1e4
+
+
 def test_fid_orders_distributions(two_clouds):
     real, same, shifted = two_clouds
     assert metrics.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
@@ -152,7 +170,7 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     finished = run_script(
         "cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_fractions=0.8,1.0",
         "--usefulness_seeds=1", "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1",
-        "--usefulness_generator_epochs=1", "--synthetic_per_class=12",
+        "--usefulness_generator_epochs=4", "--synthetic_per_class=12",
         f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}", f"--models_dir={models}")
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
@@ -166,6 +184,8 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     assert len(fraction_runs) == 1, "the 80% generator was trained in its own work folder"
     fraction_parameters = json.loads((fraction_runs[0] / "models" / "32x32" / "cvae_parameters.json").read_text())
     assert fraction_parameters["training_images"] == report["usefulness"]["0.8"]["runs"][0]["real_images"]
+    # On 80% of the data, 5 epochs: the same number of steps as 4 epochs on all of it.
+    assert fraction_parameters["epochs_done"] == 5
     assert "Usefulness" in (generated / "32x32" / "evaluation_report.md").read_text()
 
 

@@ -170,6 +170,18 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_bad_checkpoint(finishe
     assert not (tmp_path / "models" / "32x32" / "cvae_parameters.json").exists()
 
 
+def test_a_time_budget_stops_between_epochs_and_still_saves_a_model(finished_run, tmp_path):
+    # A budget of 0.6 s is over after the first epoch (building the model alone takes longer).
+    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=4", "--max_minutes=0.01",
+                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
+                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    assert result.returncode == 0, result.stderr
+    assert "stopped after epoch 1: another epoch would pass --max_minutes=0.01" in result.stdout
+    parameters = json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())
+    assert parameters["epochs_done"] == 1
+    assert (tmp_path / "models" / "32x32" / "cvae_decoder.keras").is_file()
+
+
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=40)
     command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path), "--epochs=5"]

@@ -64,9 +64,8 @@ def evaluate_generated(processed_dir, generated_dir, class_names, fingerprint, c
     for split in images:
         scores[split], features[split] = predict(judge, images[split])
         predictions[split] = scores[split].argmax(axis=1)
-    # Standardise every feature by the real training split's statistics: KID's polynomial kernel
-    # and the k-NN radii assume features of unit scale, as Inception features roughly are.
-    centre, scale = features["train"].mean(axis=0), features["train"].std(axis=0) + 1e-6
+    # Every split is measured in the real training split's units (see feature_standardiser).
+    centre, scale = metrics.feature_standardiser(features["train"])
     features = {split: (values - centre) / scale for split, values in features.items()}
     report = {
         "real_accuracy": float(np.mean(predictions["test"] == labels["test"])),

@@ -14,6 +14,23 @@ from sklearn.metrics import pairwise_distances
 COPY_DISTANCE_FRACTION = 0.2  # nearer to a training image than this share of the typical test-to-train distance is a near-copy
 
 
+def feature_standardiser(real_features, floor_fraction=0.1):
+    """Centre and scale that give the real images' features unit spread, for KID, FID and the k-NN radii.
+
+    KID's polynomial kernel and the radii assume features of about unit scale, as Inception
+    features roughly are. A judge has dead features, near-constant on real images; dividing by
+    their near-zero spread turned a generated image that switches one on into a distance of
+    1e27 (the original architecture's KID in the first comparison). Each scale is therefore at
+    least floor_fraction of the median spread of the features: a generated set that lights up a
+    dead feature still pays for it, in proportion.
+    """
+    real_features = np.asarray(real_features, dtype=np.float64)
+    spread = real_features.std(axis=0)
+    alive = spread[spread > 0]
+    floor = floor_fraction * float(np.median(alive)) if alive.size else 1.0
+    return real_features.mean(axis=0), np.maximum(spread, floor)
+
+
 def class_fidelity(predicted_labels, requested_labels, class_count):
     """Share of generated images the classifier assigns to the class they were asked for: overall, per class."""
     predicted_labels, requested_labels = np.asarray(predicted_labels), np.asarray(requested_labels)

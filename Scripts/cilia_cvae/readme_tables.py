@@ -32,6 +32,8 @@ def constants_table(script_name):
     for statement in ast.parse(source).body:
         if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
             name = getattr(statement.targets[0], "id", "")
+            if name == "settings":
+                break  # the constants block ends where configure() reads it; later names are not settings
             if name in comments:
                 default = ast.get_source_segment(source, statement.value)
                 folder = getattr(config, default.removeprefix("config."), None)

@@ -50,7 +50,7 @@ LOSS_TERMS = ("loss", "reconstruction_loss", "kl_loss", "squared_error")
 SAMPLE_GRID_COLUMNS = 8
 # Settings that may change between a killed run and its resumption without changing what was
 # trained so far (more or fewer epochs continue the same run).
-SETTINGS_FREE_TO_CHANGE = ("FRESH", "SAMPLE_EVERY", "EPOCHS")
+SETTINGS_FREE_TO_CHANGE = ("FRESH", "SAMPLE_EVERY", "EPOCHS", "MAX_MINUTES")
 
 
 class TrainingDiverged(SystemExit):
@@ -317,7 +317,7 @@ def check_settings(settings):
     for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "LATENT_MAP_CHANNELS", "SAMPLE_EVERY", "BASE_CHANNELS", "MAX_CHANNELS"):
         if settings[name] < 1:
             raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
-    for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE"):
+    for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES"):
         if settings[name] < 0:
             raise UserError(f"--{name.lower()} must be 0 or more, not {settings[name]}")
     if not 0 <= settings["VALIDATION_FRACTION"] < 1:
@@ -409,8 +409,17 @@ def train(settings, facts):
         return (patience > 0 and int(state["epochs_without_improvement"]) >= patience
                 and int(state["epochs_done"]) > settings["KL_WARMUP_EPOCHS"])
 
+    # A time budget stops before an epoch that would overrun it, judged by the slowest epoch so far;
+    # every run does at least one epoch, so a budget too small still leaves a model.
+    budget_seconds = settings["MAX_MINUTES"] * 60
+    slowest_epoch_seconds = 0.0
+    out_of_time = False
+
     for epoch in range(epochs_done + 1, settings["EPOCHS"] + 1):
         if stopped_early():
+            break
+        if budget_seconds and epoch > epochs_done + 1 and time.time() - started + slowest_epoch_seconds > budget_seconds:
+            out_of_time = True
             break
         epoch_started = time.time()
         model.kl_weight.assign(kl_weight_for_epoch(epoch, settings["KL_WARMUP_EPOCHS"]))
@@ -446,6 +455,7 @@ def train(settings, facts):
         else:
             state["epochs_without_improvement"].assign_add(1)
         state["epochs_done"].assign(epoch)
+        slowest_epoch_seconds = max(slowest_epoch_seconds, time.time() - epoch_started)
         history.append(row)
         if chief:
             write_history(run.history, history)
@@ -460,6 +470,8 @@ def train(settings, facts):
         return None
     if stopped_early():
         print(f"stopped early: no improvement for {patience} epochs")
+    if out_of_time:
+        print(f"stopped after epoch {int(state['epochs_done'])}: another epoch would pass --max_minutes={settings['MAX_MINUTES']}")
     return finish(run, model, settings, facts, history, int(state["best_epoch"]), all_paths, all_labels,
                   strategy, time.time() - started)
 

@@ -25,9 +25,10 @@ from cilia_cvae.files import write_json_atomic
 from cilia_cvae.preprocessing import FACTS_FILE_NAME, size_folder_name
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1]
-# Settings of the evaluated model that the fraction's generator copies; the rest are per fraction.
+# Settings of the evaluated model that the fraction's generator copies; the rest are per fraction
+# (the epochs and the KL warm-up are stretched, see generator_schedule).
 COPIED_TRAINING_SETTINGS = ("ARCHITECTURE", "LATENT_DIM", "LATENT_MAP_STRIDE", "LATENT_MAP_CHANNELS", "BASE_CHANNELS",
-                            "MAX_CHANNELS", "BATCH_SIZE", "LEARNING_RATE", "KL_WARMUP_EPOCHS", "VALIDATION_FRACTION", "CLASS_BALANCED", "AUGMENT")
+                            "MAX_CHANNELS", "BATCH_SIZE", "LEARNING_RATE", "VALIDATION_FRACTION", "CLASS_BALANCED", "AUGMENT")
 
 
 def stratified_subset(labels, fraction, seed):
@@ -49,12 +50,28 @@ def run_script(name, arguments):
         raise RuntimeError(f"{name}.py {' '.join(arguments)} failed with exit code {finished.returncode}")
 
 
+def generator_schedule(model_settings, fraction, full_data_epochs):
+    """Epochs and KL warm-up for a generator trained on a fraction of the data.
+
+    Counted in epochs, a generator on 10% of the images would take a tenth of the steps of one
+    on all of them: its samples are then the blobs of an early epoch (seen in the sample grids
+    of the first measurement), which teach a classifier the wrong anatomy. So both the epochs
+    and the KL warm-up are stretched by 1 / fraction: every generator takes as many steps.
+    """
+    epochs = max(1, int(round(full_data_epochs / fraction)))
+    warmup = int(round(model_settings.get("KL_WARMUP_EPOCHS", 0) / fraction))
+    return epochs, min(warmup, epochs)
+
+
 def generator_for_fraction(work_dir, processed_dir, image_size, class_names, facts, train_paths, subset,
-                           model_settings, generator_epochs, synthetic_per_class, seed):
+                           model_settings, generator_epochs, synthetic_per_class, seed, fraction):
     """Train a CVAE on one fraction of the train split and generate from it; reuse an earlier one."""
     generated_dir = work_dir / "generated" / size_folder_name(image_size)
-    if (work_dir / "done.json").is_file():
+    epochs, warmup = generator_schedule(model_settings, fraction, generator_epochs)
+    done_path = work_dir / "done.json"
+    if done_path.is_file() and json.loads(done_path.read_text(encoding="utf-8")).get("epochs") == epochs:
         return generated_dir
+    done_path.unlink(missing_ok=True)
     fraction_processed = work_dir / "processed"
     if fraction_processed.exists():
         shutil.rmtree(fraction_processed)
@@ -76,7 +93,8 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
     for folder in ("models", "latents", "generated"):
         if (work_dir / folder).exists():
             shutil.rmtree(work_dir / folder)
-    run_script(script, [f"--image_size={image_size}", f"--epochs={generator_epochs}", f"--seed={seed}", *copied,
+    run_script(script, [f"--image_size={image_size}", *copied, f"--epochs={epochs}", f"--kl_warmup_epochs={warmup}",
+                        f"--sample_every={max(1, epochs // 5)}", f"--seed={seed}",
                         f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
                         f"--latent_tensors_dir={work_dir / 'latents'}"])
     run_script("cvae_inference", [f"--image_size={image_size}", f"--images_per_class={synthetic_per_class}",
@@ -84,7 +102,7 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
                                   f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
                                   f"--latent_tensors_dir={work_dir / 'latents'}",
                                   f"--generated_images_dir={work_dir / 'generated'}"])
-    write_json_atomic(work_dir / "done.json", {"training_images": int(len(subset)), "epochs": generator_epochs})
+    write_json_atomic(done_path, {"training_images": int(len(subset)), "epochs": epochs, "kl_warmup_epochs": warmup})
     return generated_dir
 
 
@@ -122,7 +140,7 @@ def usefulness_experiment(processed_dir, work_root, image_size, class_names, fac
                 work_dir = Path(work_root) / f"fraction_{fraction}_seed_{seed}"
                 generated_dir = generator_for_fraction(work_dir, processed_dir, image_size, class_names, facts,
                                                        train_paths, subset, model_settings, generator_epochs,
-                                                       synthetic_per_class, seed)
+                                                       synthetic_per_class, seed, fraction)
             synthetic_paths, synthetic_labels = list_images(generated_dir, class_names, synthetic_per_class)
             synthetic_images = load_images(synthetic_paths, classifier_size)
             real_images, real_labels = train_images[subset], train_labels[subset]
