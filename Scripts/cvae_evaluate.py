@@ -13,6 +13,7 @@ memorisation (are generated images near-copies of training images?).
 
 Example:
     python Scripts/cvae_evaluate.py --image_size=224 --images_per_class=200
+    python Scripts/cvae_evaluate.py --image_size=224 --generated_size=448   # the 448 model, same judge
 
 Expected run time: about 18 minutes on 2 cores the first time for 5,210 images, nearly all
 of it training the judge (8 epochs of ~2 minutes, measured); later runs on the same data
@@ -30,6 +31,7 @@ from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
 from cilia_cvae.usefulness import load_model_settings, usefulness_experiment
 
 IMAGE_SIZE = 224  # which resolution's processed and generated folders to judge
+GENERATED_SIZE = 0  # judge the generated images of this resolution instead (0: IMAGE_SIZE); e.g. 448 images against the 224 splits and judge, since the judge resizes everything to CLASSIFIER_SIZE
 IMAGES_PER_CLASS = 200  # generated images judged per class (the first ones in name order)
 CLASSIFIER_SIZE = 128  # the judge works at this size; images are resized to it
 CLASSIFIER_EPOCHS = 8  # epochs of the judge's training (cached once trained); 8 gave 98.4% on the phantom test split
@@ -52,11 +54,16 @@ settings = configure(globals())
 if QUICK:
     CLASSIFIER_EPOCHS, CLASSIFIER_SIZE = min(CLASSIFIER_EPOCHS, 2), min(CLASSIFIER_SIZE, 32)
 
+GENERATED_SIZE = GENERATED_SIZE or IMAGE_SIZE
+if USEFULNESS and GENERATED_SIZE != IMAGE_SIZE:
+    raise UserError(f"--usefulness trains generators at --image_size={IMAGE_SIZE}, so it cannot judge "
+                    f"--generated_size={GENERATED_SIZE}; run it with the two sizes equal")
+
 facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
-generated_dir = GENERATED_IMAGES_DIR / size_folder_name(IMAGE_SIZE)
+generated_dir = GENERATED_IMAGES_DIR / size_folder_name(GENERATED_SIZE)
 if not any(generated_dir.glob("*/*.png")):
     raise UserError(f"no generated images in {generated_dir}; run python Scripts/cvae_inference.py "
-                    f"--image_size={IMAGE_SIZE} first")
+                    f"--image_size={GENERATED_SIZE} first")
 
 started = time.perf_counter()
 report = evaluate_generated(
