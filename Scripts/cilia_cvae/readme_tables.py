@@ -78,7 +78,7 @@ def evaluation_table(relative_path):
                  "| --- | --- | --- | --- | --- |"]
         for name, fractions in useful.items():
             for fraction, values in fractions.items():
-                rows.append(f"| {name} | {_percent(float(fraction))} ({values.get('seeds', '?')} seeds) "
+                rows.append(f"| {name} | {_percent(float(fraction))} ({values.get('seeds', '?')} seed{'' if values.get('seeds') == 1 else 's'}) "
                             f"| {values['real_only_f1']:.3f} +- {values['real_only_f1_std']:.3f} "
                             f"| {values['real_plus_synthetic_f1']:.3f} +- {values['real_plus_synthetic_f1_std']:.3f} "
                             f"| {values['synthetic_only_f1']:.3f} +- {values['synthetic_only_f1_std']:.3f} |")
