@@ -122,8 +122,8 @@ def contender_report(name):
     usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
     earlier = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
     # A usefulness measured with other generator or classifier budgets is measured again.
-    stale_usefulness = usefulness and (not earlier.get("usefulness") or any(
-        earlier.get("settings", {}).get(setting) != value for setting, value in USEFULNESS_SETTINGS.items())) if earlier else True
+    stale_usefulness = (usefulness and (not earlier.get("usefulness") or any(
+        earlier.get("settings", {}).get(setting) != value for setting, value in USEFULNESS_SETTINGS.items()))) if earlier else True
     if REEVALUATE or earlier is None or stale_usefulness:
         run("cvae_evaluate", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
                               f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
@@ -135,6 +135,11 @@ def contender_report(name):
                               f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}", f"--quick={QUICK}"],
             WORK_DIR / f"{name}_evaluate.log")
     report = json.loads(report_path.read_text(encoding="utf-8"))
+    if earlier and earlier.get("usefulness") and not report.get("usefulness"):
+        # Re-measuring quality alone keeps the (hours-long) usefulness measured before.
+        report["usefulness"] = earlier["usefulness"]
+        report["settings"].update({name: earlier["settings"].get(name) for name in USEFULNESS_SETTINGS})
+        write_json_atomic(report_path, report)
     parameters = json.loads(parameters_path.read_text(encoding="utf-8"))
     result = {key_name: value for key_name, value in report.items()
               if key_name not in ("settings", "confusion", "counts", "class_names")}

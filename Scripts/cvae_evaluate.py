@@ -54,16 +54,23 @@ settings = configure(globals())
 if QUICK:
     CLASSIFIER_EPOCHS, CLASSIFIER_SIZE = min(CLASSIFIER_EPOCHS, 2), min(CLASSIFIER_SIZE, 32)
 
-GENERATED_SIZE = GENERATED_SIZE or IMAGE_SIZE
-if USEFULNESS and GENERATED_SIZE != IMAGE_SIZE:
+generated_size = GENERATED_SIZE or IMAGE_SIZE
+if USEFULNESS and generated_size != IMAGE_SIZE:
     raise UserError(f"--usefulness trains generators at --image_size={IMAGE_SIZE}, so it cannot judge "
-                    f"--generated_size={GENERATED_SIZE}; run it with the two sizes equal")
+                    f"--generated_size={generated_size}; run it with the two sizes equal")
+try:
+    fractions = [float(text) for text in USEFULNESS_FRACTIONS.split(",") if text.strip()]
+except ValueError:
+    fractions = []
+if USEFULNESS and not (fractions and all(0 < fraction <= 1 for fraction in fractions)):
+    raise UserError(f"--usefulness_fractions must be shares above 0 and at most 1 separated by commas, "
+                    f"not {USEFULNESS_FRACTIONS!r}")
 
 facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
-generated_dir = GENERATED_IMAGES_DIR / size_folder_name(GENERATED_SIZE)
+generated_dir = GENERATED_IMAGES_DIR / size_folder_name(generated_size)
 if not any(generated_dir.glob("*/*.png")):
     raise UserError(f"no generated images in {generated_dir}; run python Scripts/cvae_inference.py "
-                    f"--image_size={GENERATED_SIZE} first")
+                    f"--image_size={generated_size} first")
 
 started = time.perf_counter()
 report = evaluate_generated(
@@ -83,7 +90,6 @@ if USEFULNESS:
     architecture = model_settings.get("ARCHITECTURE", "default")
     work_root = (MODELS_DIR / "usefulness" / f"{size_folder_name(IMAGE_SIZE)}_{architecture}_"
                  f"{USEFULNESS_GENERATOR_EPOCHS}full_epochs_{facts['fingerprint'][:12]}")
-    fractions = [float(text) for text in USEFULNESS_FRACTIONS.split(",") if text.strip()]
     report["usefulness"] = usefulness_experiment(
         PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE), work_root, IMAGE_SIZE, facts["class_names"], facts,
         model_settings, generated_dir, fractions, USEFULNESS_SEEDS, USEFULNESS_CLASSIFIER_SIZE,

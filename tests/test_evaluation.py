@@ -43,7 +43,7 @@ def test_a_feature_dead_on_real_images_counts_but_cannot_explode_kid_or_fid():
     kid_generated, _ = metrics.kernel_inception_distance((generated - centre) / scale, (real - centre) / scale)
     fid_generated = metrics.frechet_distance((generated - centre) / scale, (real - centre) / scale)
     assert abs(kid_real) < 0.05 < kid_generated and np.isfinite(kid_generated)
-    # Ten median spreads in one feature: a large but bounded distance (1e27 with the bare spread).
+    # Ten median spreads in one feature: a large but bounded distance (the bare spread made it astronomically large).
     assert 50 < fid_generated < 1e4
 
 
@@ -170,6 +170,24 @@ def test_missing_generated_images_is_a_clear_error(tmp_path):
     finished = run_script("cvae_evaluate", f"--processed_images_dir={tmp_path / 'processed'}",
                           f"--generated_images_dir={tmp_path / 'generated'}", "--image_size=32")
     assert finished.returncode == 2 and "cvae_inference.py" in finished.stderr
+
+
+def test_a_fraction_generator_takes_the_steps_of_a_full_data_one():
+    from cilia_cvae.usefulness import generator_schedule
+
+    # 10% of the data: 10x the epochs and 10x the warm-up epochs, the same steps for both.
+    assert generator_schedule({"KL_WARMUP_EPOCHS": 5}, 0.1, 20) == (200, 50)
+    assert generator_schedule({"KL_WARMUP_EPOCHS": 5}, 0.25, 20) == (80, 20)
+    assert generator_schedule({"KL_WARMUP_EPOCHS": 5}, 1.0, 20) == (20, 5)
+    # The warm-up never outlasts the training.
+    assert generator_schedule({"KL_WARMUP_EPOCHS": 40}, 0.5, 10) == (20, 20)
+
+
+def test_usefulness_fractions_outside_zero_to_one_are_refused_in_one_line(tmp_path):
+    finished = run_script("cvae_evaluate", "--usefulness=True", "--usefulness_fractions=0,0.5",
+                          f"--processed_images_dir={tmp_path}", f"--generated_images_dir={tmp_path}")
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr
+    assert "--usefulness_fractions must be shares above 0 and at most 1" in finished.stderr.strip().splitlines()[-1]
 
 
 def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tiny_trained_model, tmp_path):

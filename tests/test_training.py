@@ -180,6 +180,13 @@ def test_a_time_budget_stops_between_epochs_and_still_saves_a_model(finished_run
     parameters = json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())
     assert parameters["epochs_done"] == 1
     assert (tmp_path / "models" / "32x32" / "cvae_decoder.keras").is_file()
+    # A budget that is not reached changes nothing: every epoch runs.
+    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=2", "--max_minutes=60",
+                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'roomy'}",
+                        f"--latent_tensors_dir={tmp_path / 'roomy_latents'}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "roomy" / "32x32" / "cvae_parameters.json").read_text())["epochs_done"] == 2
+    assert "another epoch would pass" not in result.stdout
 
 
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):

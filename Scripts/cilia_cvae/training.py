@@ -90,6 +90,15 @@ def wait_for_all_workers(strategy):
         strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
 
 
+def any_worker(strategy, flag):
+    """True if the flag is set on any worker: a decision every worker must take together (each has
+    its own clock, and a worker that stopped alone would leave the others waiting in a collective)."""
+    if strategy.num_replicas_in_sync == 1:
+        return flag
+    per_replica = strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+    return float(strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)) > 0
+
+
 # --------------------------------------------------------------------------- model and data
 
 def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
@@ -409,8 +418,10 @@ def train(settings, facts):
         return (patience > 0 and int(state["epochs_without_improvement"]) >= patience
                 and int(state["epochs_done"]) > settings["KL_WARMUP_EPOCHS"])
 
-    # A time budget stops before an epoch that would overrun it, judged by the slowest epoch so far;
-    # every run does at least one epoch, so a budget too small still leaves a model.
+    # A time budget stops before an epoch that would overrun it, judged by the slowest epoch so far
+    # (training, validation, checkpoint and pictures); every run does at least one epoch, so a
+    # budget too small still leaves a model. A killed run, resumed, gets the budget afresh; a run
+    # the budget ended is finished like any other.
     budget_seconds = settings["MAX_MINUTES"] * 60
     slowest_epoch_seconds = 0.0
     out_of_time = False
@@ -418,7 +429,8 @@ def train(settings, facts):
     for epoch in range(epochs_done + 1, settings["EPOCHS"] + 1):
         if stopped_early():
             break
-        if budget_seconds and epoch > epochs_done + 1 and time.time() - started + slowest_epoch_seconds > budget_seconds:
+        if budget_seconds and epoch > epochs_done + 1 and any_worker(
+                strategy, time.time() - started + slowest_epoch_seconds > budget_seconds):
             out_of_time = True
             break
         epoch_started = time.time()
@@ -455,7 +467,6 @@ def train(settings, facts):
         else:
             state["epochs_without_improvement"].assign_add(1)
         state["epochs_done"].assign(epoch)
-        slowest_epoch_seconds = max(slowest_epoch_seconds, time.time() - epoch_started)
         history.append(row)
         if chief:
             write_history(run.history, history)
@@ -465,6 +476,7 @@ def train(settings, facts):
             report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names,
                          sample_png=(epoch % settings["SAMPLE_EVERY"] == 0 or epoch == settings["EPOCHS"]),
                          posterior_draws=map_side > 0)
+        slowest_epoch_seconds = max(slowest_epoch_seconds, time.time() - epoch_started)
     if not chief:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return None

@@ -68,8 +68,12 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
     """Train a CVAE on one fraction of the train split and generate from it; reuse an earlier one."""
     generated_dir = work_dir / "generated" / size_folder_name(image_size)
     epochs, warmup = generator_schedule(model_settings, fraction, generator_epochs)
+    copied = [f"--{name.lower()}={model_settings[name]}" for name in COPIED_TRAINING_SETTINGS if name in model_settings]
+    training_arguments = [f"--image_size={image_size}", *copied, f"--epochs={epochs}", f"--kl_warmup_epochs={warmup}",
+                          f"--sample_every={max(1, epochs // 5)}", f"--seed={seed}"]
+    # Reused only if trained with exactly these settings (a retrained evaluated model may differ).
     done_path = work_dir / "done.json"
-    if done_path.is_file() and json.loads(done_path.read_text(encoding="utf-8")).get("epochs") == epochs:
+    if done_path.is_file() and json.loads(done_path.read_text(encoding="utf-8")).get("training_arguments") == training_arguments:
         return generated_dir
     done_path.unlink(missing_ok=True)
     fraction_processed = work_dir / "processed"
@@ -89,12 +93,10 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
     script = f"cvae_training_{size_folder_name(image_size)}"
     if not (SCRIPTS_DIR / f"{script}.py").exists():
         script = "cvae_training_224x224"
-    copied = [f"--{name.lower()}={model_settings[name]}" for name in COPIED_TRAINING_SETTINGS if name in model_settings]
     for folder in ("models", "latents", "generated"):
         if (work_dir / folder).exists():
             shutil.rmtree(work_dir / folder)
-    run_script(script, [f"--image_size={image_size}", *copied, f"--epochs={epochs}", f"--kl_warmup_epochs={warmup}",
-                        f"--sample_every={max(1, epochs // 5)}", f"--seed={seed}",
+    run_script(script, [*training_arguments,
                         f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
                         f"--latent_tensors_dir={work_dir / 'latents'}"])
     run_script("cvae_inference", [f"--image_size={image_size}", f"--images_per_class={synthetic_per_class}",
@@ -102,7 +104,8 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
                                   f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
                                   f"--latent_tensors_dir={work_dir / 'latents'}",
                                   f"--generated_images_dir={work_dir / 'generated'}"])
-    write_json_atomic(done_path, {"training_images": int(len(subset)), "epochs": epochs, "kl_warmup_epochs": warmup})
+    write_json_atomic(done_path, {"training_images": int(len(subset)), "epochs": epochs, "kl_warmup_epochs": warmup,
+                                  "training_arguments": training_arguments})
     return generated_dir
 
 
