@@ -47,6 +47,7 @@ USEFULNESS_FRACTIONS = "0.1,0.25,1.0"  # shares of the real training data
 USEFULNESS_SEEDS = 3  # repetitions per fraction below 100%
 USEFULNESS_SEEDS_AT_FULL_DATA = 1  # repetitions at 100% (the costliest point, and not one of the targets)
 USEFULNESS_CLASSIFIER_EPOCHS = 3  # passes of each detection-model stand-in over the real + synthetic set (each in all four quarter turns)
+USEFULNESS_CLASSIFIER_REPEATS = 3  # classifiers per run, differing only in initialisation; a run scores their mean
 USEFULNESS_GENERATOR_EPOCHS = 10  # training of the generator on each fraction, in epochs of the full train split (the comparison's budget: the same steps as the full model)
 REEVALUATE = False  # evaluate every contender again though a report exists (after a change to the measures)
 QUICK = False  # a test-sized run: the evaluation's quick mode (a 2-epoch judge at 32 px)
@@ -67,13 +68,14 @@ CONTENDER_SETTINGS = {
     "low_temperature": {"training": [], "inference": ["--temperature=0.5"]},
     "vector_latent": {"training": ["--latent_map_stride=0"], "inference": []},
     "no_kl_warmup": {"training": ["--kl_warmup_epochs=0"], "inference": []},
+    "fixed_variance": {"training": ["--reconstruction_loss=sum_squared_error"], "inference": []},
     "prior_sampling": {"training": [], "inference": ["--sampling=prior"]},
 }
 SCRIPTS_DIR = Path(__file__).resolve().parent
 # The budgets an evaluation report records for its usefulness, as cvae_evaluate names them.
 USEFULNESS_SETTINGS = {name: settings[name] for name in (
     "USEFULNESS_FRACTIONS", "USEFULNESS_SEEDS", "USEFULNESS_SEEDS_AT_FULL_DATA", "USEFULNESS_CLASSIFIER_EPOCHS",
-    "USEFULNESS_GENERATOR_EPOCHS")}
+    "USEFULNESS_CLASSIFIER_REPEATS", "USEFULNESS_GENERATOR_EPOCHS")}
 
 names = list(CONTENDER_SETTINGS) if CONTENDERS.strip() == "all" else [name.strip() for name in CONTENDERS.split(",")]
 unknown = [name for name in names if name not in CONTENDER_SETTINGS]
@@ -132,6 +134,7 @@ def contender_report(name):
                               f"--usefulness_fractions={USEFULNESS_FRACTIONS}",
                               f"--usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
                               f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
+                              f"--usefulness_classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS}",
                               f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}", f"--quick={QUICK}"],
             WORK_DIR / f"{name}_evaluate.log")
     report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -165,17 +168,24 @@ for name in names:
 
 # Merge with what an earlier comparison recorded, so contenders can be run a few at a time.
 previous = json.loads(OUTPUT_JSON.read_text(encoding="utf-8")) if OUTPUT_JSON.is_file() else {}
+command = (f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
+           + ("" if CONTENDERS.strip() == "all" else f" --contenders={CONTENDERS}")
+           + (f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_fractions={USEFULNESS_FRACTIONS} "
+              f"--usefulness_seeds={USEFULNESS_SEEDS} --usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA} "
+              f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS} "
+              f"--usefulness_classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS} "
+              f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}" if USEFULNESS else ""))
+for result in results.values():
+    result["command"] = command
+# Contenders run a few at a time each keep the command that produced them; "commands" lists them all.
+earlier_commands = previous.get("commands", [previous["command"]] if previous.get("command") else [])
 comparison = {
     "default": results.get("default", previous.get("default")),
     "original": results.get("original", previous.get("original")),
     "candidates": {**previous.get("candidates", {}),
                    **{name: result for name, result in results.items() if name not in ("default", "original")}},
-    "command": f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
-               + ("" if CONTENDERS.strip() == "all" else f" --contenders={CONTENDERS}")
-               + (f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_fractions={USEFULNESS_FRACTIONS} "
-                  f"--usefulness_seeds={USEFULNESS_SEEDS} --usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA} "
-                  f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS} "
-                  f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}" if USEFULNESS else ""),
+    "command": command,
+    "commands": [*[text for text in earlier_commands if text != command], command],
     "epochs": EPOCHS,
     "image_size": IMAGE_SIZE,
     "data": {"fingerprint": facts["fingerprint"], "counts": facts.get("counts", {})},

@@ -31,6 +31,7 @@ LATENT_MAP_CHANNELS = 8  # default architecture: numbers per cell of the latent 
 EPOCHS = 40  # passes over the training images
 BATCH_SIZE = 16  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size
+RECONSTRUCTION_LOSS = "auto"  # "auto" (the architecture's own), "calibrated_gaussian" (a Gaussian whose variance is learnt per image: ours) or "sum_squared_error" (a fixed variance: the original's)
 KL_WARMUP_EPOCHS = 5  # the KL weight rises linearly to 1 over this many epochs (0: no warm-up, as the original)
 SEED = 123  # seeds the validation split, shuffling, augmentation and initial weights
 VALIDATION_FRACTION = 0.1  # share of the train split held out to choose the best epoch

@@ -202,6 +202,7 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     finished = run_script(
         "cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_fractions=0.8,1.0",
         "--usefulness_seeds=1", "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1",
+        "--usefulness_classifier_repeats=2",
         "--usefulness_generator_epochs=4", "--synthetic_per_class=12",
         f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}", f"--models_dir={models}")
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -211,6 +212,12 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
         for name in ("real_only_f1", "real_plus_synthetic_f1", "synthetic_only_f1"):
             assert 0.0 <= result[name] <= 1.0
         assert result["runs"][0]["synthetic_images"] == 60
+        # Two classifiers per run, differing only in initialisation; the run scores their mean.
+        for variant in ("real_only", "real_plus_synthetic", "synthetic_only"):
+            per_repeat = result["runs"][0][variant]["macro_f1_per_repeat"]
+            assert len(per_repeat) == 2 and result["runs"][0][variant]["macro_f1"] == pytest.approx(np.mean(per_repeat))
+        assert np.mean(result["gain_per_seed"]) == pytest.approx(result["real_plus_synthetic_f1"] - result["real_only_f1"])
+        assert len(result["gain_per_seed"]) == len(result["runs"])
     assert result["runs"][0]["real_images"] > report["usefulness"]["0.8"]["runs"][0]["real_images"]
     fraction_runs = list((models / "usefulness").glob("*/fraction_0.8_seed_0"))
     assert len(fraction_runs) == 1, "the 80% generator was trained in its own work folder"

@@ -189,6 +189,24 @@ def test_a_time_budget_stops_between_epochs_and_still_saves_a_model(finished_run
     assert "another epoch would pass" not in result.stdout
 
 
+def test_fixed_variance_loss_is_a_choice_and_recorded(finished_run, tmp_path):
+    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=1", "--reconstruction_loss=sum_squared_error",
+                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
+                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    assert result.returncode == 0, result.stderr
+    parameters = json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())
+    assert parameters["reconstruction_loss"] == "sum_squared_error"
+    # The sum of squared errors is positive; the calibrated Gaussian's log-variance term is not.
+    assert parameters["final_losses"]["last_epoch"]["reconstruction_loss"] > 0
+    assert json.loads((finished_run / "models" / "32x32" / "cvae_parameters.json").read_text())[
+        "reconstruction_loss"] == "calibrated_gaussian"
+    result = run_script("cvae_training_224x224", *TINY_MODEL, "--reconstruction_loss=l1",
+                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'other'}",
+                        f"--latent_tensors_dir={tmp_path / 'other_latents'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--reconstruction_loss" in result.stderr.strip().splitlines()[-1]
+
+
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=40)
     command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path), "--epochs=5"]

@@ -146,13 +146,15 @@ def markdown_report(report):
     lines += ["", "![class fidelity](evaluation_fidelity.png)", ""]
     if report.get("usefulness"):
         lines += ["## Usefulness: a classifier trained on real vs real + synthetic data", "",
-                  "Macro-F1 on the real test split, mean +- standard deviation over seeds; the generator used at a "
-                  "fraction was trained on that fraction only.", "",
-                  "| share of real training data | real only | real + synthetic | synthetic only |",
-                  "| --- | --- | --- | --- |"]
+                  "Macro-F1 on the real test split, mean +- standard deviation over seeds (each seed's score the "
+                  "mean of its classifier repeats); the generator used at a fraction was trained on that fraction "
+                  "only. The gain is real + synthetic minus real only, seed by seed.", "",
+                  "| share of real training data | real only | real + synthetic | synthetic only | gain per seed |",
+                  "| --- | --- | --- | --- | --- |"]
         for fraction, result in report["usefulness"].items():
             cells = [f"{result[f'{name}_f1']:.3f} +- {result[f'{name}_f1_std']:.3f}"
                      for name in ("real_only", "real_plus_synthetic", "synthetic_only")]
+            cells.append(", ".join(f"{gain:+.3f}" for gain in result.get("gain_per_seed", [])))
             lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells) + " |")
         lines += ["", "Recall per class (mean over seeds):", "",
                   "| share | variant | " + " | ".join(class_names) + " |",

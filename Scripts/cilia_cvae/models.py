@@ -27,6 +27,9 @@ import tensorflow as tf
 from keras import layers, ops
 
 ARCHITECTURES = ("default", "original")
+# "auto" is each architecture's own: the original's sum of squared errors (a fixed variance),
+# our calibrated Gaussian (the variance learnt, in closed form, per image).
+RECONSTRUCTION_LOSSES = ("auto", "calibrated_gaussian", "sum_squared_error")
 SERIALIZATION_PACKAGE = "cilia_cvae"
 
 # The calibrated variance may not shrink below this many grey levels (out of 1), so that a
@@ -286,8 +289,10 @@ def check_sizes(architecture, image_size, map_stride=0):
         latent_map_side(image_size, map_stride)
 
 
-def reconstruction_loss_kind(architecture):
+def reconstruction_loss_kind(architecture, choice="auto"):
     """The original used a plain sum of squared errors; ours a Gaussian with calibrated variance."""
+    if choice != "auto":
+        return choice
     return "sum_squared_error" if architecture == "original" else "calibrated_gaussian"
 
 

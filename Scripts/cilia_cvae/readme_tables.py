@@ -74,17 +74,23 @@ def evaluation_table(relative_path):
             f"| {result['training']['best_epoch']} of {result['training']['epochs']} |")
     useful = {name: result["usefulness"] for name, result in contenders.items() if result.get("usefulness")}
     if useful:
-        rows += ["", "| contender | share of the real training data | macro-F1 real only | real + synthetic | synthetic only |",
-                 "| --- | --- | --- | --- | --- |"]
+        rows += ["", "| contender | share of the real training data | macro-F1 real only | real + synthetic | synthetic only "
+                 "| gain per seed (real + synthetic minus real only) |",
+                 "| --- | --- | --- | --- | --- | --- |"]
         for name, fractions in useful.items():
             for fraction, values in fractions.items():
-                rows.append(f"| {name} | {_percent(float(fraction))} ({values.get('seeds', '?')} seed{'' if values.get('seeds') == 1 else 's'}) "
+                rows.append(f"| {name} | {_percent(float(fraction))} ({values.get('seeds', '?')} seed{'' if values.get('seeds') == 1 else 's'}"
+                            f"{f' x {repeats} classifiers' if (repeats := values.get('classifier_repeats', 1)) > 1 else ''}) "
                             f"| {values['real_only_f1']:.3f} +- {values['real_only_f1_std']:.3f} "
                             f"| {values['real_plus_synthetic_f1']:.3f} +- {values['real_plus_synthetic_f1_std']:.3f} "
-                            f"| {values['synthetic_only_f1']:.3f} +- {values['synthetic_only_f1_std']:.3f} |")
+                            f"| {values['synthetic_only_f1']:.3f} +- {values['synthetic_only_f1_std']:.3f} "
+                            f"| {', '.join(f'{gain:+.3f}' for gain in values.get('gain_per_seed', [])) or 'not recorded'} |")
+    commands = comparison.get("commands", [comparison["command"]])
     rows += ["", f"Judge accuracy on the real test split: {100 * contenders[next(iter(contenders))]['real_accuracy']:.1f}%. "
              f"Budget: {comparison['epochs']} epochs at {comparison['image_size']} px for every trained contender. "
-             f"Machine: {comparison['machine']}. Command: `{comparison['command']}`."]
+             f"Machine: {comparison['machine']}. "
+             + ("Commands (each row's contenders were run by one of them): " if len(commands) > 1 else "Command: ")
+             + ", then ".join(f"`{text}`" for text in commands) + "."]
     return "\n".join(rows) + "\n"
 
 

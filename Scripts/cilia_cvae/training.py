@@ -102,7 +102,8 @@ def any_worker(strategy, flag):
 # --------------------------------------------------------------------------- model and data
 
 def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
-               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None, map_side=0):
+               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None, map_side=0,
+               reconstruction="auto"):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
     The optimizer is Adam(learning_rate) unless one is given (the distribution tests use plain
@@ -113,7 +114,7 @@ def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, lear
     with strategy.scope():
         encoder, decoder = models.build_encoder_and_decoder(
             architecture, image_size, num_classes, latent_dim, base_channels, max_channels, map_side)
-        model = models.CVAE(encoder, decoder, reconstruction=models.reconstruction_loss_kind(architecture),
+        model = models.CVAE(encoder, decoder, reconstruction=models.reconstruction_loss_kind(architecture, reconstruction),
                             sample_posterior=sample_posterior, seed=seed)
         model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate))
         # Build the optimizer's slots now, inside the scope, rather than lazily inside a replica.
@@ -219,7 +220,8 @@ class RunFolder:
         elif occupied and not self.run_settings.exists():
             reason = f"{occupied[0]} already holds files that are not a resumable run"
         elif self.run_settings.exists():
-            recorded = json.loads(self.run_settings.read_text(encoding="utf-8"))
+            # A run started before a setting existed ran with that setting's "auto".
+            recorded = {"RECONSTRUCTION_LOSS": "auto", **json.loads(self.run_settings.read_text(encoding="utf-8"))}
             changed = sorted(name for name in set(recorded) | set(comparable) if recorded.get(name) != comparable.get(name))
             if changed:
                 names = ", ".join(f"--{name.lower()}" for name in changed)
@@ -334,6 +336,7 @@ def check_settings(settings):
     if not settings["LEARNING_RATE"] > 0:
         raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
     check_choice("ARCHITECTURE", settings["ARCHITECTURE"], models.ARCHITECTURES)
+    check_choice("RECONSTRUCTION_LOSS", settings["RECONSTRUCTION_LOSS"], models.RECONSTRUCTION_LOSSES)
     try:
         models.check_sizes(settings["ARCHITECTURE"], settings["IMAGE_SIZE"], settings["LATENT_MAP_STRIDE"])
     except ValueError as error:
@@ -376,7 +379,7 @@ def train(settings, facts):
     latent_dim = models.latent_length(image_size, settings["LATENT_DIM"], map_stride, settings["LATENT_MAP_CHANNELS"])
     model = build_cvae(strategy, settings["ARCHITECTURE"], image_size, num_classes, latent_dim,
                        settings["LEARNING_RATE"], settings["BASE_CHANNELS"], settings["MAX_CHANNELS"], settings["SEED"],
-                       map_side=map_side)
+                       map_side=map_side, reconstruction=settings["RECONSTRUCTION_LOSS"])
     train_step, test_step = make_step_functions(model, strategy, jit_compile=on_gpu)
     has_validation = len(validation_paths) > 0
     if has_validation:
@@ -556,6 +559,7 @@ def finish(run, model, settings, facts, history, best_epoch, all_paths, all_labe
     parameters = {
         "settings": jsonable(settings),
         "architecture": settings["ARCHITECTURE"],
+        "reconstruction_loss": models.reconstruction_loss_kind(settings["ARCHITECTURE"], settings["RECONSTRUCTION_LOSS"]),
         "class_names": class_names,
         "image_size": settings["IMAGE_SIZE"],
         "resize_mode": facts["resize_mode"],
