@@ -55,6 +55,7 @@ WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the processed train and test splits
 OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "evaluation_224.json"  # written: the comparison
 FIGURE = config.REPOSITORY_ROOT / "docs" / "real_phantom_generated.png"  # written: phantoms beside the default's images
+CONTENDERS_FIGURE = ""  # written: test phantoms beside the first images of every contender in OUTPUT_JSON ("": docs/contenders_<S>.png beside OUTPUT_JSON)
 REAL_SAMPLES_DIR = ""  # optional folder of real TEM crops shown in the figure's top row ("" for none)
 settings = configure(globals())
 
@@ -194,6 +195,20 @@ comparison = {
 OUTPUT_JSON.parent.mkdir(parents=True, exist_ok=True)
 write_json_atomic(OUTPUT_JSON, comparison)
 print(f"comparison: {OUTPUT_JSON}")
+
+# Every contender's first images side by side: a number can hide what looking shows at once.
+contender_folders = {name: Path(result["generated_images_dir"]) for name, result in
+                     [("default", comparison["default"]), ("original", comparison["original"]),
+                      *comparison["candidates"].items()] if result and Path(result["generated_images_dir"]).is_dir()}
+if contender_folders:
+    class_names = facts["class_names"]
+    contenders_figure = Path(CONTENDERS_FIGURE) if CONTENDERS_FIGURE else OUTPUT_JSON.parent / f"contenders_{size_name}.png"
+    figures.cross_resolution(figures.first_images(PROCESSED_IMAGES_DIR / size_name / "test", class_names, 1),
+                             {name: figures.first_images(folder, class_names, 1, "Synthetic_*.png")
+                              for name, folder in contender_folders.items()},
+                             class_names, contenders_figure, examples=1,
+                             title="A test phantom (left) beside the first image of each contender, per class")
+    print(f"figure: {contenders_figure}")
 
 # The picture for the README: test-split phantoms beside the default model's generated images.
 if "default" in results:

@@ -235,7 +235,7 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
     output, figure = tmp_path / "evaluation_32.json", tmp_path / "picture.png"
     arguments = ["--image_size=32", "--epochs=1", "--contenders=default,original,low_temperature", "--images_per_class=6",
                  "--quick=True", f"--work_dir={work}", f"--processed_images_dir={folders['processed']}",
-                 f"--output_json={output}", f"--figure={figure}"]
+                 f"--output_json={output}", f"--figure={figure}", f"--contenders_figure={tmp_path / 'contenders.png'}"]
     finished = run_script("cvae_compare", *arguments, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:] + finished.stdout[-2000:]
     comparison = json.loads(output.read_text())
@@ -251,6 +251,8 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
     assert not (work / "low_temperature" / "models").exists()
     assert (work / "low_temperature" / "generated" / "32x32" / "evaluation_report.json").is_file()
     assert figure.is_file()
+    assert (tmp_path / "contenders.png").is_file(), "every contender's first images side by side"
+    assert comparison["commands"] == [comparison["command"]] and "--contenders=default,original" in comparison["command"]
     table = readme_tables.evaluation_table(output)
     assert "| original |" in table and "| low_temperature |" in table and "`--temperature=0.5`" in table
     # A second run reuses everything: nothing is trained, generated or judged again.

@@ -55,8 +55,10 @@ def image_comparison(real_paths, generated_paths, class_names, path, examples=4)
     image_grid(rows, class_names, titles, path, "Real training images (left) beside generated ones (right)")
 
 
-def cross_resolution(real_paths, generated_by_size, class_names, path, examples=2):
-    """A row per class: real examples, then generated ones at each resolution (the original's Image Comparison)."""
+def cross_resolution(real_paths, generated_by_size, class_names, path, examples=2,
+                     title="Real images beside generated ones at each resolution"):
+    """A row per class: real examples, then generated ones of each source (resolution or model),
+    as the original's Image Comparison did for resolutions."""
     rows, titles = [], [f"real {index + 1}" for index in range(examples)]
     for size_name in generated_by_size:
         titles += [f"{size_name} #{index + 1}" for index in range(examples)]
@@ -67,7 +69,7 @@ def cross_resolution(real_paths, generated_by_size, class_names, path, examples=
             images = [Image.open(item).convert("L") for item in generated.get(class_name, [])[:examples]]
             row += images + [None] * (examples - len(images))
         rows.append(row)
-    image_grid(rows, class_names, titles, path, "Real images beside generated ones at each resolution")
+    image_grid(rows, class_names, titles, path, title)
 
 
 def latent_space(latents_by_class, path):
