@@ -55,7 +55,7 @@ WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the processed train and test splits
 OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "evaluation_224.json"  # written: the comparison
 FIGURE = config.REPOSITORY_ROOT / "docs" / "real_phantom_generated.png"  # written: phantoms beside the default's images
-CONTENDERS_FIGURE = ""  # written: test phantoms beside the first images of every contender in OUTPUT_JSON ("": docs/contenders_<S>.png beside OUTPUT_JSON)
+CONTENDERS_FIGURE = ""  # written: test phantoms beside the first images of every contender in OUTPUT_JSON ("": contenders_<S>x<S>.png beside OUTPUT_JSON)
 REAL_SAMPLES_DIR = ""  # optional folder of real TEM crops shown in the figure's top row ("" for none)
 settings = configure(globals())
 
