@@ -125,8 +125,10 @@ def contender_report(name):
     usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
     earlier = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
     # A usefulness measured with other generator or classifier budgets is measured again.
+    # (A report from before classifier repeats existed ran one classifier per run.)
+    recorded = {"USEFULNESS_CLASSIFIER_REPEATS": 1, **earlier.get("settings", {})} if earlier else {}
     stale_usefulness = (usefulness and (not earlier.get("usefulness") or any(
-        earlier.get("settings", {}).get(setting) != value for setting, value in USEFULNESS_SETTINGS.items()))) if earlier else True
+        recorded.get(setting) != value for setting, value in USEFULNESS_SETTINGS.items()))) if earlier else True
     if REEVALUATE or earlier is None or stale_usefulness:
         run("cvae_evaluate", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
                               f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
