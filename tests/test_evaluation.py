@@ -183,6 +183,66 @@ def test_a_fraction_generator_takes_the_steps_of_a_full_data_one():
     assert generator_schedule({"KL_WARMUP_EPOCHS": 40}, 0.5, 10) == (20, 20)
 
 
+def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_path, monkeypatch):
+    from cilia_cvae import usefulness
+
+    processed = tmp_path / "processed" / "32x32"
+    train_paths = []
+    for class_name in ("Normal", "ODA"):
+        for index in range(4):
+            path = processed / "train" / class_name / f"{class_name}_{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (32, 32), 128).save(path)
+            train_paths.append(str(path))
+    (tmp_path / "processed" / "raw_image_statistics.csv").write_text("image,width,height\n")
+    work_dir = tmp_path / "fraction_0.5_seed_0"
+    checkpoint = work_dir / "models" / "32x32" / "checkpoints" / "epoch.weights.h5"
+    calls = []
+
+    def killed_during_training(name, arguments):
+        calls.append(name)
+        if name.startswith("cvae_training"):
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text("epochs 1-3")
+            raise KeyboardInterrupt
+
+    def finishing(name, arguments):
+        calls.append(name)
+        if name.startswith("cvae_training"):
+            assert checkpoint.read_text() == "epochs 1-3", "the killed run's checkpoint was kept for the script to resume"
+            (work_dir / "models" / "32x32" / "cvae_parameters.json").write_text("{}")
+        else:
+            (work_dir / "generated" / "32x32" / "Normal").mkdir(parents=True)
+
+    def make_generator(settings=None):
+        return usefulness.generator_for_fraction(
+            work_dir, processed, 32, ["Normal", "ODA"], {"fingerprint": "0123456789abcdef0123"}, train_paths,
+            np.array([0, 1, 4, 5]), settings or {"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5}, 2, 4, 0, 0.5)
+
+    monkeypatch.setattr(usefulness, "run_script", killed_during_training)
+    with pytest.raises(KeyboardInterrupt):
+        make_generator()
+    monkeypatch.setattr(usefulness, "run_script", finishing)
+    assert make_generator() == work_dir / "generated" / "32x32"
+    assert calls == ["cvae_training_224x224", "cvae_training_224x224", "cvae_inference"]
+    assert sorted(path.name for path in (work_dir / "processed" / "32x32" / "train" / "ODA").iterdir()) == \
+        ["ODA_0.png", "ODA_1.png"]
+    # Finished: reused without training or generating again; spelling out the default loss changes nothing.
+    make_generator({"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5, "RECONSTRUCTION_LOSS": "calibrated_gaussian"})
+    assert len(calls) == 3
+    # A trained model whose images were not generated yet (killed in between) is not trained again.
+    (work_dir / "done.json").unlink()
+    make_generator()
+    assert calls[3:] == ["cvae_inference"]
+    # Other settings: the old run is cleared and training starts from nothing.
+    monkeypatch.setattr(usefulness, "run_script", killed_during_training)
+    checkpoint.write_text("a run with the old settings")
+    with pytest.raises(KeyboardInterrupt):
+        make_generator({"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5, "RECONSTRUCTION_LOSS": "sum_squared_error"})
+    assert checkpoint.read_text() == "epochs 1-3"
+    assert not (work_dir / "models" / "32x32" / "cvae_parameters.json").exists()
+
+
 def test_usefulness_fractions_outside_zero_to_one_are_refused_in_one_line(tmp_path):
     finished = run_script("cvae_evaluate", "--usefulness=True", "--usefulness_fractions=0,0.5",
                           f"--processed_images_dir={tmp_path}", f"--generated_images_dir={tmp_path}")

@@ -221,7 +221,13 @@ def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     rows_before = history.read_text().splitlines()
     assert 2 <= len(rows_before) - 1 < 5, "the run was not killed half way"
     assert not (tmp_path / "models" / "32x32" / "cvae_parameters.json").exists()
-    result = train(tmp_path, "--epochs=5")
+    # Another loss is another run: refused in one line, and nothing is touched.
+    result = train(tmp_path, "--epochs=5", "--reconstruction_loss=sum_squared_error")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "used other settings (--reconstruction_loss)" in result.stderr.strip().splitlines()[-1]
+    assert history.read_text().splitlines() == rows_before
+    # Spelling out the loss "auto" stands for is the same run.
+    result = train(tmp_path, "--epochs=5", "--reconstruction_loss=calibrated_gaussian")
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch" in result.stdout
     assert history_epochs(history) == [1, 2, 3, 4, 5]

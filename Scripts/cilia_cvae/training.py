@@ -180,6 +180,16 @@ def kl_weight_for_epoch(epoch, kl_warmup_epochs):
 
 # --------------------------------------------------------------------------- the run folder
 
+def resolved_settings(settings):
+    """Settings with "auto" replaced by what it stands for, so that spelling out a default is no change.
+
+    A run started before RECONSTRUCTION_LOSS existed recorded none: it ran with "auto".
+    """
+    architecture = settings.get("ARCHITECTURE", "default")
+    choice = settings.get("RECONSTRUCTION_LOSS", "auto")
+    return dict(settings, RECONSTRUCTION_LOSS=models.reconstruction_loss_kind(architecture, choice))
+
+
 class RunFolder:
     """Paths of one training run and the rules for starting, resuming or refusing it."""
 
@@ -212,7 +222,8 @@ class RunFolder:
 
         What is left afterwards is either nothing or an unfinished run with the same settings.
         """
-        comparable = {name: value for name, value in jsonable(settings).items() if name not in SETTINGS_FREE_TO_CHANGE}
+        comparable = resolved_settings({name: value for name, value in jsonable(settings).items()
+                                        if name not in SETTINGS_FREE_TO_CHANGE})
         occupied = [folder for folder in (self.directory, self.latent_directory) if folder.exists() and any(folder.iterdir())]
         reason = None
         if self.parameters.exists():
@@ -220,8 +231,7 @@ class RunFolder:
         elif occupied and not self.run_settings.exists():
             reason = f"{occupied[0]} already holds files that are not a resumable run"
         elif self.run_settings.exists():
-            # A run started before a setting existed ran with that setting's "auto".
-            recorded = {"RECONSTRUCTION_LOSS": "auto", **json.loads(self.run_settings.read_text(encoding="utf-8"))}
+            recorded = resolved_settings(json.loads(self.run_settings.read_text(encoding="utf-8")))
             changed = sorted(name for name in set(recorded) | set(comparable) if recorded.get(name) != comparable.get(name))
             if changed:
                 names = ", ".join(f"--{name.lower()}" for name in changed)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, recall_score
 
+from cilia_cvae import models
 from cilia_cvae.classifier import list_images, load_images, predict, train_classifier
 from cilia_cvae.files import write_json_atomic
 from cilia_cvae.preprocessing import FACTS_FILE_NAME, size_folder_name
@@ -51,6 +52,18 @@ def run_script(name, arguments):
         raise RuntimeError(f"{name}.py {' '.join(arguments)} failed with exit code {finished.returncode}")
 
 
+def is_default_choice(model_settings, name):
+    """True for a setting whose value is "auto" or what "auto" stands for on that architecture.
+
+    Leaving such a setting out of a generator's arguments keeps the generators trained before
+    the setting existed valid, and makes spelling out the default no change.
+    """
+    if name != "RECONSTRUCTION_LOSS":
+        return model_settings[name] == "auto"
+    architecture = model_settings.get("ARCHITECTURE", "default")
+    return models.reconstruction_loss_kind(architecture, model_settings[name]) == models.reconstruction_loss_kind(architecture)
+
+
 def generator_schedule(model_settings, fraction, full_data_epochs):
     """Epochs and KL warm-up for a generator trained on a fraction of the data.
 
@@ -69,12 +82,11 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
     """Train a CVAE on one fraction of the train split and generate from it; reuse an earlier one."""
     generated_dir = work_dir / "generated" / size_folder_name(image_size)
     epochs, warmup = generator_schedule(model_settings, fraction, generator_epochs)
-    # "auto" is every training script's default; leaving it out keeps the generators trained
-    # before that setting existed valid.
     copied = [f"--{name.lower()}={model_settings[name]}" for name in COPIED_TRAINING_SETTINGS
-              if model_settings.get(name, "auto") != "auto"]
+              if name in model_settings and not is_default_choice(model_settings, name)]
     training_arguments = [f"--image_size={image_size}", *copied, f"--epochs={epochs}", f"--kl_warmup_epochs={warmup}",
                           f"--sample_every={max(1, epochs // 5)}", f"--seed={seed}"]
+    subset_fingerprint = f"{facts['fingerprint'][:16]}-subset-{len(subset)}-seed{seed}"
     # Reused only if trained with exactly these settings (a retrained evaluated model may differ).
     done_path = work_dir / "done.json"
     if done_path.is_file() and json.loads(done_path.read_text(encoding="utf-8")).get("training_arguments") == training_arguments:
@@ -92,17 +104,26 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
     for class_name in class_names:
         (size_dir / "train" / class_name).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(processed_dir).parent / "raw_image_statistics.csv", fraction_processed / "raw_image_statistics.csv")
-    subset_facts = dict(facts, fingerprint=f"{facts['fingerprint'][:16]}-subset-{len(subset)}-seed{seed}")
-    write_json_atomic(size_dir / FACTS_FILE_NAME, subset_facts)
+    write_json_atomic(size_dir / FACTS_FILE_NAME, dict(facts, fingerprint=subset_fingerprint))
     script = f"cvae_training_{size_folder_name(image_size)}"
     if not (SCRIPTS_DIR / f"{script}.py").exists():
         script = "cvae_training_224x224"
-    for folder in ("models", "latents", "generated"):
-        if (work_dir / folder).exists():
-            shutil.rmtree(work_dir / folder)
-    run_script(script, [*training_arguments,
-                        f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
-                        f"--latent_tensors_dir={work_dir / 'latents'}"])
+    # A generator killed part-way (each one takes a quarter of an hour at 224) resumes from its
+    # last finished epoch, as the training script does for a user, when it was started with the
+    # same arguments on the same images; otherwise it starts again from nothing.
+    started_path = work_dir / "started.json"
+    started = {"training_arguments": training_arguments, "subset_fingerprint": subset_fingerprint}
+    if not (started_path.is_file() and json.loads(started_path.read_text(encoding="utf-8")) == started):
+        for folder in ("models", "latents"):
+            if (work_dir / folder).exists():
+                shutil.rmtree(work_dir / folder)
+        write_json_atomic(started_path, started)
+    if (work_dir / "generated").exists():
+        shutil.rmtree(work_dir / "generated")
+    if not (work_dir / "models" / size_folder_name(image_size) / "cvae_parameters.json").is_file():
+        run_script(script, [*training_arguments,
+                            f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
+                            f"--latent_tensors_dir={work_dir / 'latents'}"])
     run_script("cvae_inference", [f"--image_size={image_size}", f"--images_per_class={synthetic_per_class}",
                                   "--restore_aspect=False", "--figures=False", f"--seed={seed}",
                                   f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
