@@ -70,6 +70,7 @@ CONTENDER_SETTINGS = {
     "vector_latent": {"training": ["--latent_map_stride=0"], "inference": []},
     "no_kl_warmup": {"training": ["--kl_warmup_epochs=0"], "inference": []},
     "fixed_variance": {"training": ["--reconstruction_loss=sum_squared_error"], "inference": []},
+    "structural_similarity": {"training": ["--structural_weight=1"], "inference": []},
     "prior_sampling": {"training": [], "inference": ["--sampling=prior"]},
 }
 SCRIPTS_DIR = Path(__file__).resolve().parent

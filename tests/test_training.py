@@ -207,6 +207,40 @@ def test_fixed_variance_loss_is_a_choice_and_recorded(finished_run, tmp_path):
     assert "--reconstruction_loss" in result.stderr.strip().splitlines()[-1]
 
 
+def test_structural_similarity_matches_tensorflow_and_its_term_trains(finished_run, tmp_path):
+    import tensorflow as tf
+    from cilia_cvae import models
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (3, 40, 40, 1)).astype("float32")
+    noisy = np.clip(images + rng.normal(0, 0.1, images.shape), 0, 1).astype("float32")
+    ours = np.asarray(models.structural_similarity(images, noisy))
+    assert ours == pytest.approx(tf.image.ssim(images, noisy, max_val=1.0).numpy(), abs=1e-5)
+    assert np.asarray(models.structural_similarity(images, images)) == pytest.approx(1.0)
+    # The term adds exactly D/2 log(1 - SSIM) of each image and its reconstruction to the loss.
+    encoder, decoder = models.build_encoder_and_decoder("default", 40, 2, 5 * 5 * 2, 4, 8, models.latent_map_side(40, 8))
+    images, labels = tf.constant(images), tf.constant(np.eye(2, dtype="float32")[[0, 1, 0]])
+    losses = {weight: models.CVAE(encoder, decoder, sample_posterior=False, structural_weight=weight)
+              .per_example_losses(images, labels, training=False) for weight in (0.0, 1.0)}
+    reconstructions = np.asarray(decoder([encoder([images, labels])[0], labels]))
+    expected = 0.5 * 40 * 40 * np.log(1 - np.asarray(models.structural_similarity(images, reconstructions)))
+    assert np.asarray(losses[1.0]["reconstruction_loss"] - losses[0.0]["reconstruction_loss"]) == pytest.approx(
+        expected, rel=1e-3)
+    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=1", "--structural_weight=1",
+                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
+                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    assert result.returncode == 0, result.stderr
+    parameters = json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())
+    assert parameters["structural_weight"] == 1.0
+    assert np.isfinite(parameters["final_losses"]["last_epoch"]["reconstruction_loss"])
+    assert json.loads((finished_run / "models" / "32x32" / "cvae_parameters.json").read_text())["structural_weight"] == 0.0
+    result = run_script("cvae_training_224x224", *TINY_MODEL, "--structural_weight=-1",
+                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'other'}",
+                        f"--latent_tensors_dir={tmp_path / 'other_latents'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--structural_weight must be 0 or more" in result.stderr.strip().splitlines()[-1]
+
+
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=40)
     command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path), "--epochs=5"]

@@ -103,7 +103,7 @@ def any_worker(strategy, flag):
 
 def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
                base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None, map_side=0,
-               reconstruction="auto"):
+               reconstruction="auto", structural_weight=0.0):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
     The optimizer is Adam(learning_rate) unless one is given (the distribution tests use plain
@@ -115,7 +115,7 @@ def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, lear
         encoder, decoder = models.build_encoder_and_decoder(
             architecture, image_size, num_classes, latent_dim, base_channels, max_channels, map_side)
         model = models.CVAE(encoder, decoder, reconstruction=models.reconstruction_loss_kind(architecture, reconstruction),
-                            sample_posterior=sample_posterior, seed=seed)
+                            sample_posterior=sample_posterior, seed=seed, structural_weight=structural_weight)
         model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate))
         # Build the optimizer's slots now, inside the scope, rather than lazily inside a replica.
         model.optimizer.build(model.trainable_variables)
@@ -180,14 +180,16 @@ def kl_weight_for_epoch(epoch, kl_warmup_epochs):
 
 # --------------------------------------------------------------------------- the run folder
 
-def resolved_settings(settings):
-    """Settings with "auto" replaced by what it stands for, so that spelling out a default is no change.
+# What a run started before a setting existed ran with.
+SETTINGS_ADDED_LATER = {"RECONSTRUCTION_LOSS": "auto", "STRUCTURAL_WEIGHT": 0.0}
 
-    A run started before RECONSTRUCTION_LOSS existed recorded none: it ran with "auto".
-    """
+
+def resolved_settings(settings):
+    """Settings with "auto" replaced by what it stands for, so that spelling out a default is no change."""
+    settings = {**SETTINGS_ADDED_LATER, **settings}
     architecture = settings.get("ARCHITECTURE", "default")
-    choice = settings.get("RECONSTRUCTION_LOSS", "auto")
-    return dict(settings, RECONSTRUCTION_LOSS=models.reconstruction_loss_kind(architecture, choice))
+    return dict(settings, RECONSTRUCTION_LOSS=models.reconstruction_loss_kind(architecture, settings["RECONSTRUCTION_LOSS"]),
+                STRUCTURAL_WEIGHT=float(settings["STRUCTURAL_WEIGHT"]))
 
 
 class RunFolder:
@@ -338,7 +340,7 @@ def check_settings(settings):
     for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "LATENT_MAP_CHANNELS", "SAMPLE_EVERY", "BASE_CHANNELS", "MAX_CHANNELS"):
         if settings[name] < 1:
             raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
-    for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES"):
+    for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES", "STRUCTURAL_WEIGHT"):
         if settings[name] < 0:
             raise UserError(f"--{name.lower()} must be 0 or more, not {settings[name]}")
     if not 0 <= settings["VALIDATION_FRACTION"] < 1:
@@ -389,7 +391,8 @@ def train(settings, facts):
     latent_dim = models.latent_length(image_size, settings["LATENT_DIM"], map_stride, settings["LATENT_MAP_CHANNELS"])
     model = build_cvae(strategy, settings["ARCHITECTURE"], image_size, num_classes, latent_dim,
                        settings["LEARNING_RATE"], settings["BASE_CHANNELS"], settings["MAX_CHANNELS"], settings["SEED"],
-                       map_side=map_side, reconstruction=settings["RECONSTRUCTION_LOSS"])
+                       map_side=map_side, reconstruction=settings["RECONSTRUCTION_LOSS"],
+                       structural_weight=settings["STRUCTURAL_WEIGHT"])
     train_step, test_step = make_step_functions(model, strategy, jit_compile=on_gpu)
     has_validation = len(validation_paths) > 0
     if has_validation:
@@ -570,6 +573,7 @@ def finish(run, model, settings, facts, history, best_epoch, all_paths, all_labe
         "settings": jsonable(settings),
         "architecture": settings["ARCHITECTURE"],
         "reconstruction_loss": models.reconstruction_loss_kind(settings["ARCHITECTURE"], settings["RECONSTRUCTION_LOSS"]),
+        "structural_weight": settings["STRUCTURAL_WEIGHT"],
         "class_names": class_names,
         "image_size": settings["IMAGE_SIZE"],
         "resize_mode": facts["resize_mode"],

@@ -30,7 +30,7 @@ SCRIPTS_DIR = Path(__file__).resolve().parents[1]
 # (the epochs and the KL warm-up are stretched, see generator_schedule).
 COPIED_TRAINING_SETTINGS = ("ARCHITECTURE", "LATENT_DIM", "LATENT_MAP_STRIDE", "LATENT_MAP_CHANNELS", "BASE_CHANNELS",
                             "MAX_CHANNELS", "BATCH_SIZE", "LEARNING_RATE", "VALIDATION_FRACTION", "CLASS_BALANCED", "AUGMENT",
-                            "RECONSTRUCTION_LOSS")
+                            "RECONSTRUCTION_LOSS", "STRUCTURAL_WEIGHT")
 
 
 def stratified_subset(labels, fraction, seed):
@@ -53,11 +53,13 @@ def run_script(name, arguments):
 
 
 def is_default_choice(model_settings, name):
-    """True for a setting whose value is "auto" or what "auto" stands for on that architecture.
+    """True for a setting whose value is "auto", what "auto" stands for on that architecture, or no structural term.
 
     Leaving such a setting out of a generator's arguments keeps the generators trained before
     the setting existed valid, and makes spelling out the default no change.
     """
+    if name == "STRUCTURAL_WEIGHT":
+        return float(model_settings[name]) == 0.0
     if name != "RECONSTRUCTION_LOSS":
         return model_settings[name] == "auto"
     architecture = model_settings.get("ARCHITECTURE", "default")
