@@ -197,11 +197,12 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
     (tmp_path / "processed" / "raw_image_statistics.csv").write_text("image,width,height\n")
     work_dir = tmp_path / "fraction_0.5_seed_0"
     checkpoint = work_dir / "models" / "32x32" / "checkpoints" / "epoch.weights.h5"
-    calls = []
+    calls, checkpoint_found = [], []
 
     def killed_during_training(name, arguments):
         calls.append(name)
         if name.startswith("cvae_training"):
+            checkpoint_found.append(checkpoint.exists())
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text("epochs 1-3")
             raise KeyboardInterrupt
@@ -239,8 +240,13 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
     checkpoint.write_text("a run with the old settings")
     with pytest.raises(KeyboardInterrupt):
         make_generator({"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5, "RECONSTRUCTION_LOSS": "sum_squared_error"})
-    assert checkpoint.read_text() == "epochs 1-3"
+    assert checkpoint_found == [False, False], "the run with other settings was cleared before training"
     assert not (work_dir / "models" / "32x32" / "cvae_parameters.json").exists()
+    # A run the training script refuses (exit code 2) is not resumed by the next attempt.
+    monkeypatch.setattr(usefulness, "run_script", lambda name, arguments: (_ for _ in ()).throw(RuntimeError("refused")))
+    with pytest.raises(RuntimeError):
+        make_generator()
+    assert not (work_dir / "started.json").exists()
 
 
 def test_usefulness_fractions_outside_zero_to_one_are_refused_in_one_line(tmp_path):

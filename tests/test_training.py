@@ -241,6 +241,18 @@ def test_structural_similarity_matches_tensorflow_and_its_term_trains(finished_r
     assert "--structural_weight must be 0 or more" in result.stderr.strip().splitlines()[-1]
 
 
+def test_settings_of_old_runs_and_spelled_out_defaults_compare_as_the_run_they_are():
+    from cilia_cvae.training import resolved_settings
+
+    # run_settings.json of a run started before these settings existed.
+    old = resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40})
+    assert old == resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "RECONSTRUCTION_LOSS": "calibrated_gaussian",
+                                     "STRUCTURAL_WEIGHT": 0})
+    assert old != resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "RECONSTRUCTION_LOSS": "sum_squared_error"})
+    assert old != resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "STRUCTURAL_WEIGHT": 1})
+    assert resolved_settings({"ARCHITECTURE": "original"})["RECONSTRUCTION_LOSS"] == "sum_squared_error"
+
+
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=40)
     command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path), "--epochs=5"]

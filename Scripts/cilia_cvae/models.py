@@ -36,7 +36,8 @@ SERIALIZATION_PACKAGE = "cilia_cvae"
 # nearly perfect reconstruction of an easy image cannot dominate the gradient of a batch.
 MINIMUM_DECODER_SIGMA = 1.0 / 255.0
 # Structural similarity as Wang et al. (2004) defined it: an 11-pixel Gaussian window of sigma
-# 1.5 (a doublet is ~20 px across at 224, a dynein arm ~6 px) and their constants for images in [0, 1].
+# 1.5 (a doublet is ~20 px across at 224, a dynein arm ~6 px; at 448 the window covers half as
+# much of them) and their constants for images in [0, 1].
 SSIM_WINDOW, SSIM_SIGMA, SSIM_C1, SSIM_C2 = 11, 1.5, 0.01**2, 0.03**2
 # 1 - SSIM may not shrink below this, for the same reason as the variance floor.
 MINIMUM_STRUCTURAL_DISSIMILARITY = 1e-3

@@ -341,7 +341,7 @@ def check_settings(settings):
         if settings[name] < 1:
             raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
     for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES", "STRUCTURAL_WEIGHT"):
-        if settings[name] < 0:
+        if not settings[name] >= 0:  # also refuses nan
             raise UserError(f"--{name.lower()} must be 0 or more, not {settings[name]}")
     if not 0 <= settings["VALIDATION_FRACTION"] < 1:
         raise UserError(f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}")

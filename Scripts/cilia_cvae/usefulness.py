@@ -123,9 +123,15 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
     if (work_dir / "generated").exists():
         shutil.rmtree(work_dir / "generated")
     if not (work_dir / "models" / size_folder_name(image_size) / "cvae_parameters.json").is_file():
-        run_script(script, [*training_arguments,
-                            f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
-                            f"--latent_tensors_dir={work_dir / 'latents'}"])
+        try:
+            run_script(script, [*training_arguments,
+                                f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
+                                f"--latent_tensors_dir={work_dir / 'latents'}"])
+        except RuntimeError:
+            # The script refused or diverged: the next attempt starts from nothing rather than
+            # meeting the same refusal or the same checkpoint again. A kill is not a RuntimeError.
+            started_path.unlink()
+            raise
     run_script("cvae_inference", [f"--image_size={image_size}", f"--images_per_class={synthetic_per_class}",
                                   "--restore_aspect=False", "--figures=False", f"--seed={seed}",
                                   f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
