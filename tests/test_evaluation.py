@@ -292,6 +292,17 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     # On 80% of the data, 5 epochs: the same number of steps as 4 epochs on all of it.
     assert fraction_parameters["epochs_done"] == 5
     assert "Usefulness" in (generated / "32x32" / "evaluation_report.md").read_text()
+    # Run again: the fraction's generator and its classifiers' scores are reused, not trained again.
+    again = run_script(
+        "cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_fractions=0.8",
+        "--usefulness_seeds=1", "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1",
+        "--usefulness_classifier_repeats=2",
+        "--usefulness_generator_epochs=4", "--synthetic_per_class=12",
+        f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}", f"--models_dir={models}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "seed 0: scores reused from" in again.stdout
+    rerun = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
+    assert rerun["usefulness"]["0.8"]["runs"] == report["usefulness"]["0.8"]["runs"]
 
 
 def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_trained_model, tmp_path):

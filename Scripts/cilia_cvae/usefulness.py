@@ -94,6 +94,7 @@ def generator_for_fraction(work_dir, processed_dir, image_size, class_names, fac
     if done_path.is_file() and json.loads(done_path.read_text(encoding="utf-8")).get("training_arguments") == training_arguments:
         return generated_dir
     done_path.unlink(missing_ok=True)
+    (work_dir / "scores.json").unlink(missing_ok=True)
     fraction_processed = work_dir / "processed"
     if fraction_processed.exists():
         shutil.rmtree(fraction_processed)
@@ -175,6 +176,7 @@ def usefulness_experiment(processed_dir, work_root, image_size, class_names, fac
         runs = []
         for seed in range(seeds if fraction < 1.0 or seeds_at_full_data is None else seeds_at_full_data):
             subset = stratified_subset(train_labels, fraction, seed)
+            scores_path, scores_key = None, None
             if fraction >= 1.0:
                 generated_dir = full_generated_dir
             else:
@@ -182,6 +184,18 @@ def usefulness_experiment(processed_dir, work_root, image_size, class_names, fac
                 generated_dir = generator_for_fraction(work_dir, processed_dir, image_size, class_names, facts,
                                                        train_paths, subset, model_settings, generator_epochs,
                                                        synthetic_per_class, seed, fraction)
+                # A fraction's scores are kept beside its generator (which clears them when it is
+                # trained again): finishing an interrupted experiment then costs only what is left.
+                scores_path = work_dir / "scores.json"
+                scores_key = {"classifier_size": classifier_size, "classifier_epochs": classifier_epochs,
+                              "classifier_repeats": classifier_repeats, "synthetic_per_class": synthetic_per_class,
+                              "real_images": int(len(subset)), "test_images": int(len(test_labels))}
+                if scores_path.is_file():
+                    kept = json.loads(scores_path.read_text(encoding="utf-8"))
+                    if kept.get("key") == scores_key:
+                        runs.append(kept["run"])
+                        log(f"usefulness at {fraction:.0%} of the real data, seed {seed}: scores reused from {scores_path}")
+                        continue
             synthetic_paths, synthetic_labels = list_images(generated_dir, class_names, synthetic_per_class)
             synthetic_images = load_images(synthetic_paths, classifier_size)
             real_images, real_labels = train_images[subset], train_labels[subset]
@@ -206,6 +220,8 @@ def usefulness_experiment(processed_dir, work_root, image_size, class_names, fac
             log(f"usefulness at {fraction:.0%} of the real data, seed {seed}: macro-F1 real only "
                 f"{run['real_only']['macro_f1']:.3f}, real + synthetic {run['real_plus_synthetic']['macro_f1']:.3f}, "
                 f"synthetic only {run['synthetic_only']['macro_f1']:.3f}")
+            if scores_path is not None:
+                write_json_atomic(scores_path, {"key": scores_key, "run": run})
             runs.append(run)
         summary = {"runs": runs, "classifier_repeats": classifier_repeats,
                    # Paired by seed (same real images, same generator): the spread of the means hides this.
