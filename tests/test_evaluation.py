@@ -265,12 +265,12 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     assert finished.returncode == 0, finished.stderr
     models = tmp_path / "models"
     shutil.copytree(folders["models"], models)
-    finished = run_script(
-        "cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_fractions=0.8,1.0",
-        "--usefulness_seeds=1", "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1",
-        "--usefulness_classifier_repeats=2",
-        "--usefulness_generator_epochs=4", "--synthetic_per_class=12",
-        f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}", f"--models_dir={models}")
+    evaluation = ["cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_seeds=1",
+                  "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1", "--usefulness_classifier_repeats=2",
+                  "--usefulness_generator_epochs=4", "--synthetic_per_class=12",
+                  f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}",
+                  f"--models_dir={models}"]
+    finished = run_script(*evaluation, "--usefulness_fractions=0.8,1.0")
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
     assert set(report["usefulness"]) == {"0.8", "1.0"}
@@ -293,12 +293,7 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     assert fraction_parameters["epochs_done"] == 5
     assert "Usefulness" in (generated / "32x32" / "evaluation_report.md").read_text()
     # Run again: the fraction's generator and its classifiers' scores are reused, not trained again.
-    again = run_script(
-        "cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_fractions=0.8",
-        "--usefulness_seeds=1", "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1",
-        "--usefulness_classifier_repeats=2",
-        "--usefulness_generator_epochs=4", "--synthetic_per_class=12",
-        f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}", f"--models_dir={models}")
+    again = run_script(*evaluation, "--usefulness_fractions=0.8")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "seed 0: scores reused from" in again.stdout
     rerun = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
