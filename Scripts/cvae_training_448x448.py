@@ -41,6 +41,7 @@ AUGMENT = True  # random rotation by any angle and flips (labels are unchanged b
 EARLY_STOPPING_PATIENCE = 0  # stop after this many epochs without validation improvement (0: never)
 MAX_MINUTES = 0.0  # do not start an epoch that would end after this many minutes of this run (0: no limit); a killed run, resumed, gets it afresh
 FRESH = False  # move an earlier run in the output folders aside and start again
+CONTINUE_FINISHED = False  # train a finished run on from its last epoch, up to a raised --epochs or for --max_minutes more (same settings only); its models are replaced when it finishes again
 SAMPLE_EVERY = 5  # write samples_epoch_<N>.png every this many epochs
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the preprocessed images
 MODELS_DIR = config.MODELS_DIR  # written: <S>x<S>/ with the models, history and checkpoints

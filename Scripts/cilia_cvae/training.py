@@ -50,7 +50,7 @@ LOSS_TERMS = ("loss", "reconstruction_loss", "kl_loss", "squared_error")
 SAMPLE_GRID_COLUMNS = 8
 # Settings that may change between a killed run and its resumption without changing what was
 # trained so far (more or fewer epochs continue the same run).
-SETTINGS_FREE_TO_CHANGE = ("FRESH", "SAMPLE_EVERY", "EPOCHS", "MAX_MINUTES")
+SETTINGS_FREE_TO_CHANGE = ("FRESH", "CONTINUE_FINISHED", "SAMPLE_EVERY", "EPOCHS", "MAX_MINUTES")
 
 
 class TrainingDiverged(SystemExit):
@@ -219,14 +219,20 @@ class RunFolder:
             if path != self.best_weights(best_epoch):
                 path.unlink()
 
-    def prepare(self, settings, fresh):
-        """Refuse a finished run or one with other settings unless fresh; fresh moves it aside.
+    def continued_parameters(self):
+        return self.checkpoints / "continued_from_parameters.json"
+
+    def prepare(self, settings, fresh, continue_finished=False):
+        """Refuse a finished run or one with other settings unless fresh; fresh moves it aside;
+        continue_finished reopens a finished run with the same settings.
 
         What is left afterwards is either nothing or an unfinished run with the same settings.
         """
         comparable = resolved_settings({name: value for name, value in jsonable(settings).items()
                                         if name not in SETTINGS_FREE_TO_CHANGE})
         occupied = [folder for folder in (self.directory, self.latent_directory) if folder.exists() and any(folder.iterdir())]
+        if continue_finished and not fresh and self.parameters.exists():
+            self.reopen(settings, comparable)
         reason = None
         if self.parameters.exists():
             reason = f"a finished run is in {self.directory}"
@@ -245,6 +251,28 @@ class RunFolder:
                 print(f"moved the earlier run aside: {folder} -> {move_aside(folder)}")
         if not self.run_settings.exists():
             write_json_atomic(self.run_settings, comparable)
+
+    def reopen(self, settings, comparable):
+        """Make a finished run unfinished again, so it resumes from its last checkpoint.
+
+        Its parameters move beside the checkpoints (their training time is added to the new
+        total); its models and latents stay usable until the run finishes again and replaces them.
+        """
+        if not self.run_settings.exists() or not tf.train.latest_checkpoint(str(self.checkpoints)):
+            raise UserError(f"the finished run in {self.directory} kept no checkpoint to continue from; "
+                            f"pass --fresh=True to start again")
+        recorded = resolved_settings(json.loads(self.run_settings.read_text(encoding="utf-8")))
+        changed = sorted(name for name in set(recorded) | set(comparable) if recorded.get(name) != comparable.get(name))
+        if changed:
+            names = ", ".join(f"--{name.lower()}" for name in changed)
+            raise UserError(f"the finished run in {self.directory} used other settings ({names}); "
+                            f"continue it with its own or pass --fresh=True to start again")
+        epochs_done = json.loads(self.parameters.read_text(encoding="utf-8"))["epochs_done"]
+        if epochs_done >= settings["EPOCHS"]:
+            raise UserError(f"the finished run in {self.directory} already trained {epochs_done} epochs; "
+                            f"raise --epochs above {epochs_done} to continue it")
+        os.replace(self.parameters, self.continued_parameters())
+        print(f"continuing the finished run in {self.directory} after epoch {epochs_done}")
 
 
 # --------------------------------------------------------------------------- history and pictures
@@ -374,7 +402,7 @@ def train(settings, facts):
     chief = is_chief(strategy)
     run = RunFolder(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], image_size)
     if chief:
-        run.prepare(settings, settings["FRESH"])
+        run.prepare(settings, settings["FRESH"], settings["CONTINUE_FINISHED"])
     # The other workers look for a checkpoint to resume from only once the chief has refused,
     # moved aside or accepted what the run folder holds.
     wait_for_all_workers(strategy)
@@ -568,6 +596,9 @@ def finish(run, model, settings, facts, history, best_epoch, all_paths, all_labe
             with atomic_path(run.latent_directory / f"{name}_{class_name}.npy") as temporary_path:
                 np.save(temporary_path, values[all_labels == label], allow_pickle=False)
     save_loss_plot(run.loss_plot, history)
+    # A continued run's time counts from its first epoch, not from the continuation.
+    continued = run.continued_parameters()
+    earlier_seconds = json.loads(continued.read_text(encoding="utf-8"))["training_seconds"] if continued.exists() else 0.0
     best_row = next(row for row in history if row["epoch"] == best_epoch) if best_epoch else history[-1]
     parameters = {
         "settings": jsonable(settings),
@@ -590,9 +621,10 @@ def finish(run, model, settings, facts, history, best_epoch, all_paths, all_labe
         "encoder_parameters": int(model.encoder.count_params()),
         "decoder_parameters": int(model.decoder.count_params()),
         "replicas": strategy.num_replicas_in_sync,
-        "training_seconds": round(seconds, 1),
+        "training_seconds": round(seconds + earlier_seconds, 1),
         "library_versions": library_versions(),
     }
     write_json_atomic(run.parameters, parameters)
+    continued.unlink(missing_ok=True)
     print(f"saved the encoder and decoder of epoch {best_epoch} in {run.directory} and the latents in {run.latent_directory}")
     return parameters
