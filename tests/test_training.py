@@ -153,27 +153,47 @@ def test_fresh_moves_the_old_run_aside(finished_run, tmp_path):
     assert json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())["latent_dim"] == 6
 
 
-def test_a_finished_run_continues_with_more_epochs(tmp_path):
-    # Its own run: the folders are part of a run's settings, so a copy elsewhere is another run.
-    write_processed_split(tmp_path / "processed")
-    assert train(tmp_path, "--epochs=1").returncode == 0
-    model_dir = tmp_path / "models" / "32x32"
+def test_a_finished_run_continues_with_more_epochs_even_after_the_project_moved(tmp_path):
+    import shutil
+    write_processed_split(tmp_path / "first" / "processed")
+    assert train(tmp_path / "first", "--epochs=1").returncode == 0
+    # A run is its settings and data, not its folders: the whole project moved elsewhere continues there.
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    base = tmp_path / "moved"
+    model_dir = base / "models" / "32x32"
     first = json.loads((model_dir / "cvae_parameters.json").read_text())
-    # Nothing to continue for: the run already did the epochs asked for; then other settings.
-    for arguments, expected in ((["--epochs=1"], "--epochs above 1"), (["--epochs=2", "--learning_rate=0.01"], "--learning_rate")):
-        result = train(tmp_path, *arguments, "--continue_finished=True")
+    facts_path = base / "processed" / "32x32" / "preprocessing.json"
+    facts = facts_path.read_text()
+    other_data = json.dumps(dict(json.loads(facts), fingerprint="another"))
+    # Nothing to continue for: the epochs asked for are done; other settings; other data in the same folder.
+    for arguments, expected, facts_text in ((["--epochs=1"], "--epochs above 1", facts),
+                                            (["--epochs=2", "--learning_rate=0.01"], "(--learning_rate)", facts),
+                                            (["--epochs=2"], "(the preprocessed images (another data fingerprint))", other_data)):
+        facts_path.write_text(facts_text)
+        result = train(base, *arguments, "--continue_finished=True")
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert expected in result.stderr.strip().splitlines()[-1]
         assert json.loads((model_dir / "cvae_parameters.json").read_text()) == first  # left finished, untouched
-    result = train(tmp_path, "--epochs=2", "--continue_finished=True")
+    facts_path.write_text(facts)
+    result = train(base, "--epochs=2", "--continue_finished=True")
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch 1" in result.stdout
     assert history_epochs(model_dir / "training_history.csv") == [1, 2]
     second = json.loads((model_dir / "cvae_parameters.json").read_text())
     assert second["epochs_done"] == 2 and second["training_seconds"] > first["training_seconds"]
     assert not (model_dir / "checkpoints" / "continued_from_parameters.json").exists()
-    for class_name in CLASS_NAMES:  # the latents are the continued model's
-        assert np.load(tmp_path / "latents" / "32x32" / f"z_mean_{class_name}.npy").shape == (20, 32)
+    for class_name in CLASS_NAMES:  # the latents are the continued model's, in the moved project
+        assert np.load(base / "latents" / "32x32" / f"z_mean_{class_name}.npy").shape == (20, 32)
+
+
+def test_a_run_recorded_before_data_fingerprints_compares_its_data_folder():
+    from cilia_cvae.training import changed_settings, comparable_settings
+    settings = {"ARCHITECTURE": "default", "EPOCHS": 3, "PROCESSED_IMAGES_DIR": "/data/a", "MODELS_DIR": "/m"}
+    comparable = comparable_settings(settings, "abc")
+    old_record = {"ARCHITECTURE": "default", "PROCESSED_IMAGES_DIR": "/data/a", "MODELS_DIR": "/elsewhere"}
+    assert changed_settings(old_record, comparable, settings) == ""
+    assert changed_settings(old_record, comparable, dict(settings, PROCESSED_IMAGES_DIR="/data/b")) == "--processed_images_dir"
+    assert changed_settings(comparable, comparable_settings(dict(settings, PROCESSED_IMAGES_DIR="/data/b"), "abc"), settings) == ""
 
 
 def test_refuses_a_size_that_was_not_preprocessed(finished_run):

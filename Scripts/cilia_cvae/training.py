@@ -192,6 +192,33 @@ def resolved_settings(settings):
                 STRUCTURAL_WEIGHT=float(settings["STRUCTURAL_WEIGHT"]))
 
 
+# Where a run's files live is not what the run is: a project moved or copied elsewhere resumes
+# there. The data are compared by the preprocessing stage's fingerprint instead of their folder,
+# so other images preprocessed into the same folder are refused rather than trained on silently.
+RUN_LOCATIONS = ("PROCESSED_IMAGES_DIR", "MODELS_DIR", "LATENT_TENSORS_DIR")
+
+
+def comparable_settings(settings, data_fingerprint):
+    """What must not change within one run: the settings that shape it and the data it learns."""
+    kept = {name: value for name, value in jsonable(settings).items()
+            if name not in SETTINGS_FREE_TO_CHANGE and name not in RUN_LOCATIONS}
+    return resolved_settings(dict(kept, DATA_FINGERPRINT=data_fingerprint))
+
+
+def changed_settings(recorded, comparable, settings):
+    """The names, as the user types them, of what differs from the run's recorded settings."""
+    recorded = resolved_settings(recorded)
+    current = dict(comparable)
+    if "DATA_FINGERPRINT" not in recorded:
+        # Recorded before fingerprints were: its data folder stands for its data, as it did then.
+        del current["DATA_FINGERPRINT"]
+        current["PROCESSED_IMAGES_DIR"] = jsonable(settings)["PROCESSED_IMAGES_DIR"]
+    recorded = {name: value for name, value in recorded.items() if name not in ("MODELS_DIR", "LATENT_TENSORS_DIR")}
+    changed = sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
+    return ", ".join("the preprocessed images (another data fingerprint)" if name == "DATA_FINGERPRINT"
+                     else f"--{name.lower()}" for name in changed)
+
+
 class RunFolder:
     """Paths of one training run and the rules for starting, resuming or refusing it."""
 
@@ -222,14 +249,13 @@ class RunFolder:
     def continued_parameters(self):
         return self.checkpoints / "continued_from_parameters.json"
 
-    def prepare(self, settings, fresh, continue_finished=False):
+    def prepare(self, settings, data_fingerprint, fresh, continue_finished=False):
         """Refuse a finished run or one with other settings unless fresh; fresh moves it aside;
         continue_finished reopens a finished run with the same settings.
 
         What is left afterwards is either nothing or an unfinished run with the same settings.
         """
-        comparable = resolved_settings({name: value for name, value in jsonable(settings).items()
-                                        if name not in SETTINGS_FREE_TO_CHANGE})
+        comparable = comparable_settings(settings, data_fingerprint)
         occupied = [folder for folder in (self.directory, self.latent_directory) if folder.exists() and any(folder.iterdir())]
         if continue_finished and not fresh and self.parameters.exists():
             self.reopen(settings, comparable)
@@ -239,11 +265,9 @@ class RunFolder:
         elif occupied and not self.run_settings.exists():
             reason = f"{occupied[0]} already holds files that are not a resumable run"
         elif self.run_settings.exists():
-            recorded = resolved_settings(json.loads(self.run_settings.read_text(encoding="utf-8")))
-            changed = sorted(name for name in set(recorded) | set(comparable) if recorded.get(name) != comparable.get(name))
+            changed = changed_settings(json.loads(self.run_settings.read_text(encoding="utf-8")), comparable, settings)
             if changed:
-                names = ", ".join(f"--{name.lower()}" for name in changed)
-                reason = f"the unfinished run in {self.directory} used other settings ({names})"
+                reason = f"the unfinished run in {self.directory} used other settings ({changed})"
         if reason and not fresh:
             raise UserError(f"{reason}; pass --fresh=True to move it aside (nothing is deleted) and start again")
         if reason or (fresh and occupied):
@@ -261,11 +285,9 @@ class RunFolder:
         if not self.run_settings.exists() or not tf.train.latest_checkpoint(str(self.checkpoints)):
             raise UserError(f"the finished run in {self.directory} kept no checkpoint to continue from; "
                             f"pass --fresh=True to start again")
-        recorded = resolved_settings(json.loads(self.run_settings.read_text(encoding="utf-8")))
-        changed = sorted(name for name in set(recorded) | set(comparable) if recorded.get(name) != comparable.get(name))
+        changed = changed_settings(json.loads(self.run_settings.read_text(encoding="utf-8")), comparable, settings)
         if changed:
-            names = ", ".join(f"--{name.lower()}" for name in changed)
-            raise UserError(f"the finished run in {self.directory} used other settings ({names}); "
+            raise UserError(f"the finished run in {self.directory} used other settings ({changed}); "
                             f"continue it with its own or pass --fresh=True to start again")
         epochs_done = json.loads(self.parameters.read_text(encoding="utf-8"))["epochs_done"]
         if epochs_done >= settings["EPOCHS"]:
@@ -402,7 +424,7 @@ def train(settings, facts):
     chief = is_chief(strategy)
     run = RunFolder(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], image_size)
     if chief:
-        run.prepare(settings, settings["FRESH"], settings["CONTINUE_FINISHED"])
+        run.prepare(settings, facts["fingerprint"], settings["FRESH"], settings["CONTINUE_FINISHED"])
     # The other workers look for a checkpoint to resume from only once the chief has refused,
     # moved aside or accepted what the run folder holds.
     wait_for_all_workers(strategy)
