@@ -1,7 +1,7 @@
 """Measure training speed and memory of the original and the default CVAE, side by side.
 
-Reads   the constants of cvae_training_224x224.py and cvae_training_448x448.py (the default
-        contenders are exactly those scripts' default models at their default batch sizes).
+Reads   the training scripts' presets (cilia_cvae.model_config.PRESETS: the default contenders are
+        exactly those scripts' default models at their default batch sizes).
 Writes  OUTPUT_JSON: {"train_images_per_s": {"original_224", "default_224", "original_448",
         "default_448"}, "peak_memory_mb": {...}, "batch_size": {...}, "ratio": {...}, ...}
         and prints the same as a table.
@@ -22,7 +22,6 @@ Example:
     python Scripts/cvae_benchmark.py --quick=True    # CI-sized: 32 and 64 px instead of 224 and 448, under a minute
 """
 
-import ast
 import json
 import os
 import platform
@@ -53,36 +52,29 @@ CONTENDERS = ("original_224", "default_224", "original_448", "default_448")
 warmup_steps, timed_windows, window_seconds = (1, 2, 0.0) if QUICK else (WARMUP_STEPS, TIMED_WINDOWS, WINDOW_SECONDS)
 
 
-def training_script_defaults(image_size):
-    """The literal constants of a training script, read from its source (it is not run)."""
-    source = (SCRIPTS_DIR / f"cvae_training_{image_size}x{image_size}.py").read_text(encoding="utf-8")
-    defaults = {}
-    for statement in ast.parse(source).body:
-        if isinstance(statement, ast.Assign) and isinstance(statement.targets[0], ast.Name):
-            try:
-                defaults[statement.targets[0].id] = ast.literal_eval(statement.value)
-            except ValueError:
-                pass  # the folder constants are expressions, not literals; the benchmark needs none of them
-    return defaults
-
-
 def contender_setup(name):
-    """Architecture, image size, batch and model constants of one contender."""
-    from cilia_cvae import models
+    """The model configuration and batch size of one contender: the training scripts' own presets."""
+    import dataclasses
+
+    from cilia_cvae.model_config import ORIGINAL_LATENT_DIM, PRESETS
 
     architecture, size_text = name.split("_")
-    defaults = training_script_defaults(int(size_text))
+    preset = PRESETS[int(size_text)]
     image_size = {"224": 32, "448": 64}[size_text] if QUICK else int(size_text)
     if architecture == "original":
         batch_size = ORIGINAL_448_BATCH_SIZE if size_text == "448" else 32
-        latent_dim = 128  # the original's latent size at both resolutions
+        model_config = dataclasses.replace(preset.model, architecture="original", image_size=image_size,
+                                           latent_dim=ORIGINAL_LATENT_DIM, num_classes=NUM_CLASSES)
     else:
-        batch_size = defaults["BATCH_SIZE"]
-        latent_dim = models.latent_length(image_size, defaults["LATENT_DIM"], defaults["LATENT_MAP_STRIDE"],
-                                          defaults["LATENT_MAP_CHANNELS"])
-    map_side = models.latent_map_side(image_size, defaults["LATENT_MAP_STRIDE"]) if architecture == "default" else 0
-    return {"architecture": architecture, "image_size": image_size, "batch_size": batch_size, "latent_dim": latent_dim,
-            "base_channels": defaults["BASE_CHANNELS"], "max_channels": defaults["MAX_CHANNELS"], "map_side": map_side}
+        batch_size = preset.batch_size
+        model_config = dataclasses.replace(preset.model, image_size=image_size, num_classes=NUM_CLASSES)
+    return {"architecture": architecture, "image_size": image_size, "batch_size": batch_size,
+            "model_config": model_config}
+
+
+def contender_summary(name):
+    """What the report says of a contender's setup (the configuration object itself stays in its child)."""
+    return {key: value for key, value in contender_setup(name).items() if key != "model_config"}
 
 
 def measure_training(setup):
@@ -96,9 +88,7 @@ def measure_training(setup):
     strategy = training.choose_strategy()
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
-    model = training.build_cvae(strategy, setup["architecture"], setup["image_size"], NUM_CLASSES,
-                                setup["latent_dim"], 1e-3, setup["base_channels"], setup["max_channels"], seed=0,
-                                map_side=setup["map_side"])
+    model = training.build_cvae(strategy, setup["model_config"], learning_rate=1e-3, seed=0)
     train_step, _ = training.make_step_functions(model, strategy, jit_compile=training.use_gpu_speedups())
     batch_size, size = setup["batch_size"], setup["image_size"]
     rng = np.random.default_rng(0)
@@ -166,13 +156,15 @@ def measure_original_generation_loop(image_size, image_count):
     from PIL import Image
 
     from cilia_cvae import models
+    from cilia_cvae.model_config import ORIGINAL_LATENT_DIM, ModelConfig
 
-    decoder = models.build_original_decoder(image_size, NUM_CLASSES, 128)
+    decoder = models.build_original_decoder(ModelConfig(architecture="original", image_size=image_size,
+                                                        num_classes=NUM_CLASSES, latent_dim=ORIGINAL_LATENT_DIM))
     rng = np.random.default_rng(0)
     one_hot = np.eye(NUM_CLASSES, dtype="float32")
     with tempfile.TemporaryDirectory() as folder:
         def one_image(index):
-            latent = rng.standard_normal((1, 128)).astype("float32")
+            latent = rng.standard_normal((1, ORIGINAL_LATENT_DIM)).astype("float32")
             pixels = decoder.predict([latent, one_hot[index % NUM_CLASSES][None]], verbose=0)[0, :, :, 0]
             aspect = rng.normal(1.04, 0.117)
             image = Image.fromarray((pixels * 255).astype("uint8"))
@@ -194,13 +186,15 @@ def measure_default_generation(image_size, images_per_class):
     import numpy as np
     from tqdm import tqdm
 
-    from cilia_cvae import generation, models
+    import dataclasses
 
-    defaults = training_script_defaults(224)
-    latent_dim = models.latent_length(image_size, defaults["LATENT_DIM"], defaults["LATENT_MAP_STRIDE"],
-                                      defaults["LATENT_MAP_CHANNELS"])
-    decoder = models.build_default_decoder(image_size, NUM_CLASSES, latent_dim, defaults["BASE_CHANNELS"], defaults["MAX_CHANNELS"],
-                                           models.latent_map_side(image_size, defaults["LATENT_MAP_STRIDE"]))
+    from cilia_cvae import generation, models
+    from cilia_cvae.layout import GeneratedLayout
+    from cilia_cvae.model_config import PRESETS
+
+    model_config = dataclasses.replace(PRESETS[224].model, image_size=image_size, num_classes=NUM_CLASSES)
+    latent_dim = model_config.latent_length
+    decoder = models.build_default_decoder(model_config)
     batch_size = 64
     decode_batch = generation.make_decode_function(decoder, batch_size, latent_dim, NUM_CLASSES)
     latents = np.random.default_rng(0).standard_normal((batch_size, latent_dim)).astype("float32")
@@ -221,8 +215,11 @@ def measure_default_generation(image_size, images_per_class):
                  "decoder": decoder, "latents": stored, "fingerprint": "benchmark"}
     with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
         started = time.perf_counter()
-        written = generation.generate(generator, folder, class_names, images_per_class, "posterior", 1.0, 0, True,
-                                      {"aspect_ratio_mean": 1.04, "aspect_ratio_std": 0.117}, batch_size, progress)
+        written = generation.generate(
+            generator, GeneratedLayout(folder, image_size), class_names=class_names,
+            images_per_class=images_per_class, sampling="posterior", temperature=1.0, seed=0,
+            restore_aspect_ratio=True, raw_statistics={"aspect_ratio_mean": 1.04, "aspect_ratio_std": 0.117},
+            batch_size=batch_size, progress=progress)
         end_to_end = sum(len(paths) for paths in written.values()) / (time.perf_counter() - started)
     return {"default_decode_only": statistics.median(speeds), "default_end_to_end": end_to_end,
             "images_written": NUM_CLASSES * images_per_class,
@@ -238,7 +235,8 @@ def measure_preprocessing(image_count):
         subprocess.run([sys.executable, str(SCRIPTS_DIR / "make_phantom_dataset.py"), f"--raw_images_dir={raw}",
                         f"--num_images={image_count}", "--seed=7"], check=True, capture_output=True)
         started = time.perf_counter()
-        preprocess(raw, Path(folder) / "processed", 224, "squash", 0.2, 123)
+        preprocess(raw_images_dir=raw, processed_images_dir=Path(folder) / "processed", image_size=224,
+                   resize_mode="squash", test_fraction=0.2, seed=123)
         return image_count / (time.perf_counter() - started)
 
 
@@ -292,14 +290,14 @@ def measure_all_contenders():
     memory with another. A QUICK run only checks that everything works: one child measures all."""
     if QUICK:
         measured = contender_results(",".join(CONTENDERS))
-        return {name: {**contender_setup(name), **measured[name]} for name in CONTENDERS}
-    results = {name: {**contender_setup(name), **contender_results(name)[name]} for name in CONTENDERS}
+        return {name: {**contender_summary(name), **measured[name]} for name in CONTENDERS}
+    results = {name: {**contender_summary(name), **contender_results(name)[name]} for name in CONTENDERS}
     # The original 448 model needs ~22 GB at batch 8: when other programs hold memory it does
     # not fit, so it is measured at the largest batch that does (halving), and the table says which.
     batch_size = ORIGINAL_448_BATCH_SIZE
     while "error" in results["original_448"] and batch_size > 1:
         batch_size //= 2
-        results["original_448"] = {**contender_setup("original_448"), "batch_size": batch_size,
+        results["original_448"] = {**contender_summary("original_448"), "batch_size": batch_size,
                                    **contender_results("original_448", batch_size)["original_448"]}
     return results
 

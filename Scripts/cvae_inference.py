@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cilia_cvae import config, figures, generation
 from cilia_cvae.config import UserError, check_choice, configure
-from cilia_cvae.preprocessing import size_folder_name
+from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
 
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
@@ -56,25 +56,29 @@ if SAMPLING == "prior" and parameters.get("latent_map_side"):
     print(f"note: this model's latent is a {parameters['latent_map_side']}x{parameters['latent_map_side']} map; "
           "prior draws give texture, not cilia (see the README's quality table); use posterior or class_density")
 
-statistics_path = PROCESSED_IMAGES_DIR / "raw_image_statistics.csv"
+processed = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
+statistics_path = processed.raw_statistics
 if RESTORE_ASPECT and not statistics_path.is_file():
     raise UserError(f"{statistics_path} is missing, so no aspect ratio can be restored; "
                     f"run python Scripts/cvae_pre_processing.py, or pass --restore_aspect=False")
 raw_statistics = pd.read_csv(statistics_path).iloc[0].to_dict() if RESTORE_ASPECT else {}
 
-output_dir = GENERATED_IMAGES_DIR / size_folder_name(IMAGE_SIZE)
+generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
+output_dir = generated.directory
 output_dir.mkdir(parents=True, exist_ok=True)
 started = time.perf_counter()
 with tqdm(total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0) as progress:
-    written = generation.generate(generator, output_dir, requested, IMAGES_PER_CLASS, SAMPLING, TEMPERATURE, SEED,
-                                  RESTORE_ASPECT, raw_statistics, BATCH_SIZE, progress)
+    written = generation.generate(
+        generator, generated, class_names=requested, images_per_class=IMAGES_PER_CLASS, sampling=SAMPLING,
+        temperature=TEMPERATURE, seed=SEED, restore_aspect_ratio=RESTORE_ASPECT, raw_statistics=raw_statistics,
+        batch_size=BATCH_SIZE, progress=progress)
 elapsed = time.perf_counter() - started
 total = sum(len(paths) for paths in written.values())
 print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {output_dir}")
 
 if FIGURES:
     # Real training examples beside generated ones; the latents on a map; one latent under each label.
-    real_paths = figures.first_images(PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE) / "train", requested, 4)
+    real_paths = figures.first_images(processed.split("train"), requested, 4)
     figures.image_comparison(real_paths, {name: paths[:4] for name, paths in written.items()}, requested,
                              output_dir / "image_comparison.png")
     figures.latent_space({name: generator["latents"][name][0] for name in all_classes}, output_dir / "latent_space.png")
@@ -89,11 +93,13 @@ if FIGURES:
     )
     print(f"figures: {output_dir / 'image_comparison.png'}, latent_space.png, class_interpolation.png")
     # With images generated at several resolutions, compare them side by side as the original did.
-    size_dirs = sorted((path for path in GENERATED_IMAGES_DIR.glob("*x*") if any(path.glob("*/Synthetic_*.png"))),
+    size_dirs = sorted((path for path in GENERATED_IMAGES_DIR.glob("*x*")
+                        if path.name.split("x")[0].isdigit()
+                        and GeneratedLayout(GENERATED_IMAGES_DIR, int(path.name.split("x")[0])).all_images()),
                        key=lambda path: int(path.name.split("x")[0]))
     if len(size_dirs) > 1:
         figures.cross_resolution(real_paths, {path.name: figures.first_images(path, requested, 2, "Synthetic_*.png")
                                               for path in size_dirs}, requested,
                                  GENERATED_IMAGES_DIR / "image_comparison_resolutions.png")
         print(f"cross-resolution figure: {GENERATED_IMAGES_DIR / 'image_comparison_resolutions.png'}")
-print(f"manifest: {output_dir / 'generation_manifest.csv'}")
+print(f"manifest: {generated.manifest}")

@@ -18,6 +18,7 @@ import time
 from cilia_cvae import config
 from cilia_cvae.config import UserError, check_choice, configure
 from cilia_cvae.images import RESIZE_MODES
+from cilia_cvae.layout import SPLITS
 from cilia_cvae.preprocessing import preprocess
 
 IMAGE_SIZE = 224  # side of the square images the model trains on (the 448 script needs 448)
@@ -56,12 +57,12 @@ print(f"\n{'class':<24}{'train':>8}{'test':>8}")
 for class_name in facts["class_names"]:
     print(f"{class_name:<24}{facts['counts']['train'][class_name]:>8}{facts['counts']['test'][class_name]:>8}")
 print(f"{'total':<24}{sum(facts['counts']['train'].values()):>8}{sum(facts['counts']['test'].values()):>8}")
-left_out = {outcome: count for outcome, count in facts["outcomes"].items() if outcome not in ("train", "test")}
+left_out = {outcome: count for outcome, count in facts["outcomes"].items() if outcome not in SPLITS}
 for outcome, count in sorted(left_out.items()):
     print(f"{outcome}: {count} file(s)")
 for row in summary["manifest_rows"]:
-    if row["outcome"] not in ("train", "test"):
+    if row["outcome"] not in SPLITS:
         print(f"  {row['outcome']}: {row['source_path']}: {row['reason']}")
-processed_count = sum(facts["outcomes"].get(split, 0) for split in ("train", "test"))
+processed_count = sum(facts["outcomes"].get(split, 0) for split in SPLITS)
 print(f"\n{processed_count} images at {IMAGE_SIZE}x{IMAGE_SIZE} ({RESIZE_MODE}) in {summary['output_dir']}")
 print(f"manifest: {summary['output_dir'] / 'manifest.csv'}; {elapsed:.1f} s, {processed_count / elapsed:.0f} images/s")

@@ -19,6 +19,8 @@ from PIL import Image
 
 from conftest import REPOSITORY_ROOT, SCRIPTS_DIR, run_script
 
+HELPERS_DIR = REPOSITORY_ROOT / "tests" / "helpers"
+
 CLASS_NAMES = ["Central pair", "Normal", "ODA"]
 SIZE = 32
 TINY_MODEL = [f"--image_size={SIZE}", "--base_channels=4", "--max_channels=8", "--latent_map_channels=2", "--batch_size=8",
@@ -95,38 +97,9 @@ def test_one_epoch_run_writes_every_file(finished_run):
             assert latents.dtype == np.float32 and latents.shape == (20, 32)
 
 
-RELOAD_CHECK = """
-import json, sys
-import keras, numpy as np
-import cilia_cvae.models  # registers the custom layers: no custom_objects below
-from cilia_cvae import data, training
-model_dir, latent_dir, processed_dir = sys.argv[1:4]
-parameters = json.load(open(f"{model_dir}/cvae_parameters.json"))
-encoder = keras.models.load_model(f"{model_dir}/cvae_encoder.keras")
-decoder = keras.models.load_model(f"{model_dir}/cvae_decoder.keras")
-class_names, settings = parameters["class_names"], parameters["settings"]
-# The encoder reproduces the latents the training process saved, image for image.
-paths, labels = data.list_training_images(processed_dir, parameters["image_size"], class_names)
-z_mean, _ = training.encode_training_images(encoder, paths, labels, len(class_names), parameters["image_size"], 8)
-for label, name in enumerate(class_names):
-    assert np.array_equal(z_mean[labels == label], np.load(f"{latent_dir}/z_mean_{name}.npy")), name
-# The decoder equals a model rebuilt from the settings with the best epoch's weights.
-import tensorflow as tf
-rebuilt = training.build_cvae(tf.distribute.get_strategy(), settings["ARCHITECTURE"], parameters["image_size"],
-                              len(class_names), parameters["latent_dim"], 1e-3, settings["BASE_CHANNELS"], settings["MAX_CHANNELS"],
-                              map_side=parameters["latent_map_side"])
-with np.load(f"{model_dir}/best_epoch_{parameters['best_epoch']}.npz") as saved:
-    rebuilt.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
-latents = np.random.default_rng(1).standard_normal((6, parameters["latent_dim"])).astype("float32")
-one_hot = np.eye(len(class_names), dtype="float32")[[0, 1, 2, 0, 1, 2]]
-assert np.array_equal(decoder([latents, one_hot]).numpy(), rebuilt.decoder([latents, one_hot]).numpy())
-print("identical")
-"""
-
-
 def test_saved_models_reload_identically_in_a_fresh_process(finished_run):
     result = subprocess.run(
-        [sys.executable, "-c", RELOAD_CHECK, str(finished_run / "models" / "32x32"),
+        [sys.executable, str(HELPERS_DIR / "reload_check.py"), str(finished_run / "models" / "32x32"),
          str(finished_run / "latents" / "32x32"), str(finished_run / "processed")],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2"),
     )
@@ -187,7 +160,7 @@ def test_a_finished_run_continues_with_more_epochs_even_after_the_project_moved(
 
 
 def test_a_run_recorded_before_data_fingerprints_compares_its_data_folder():
-    from cilia_cvae.training import changed_settings, comparable_settings
+    from cilia_cvae.runs import changed_settings, comparable_settings
     settings = {"ARCHITECTURE": "default", "EPOCHS": 3, "PROCESSED_IMAGES_DIR": "/data/a", "MODELS_DIR": "/m"}
     comparable = comparable_settings(settings, "abc")
     old_record = {"ARCHITECTURE": "default", "PROCESSED_IMAGES_DIR": "/data/a", "MODELS_DIR": "/elsewhere"}
@@ -253,6 +226,7 @@ def test_fixed_variance_loss_is_a_choice_and_recorded(finished_run, tmp_path):
 def test_structural_similarity_matches_tensorflow_and_its_term_trains(finished_run, tmp_path):
     import tensorflow as tf
     from cilia_cvae import models
+    from cilia_cvae.model_config import ModelConfig
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (3, 40, 40, 1)).astype("float32")
@@ -261,7 +235,9 @@ def test_structural_similarity_matches_tensorflow_and_its_term_trains(finished_r
     assert ours == pytest.approx(tf.image.ssim(images, noisy, max_val=1.0).numpy(), abs=1e-5)
     assert np.asarray(models.structural_similarity(images, images)) == pytest.approx(1.0)
     # The term adds exactly D/2 log(1 - SSIM) of each image and its reconstruction to the loss.
-    encoder, decoder = models.build_encoder_and_decoder("default", 40, 2, 5 * 5 * 2, 4, 8, models.latent_map_side(40, 8))
+    encoder, decoder = models.build_encoder_and_decoder(ModelConfig(image_size=40, num_classes=2, base_channels=4,
+                                                                    max_channels=8, latent_map_channels=2))
+    assert encoder.outputs[0].shape[-1] == 5 * 5 * 2
     images, labels = tf.constant(images), tf.constant(np.eye(2, dtype="float32")[[0, 1, 0]])
     losses = {weight: models.CVAE(encoder, decoder, sample_posterior=False, structural_weight=weight)
               .per_example_losses(images, labels, training=False) for weight in (0.0, 1.0)}
@@ -285,7 +261,7 @@ def test_structural_similarity_matches_tensorflow_and_its_term_trains(finished_r
 
 
 def test_settings_of_old_runs_and_spelled_out_defaults_compare_as_the_run_they_are():
-    from cilia_cvae.training import resolved_settings
+    from cilia_cvae.runs import resolved_settings
 
     # run_settings.json of a run started before these settings existed.
     old = resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40})
@@ -325,58 +301,9 @@ def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     assert history.read_text().splitlines()[: resumed_from + 1] == rows_before[: resumed_from + 1]
 
 
-DISTRIBUTED_STEPS = """
-import json, sys
-import keras, numpy as np, tensorflow as tf
-mode, processed_dir, output = sys.argv[1:4]
-if mode == "workers":
-    strategies = {"workers": tf.distribute.MultiWorkerMirroredStrategy()}  # from TF_CONFIG, before TensorFlow starts
-else:
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    strategies = {"one_device": tf.distribute.OneDeviceStrategy("/cpu:0"),
-                  "mirrored": tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
-from cilia_cvae import data, training
-class_names = json.load(open(f"{processed_dir}/32x32/preprocessing.json"))["class_names"]
-paths, labels = data.list_training_images(processed_dir, 32, class_names)
-weights = {}
-for name, strategy in strategies.items():
-    keras.utils.set_random_seed(7)
-    # The default architecture has no BatchNorm or Dropout; the sampling noise is switched off.
-    model = training.build_cvae(strategy, "default", 32, len(class_names), 8, 1e-3, 4, 8,
-                                seed=7, sample_posterior=False, optimizer=keras.optimizers.SGD(1e-5))
-    train_step, _ = training.make_step_functions(model, strategy)
-    # Un-shuffled, un-augmented batches: the same 8 images per step whatever the number of replicas.
-    batches, steps = training.distributed_evaluation_data(strategy, paths[:48], labels[:48], len(class_names), 32, 8)
-    initial = np.concatenate([weight.ravel() for weight in model.get_weights()])
-    for repeat in range(2):
-        for batch in batches:
-            train_step(batch)
-    final = np.concatenate([weight.ravel() for weight in model.get_weights()])
-    if training.is_chief(strategy):
-        weights[name] = final
-        weights[name + "_change"] = np.abs(final - initial).max(keepdims=True)
-if mode != "workers":
-    # The GPU recipe (mixed_float16 with loss scaling) on the CPU: it must train and stay finite.
-    # XLA is left out: compiling takes 17 s on 2 cores, longer than everything else here.
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = strategies["one_device"]
-    model = training.build_cvae(strategy, "default", 32, len(class_names), 8, 1e-3, 4, 8, seed=7)
-    train_step, _ = training.make_step_functions(model, strategy)
-    batches, steps = training.distributed_evaluation_data(strategy, paths[:48], labels[:48], len(class_names), 32, 8)
-    for batch in batches:
-        train_step(batch)
-    weights["mixed_precision_loss"] = np.array([training.tracker_results(model)["loss"]])
-    weights["mixed_precision_loss_scaled"] = np.array([isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)])
-    weights["mixed_precision_output_float32"] = np.array([model.decoder.outputs[0].dtype == "float32"])
-if weights:
-    np.savez(output, **weights)
-"""
-
-
 def run_distributed(mode, processed_dir, output, environment=None):
     return subprocess.Popen(
-        [sys.executable, "-c", DISTRIBUTED_STEPS, mode, str(processed_dir), str(output)],
+        [sys.executable, str(HELPERS_DIR / "distributed_steps.py"), mode, str(processed_dir), str(output)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2", **(environment or {})),
     )
@@ -438,3 +365,36 @@ def test_benchmark_quick_mode_runs(tmp_path):
         assert measured["train_images_per_s"][contender] > 0
         assert measured["peak_memory_mb"][contender] > 0
         assert measured["batch_size"][contender] > 0
+
+
+def test_presets_are_the_training_scripts_defaults():
+    """The benchmark builds the scripts' default models from the presets, so they must not drift apart."""
+    import ast
+
+    from cilia_cvae.model_config import PRESETS, ModelConfig
+
+    for image_size, preset in PRESETS.items():
+        source = (SCRIPTS_DIR / f"cvae_training_{image_size}x{image_size}.py").read_text(encoding="utf-8")
+        constants = {}
+        for statement in ast.parse(source).body:
+            if isinstance(statement, ast.Assign) and isinstance(statement.targets[0], ast.Name):
+                try:
+                    constants[statement.targets[0].id] = ast.literal_eval(statement.value)
+                except ValueError:
+                    pass  # the folder constants are expressions
+        assert ModelConfig.from_settings(constants, num_classes=preset.model.num_classes) == preset.model
+        assert constants["BATCH_SIZE"] == preset.batch_size
+
+
+def test_model_config_derives_the_latent_shape_and_refuses_impossible_sizes():
+    from cilia_cvae.model_config import ModelConfig
+
+    assert (ModelConfig().map_side, ModelConfig().latent_length) == (28, 28 * 28 * 4)
+    assert ModelConfig(latent_map_stride=0).latent_length == 128
+    assert ModelConfig(architecture="original", latent_map_stride=8).map_side == 0
+    assert ModelConfig(reconstruction_loss="auto", architecture="original").reconstruction == "sum_squared_error"
+    for wrong, message in (({"image_size": 33}, "3, 4, 5 or 7 times a power of two"),
+                           ({"latent_map_stride": 3}, "needs a stride among"),
+                           ({"architecture": "transformer"}, "is not one of 'default', 'original'")):
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(**wrong)

@@ -21,17 +21,18 @@ import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
 from cilia_cvae.config import UserError
-from cilia_cvae.preprocessing import size_folder_name
+from cilia_cvae.layout import ProcessedLayout
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 def list_training_images(processed_images_dir, image_size, class_names):
     """Paths (sorted per class) and integer labels of the processed train split, in label order."""
-    split_dir = Path(processed_images_dir) / size_folder_name(image_size) / "train"
+    layout = ProcessedLayout(Path(processed_images_dir), image_size)
+    split_dir = layout.split("train")
     paths, labels = [], []
     for label, class_name in enumerate(class_names):
-        class_paths = sorted((split_dir / class_name).glob("*.png"))
+        class_paths = layout.images("train", class_name)
         paths += [str(path) for path in class_paths]
         labels += [label] * len(class_paths)
     if not paths:

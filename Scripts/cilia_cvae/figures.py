@@ -151,3 +151,58 @@ def real_phantom_generated(real_tem_paths, phantom_paths, generated_paths, class
         labels.append("real TEM")
     titles = [f"phantom {index + 1}" for index in range(examples)] + [f"generated {index + 1}" for index in range(examples)]
     image_grid(rows, labels, titles, path, "Phantoms (left) and generated images (right) per class; real TEM crops below, when given")
+
+
+# Training progress: the sample grid of every epoch and the loss curves.
+
+def sample_grid(model, latents, labels, references, num_classes, *, posterior_draws=False):
+    """A uint8 mosaic, one row per class: a reference image, its reconstruction, then the
+    decoded fixed prior draws, or, with posterior_draws (a latent map, whose prior draws are
+    texture, not cilia), draws around the reference's latent with the same fixed noise."""
+    # Direct calls, not predict: predict would run on every replica and, in a multi-worker
+    # run, wait for workers that never call it (only the chief draws samples).
+    reference, reference_labels = references
+    z_mean, z_log_var = model.encoder([reference, reference_labels], training=False)
+    reconstructions = model.decoder([z_mean.numpy(), reference_labels], training=False).numpy()
+    if posterior_draws:
+        columns = len(latents) // num_classes
+        latents = (np.repeat(z_mean.numpy(), columns, axis=0)
+                   + np.repeat(np.exp(0.5 * z_log_var.numpy()), columns, axis=0) * latents)
+    samples = model.decoder([latents, labels], training=False).numpy()
+    size = reference.shape[1]
+    rows = samples.reshape(num_classes, -1, size, size)
+    rows = np.concatenate([reference[:, None, :, :, 0], reconstructions[:, None, :, :, 0], rows], axis=1)
+    grid = rows.transpose(0, 2, 1, 3).reshape(num_classes * size, -1)
+    return np.clip(grid * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_sample_figure(path, grid, class_names, epoch, posterior_draws=False):
+    """The training sample grid with its rows named by class and its first two columns explained."""
+    row_height = grid.shape[0] / len(class_names)
+    figure, axis = plt.subplots(figsize=(grid.shape[1] / row_height * 1.6 + 2.0, len(class_names) * 1.6 + 0.8))
+    axis.imshow(grid, cmap="gray", vmin=0, vmax=255)
+    axis.set_yticks([(row + 0.5) * row_height for row in range(len(class_names))], class_names)
+    axis.set_xticks([(column + 0.5) * row_height for column in range(2)], ["real", "reconstructed"])
+    drawn = "draws around its latent" if posterior_draws else "prior samples (same noise in every row)"
+    axis.set_title(f"after epoch {epoch}: a real image, its reconstruction, then {drawn}")
+    figure.tight_layout()
+    with atomic_path(path) as temporary_path:
+        figure.savefig(temporary_path, format="png", dpi=100)
+    plt.close(figure)
+
+
+def save_loss_plot(path, history, terms):
+    """One panel per loss term, training and (when there is any) validation, by epoch."""
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, len(terms), figsize=(4.2 * len(terms), 3.6))
+    for axis, term in zip(axes, terms):
+        axis.plot(epochs, [row[term] for row in history], label="training")
+        if f"val_{term}" in history[0]:
+            axis.plot(epochs, [row[f"val_{term}"] for row in history], label="validation")
+        axis.set_title(term.replace("_", " "))
+        axis.set_xlabel("epoch")
+        axis.legend()
+    figure.tight_layout()
+    with atomic_path(path) as temporary_path:
+        figure.savefig(temporary_path, format="png", dpi=100)
+    plt.close(figure)

@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 from cilia_cvae import models  # noqa: E402,F401  (registers the custom layers the saved models use)
 from cilia_cvae.config import UserError  # noqa: E402
 from cilia_cvae.files import sha256_of_file, write_png_atomic  # noqa: E402
-from cilia_cvae.preprocessing import size_folder_name  # noqa: E402
+from cilia_cvae.layout import GeneratedLayout, RunLayout  # noqa: E402
 
 SAMPLING_MODES = ("posterior", "prior", "class_density")
 MANIFEST_COLUMNS = ["file", "class", "sampling", "temperature", "seed", "source_latent_index",
@@ -41,8 +41,8 @@ def training_script_for(image_size):
 
 def load_trained_generator(models_dir, latent_tensors_dir, image_size):
     """The decoder, its recorded parameters and every class's stored latents, or a UserError."""
-    model_dir = Path(models_dir) / size_folder_name(image_size)
-    parameters_path, decoder_path = model_dir / "cvae_parameters.json", model_dir / "cvae_decoder.keras"
+    layout = RunLayout(models_dir, latent_tensors_dir, image_size)
+    model_dir, parameters_path, decoder_path = layout.directory, layout.parameters, layout.decoder
     if not parameters_path.is_file() or not decoder_path.is_file():
         raise UserError(f"no trained model in {model_dir}; run {training_script_for(image_size)} first")
     parameters = pd.read_json(parameters_path, typ="series").to_dict()
@@ -52,10 +52,10 @@ def load_trained_generator(models_dir, latent_tensors_dir, image_size):
     if decoder_latent_dim != latent_dim:
         raise UserError(f"the decoder in {model_dir} takes {decoder_latent_dim} latent values but its "
                         f"cvae_parameters.json says {latent_dim}; train again with --fresh=True")
-    latent_dir = Path(latent_tensors_dir) / size_folder_name(image_size)
+    latent_dir = layout.latent_directory
     latents = {}
     for class_name in parameters["class_names"]:
-        paths = [latent_dir / f"{name}_{class_name}.npy" for name in ("z_mean", "z_log_var")]
+        paths = [layout.latent(name, class_name) for name in ("z_mean", "z_log_var")]
         missing = [path.name for path in paths if not path.is_file()]
         if missing:
             raise UserError(f"latent tensors {', '.join(missing)} missing in {latent_dir}; "
@@ -126,9 +126,9 @@ def restore_aspect(image, aspect_ratio, resize_mode):
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
-def next_file_number(class_dir):
+def next_file_number(generated_layout, class_name):
     """One past the highest Synthetic_<Class>_<N>.png already there, so nothing is overwritten."""
-    numbers = [int(match.group(1)) for path in Path(class_dir).glob("Synthetic_*.png")
+    numbers = [int(match.group(1)) for path in generated_layout.images(class_name)
                if (match := FILE_NUMBER_PATTERN.match(path.name))]
     return max(numbers, default=0) + 1
 
@@ -178,14 +178,15 @@ def finish_batch(pending, manifest, manifest_file, progress):
     progress.update(len(rows))
 
 
-def generate(generator, output_dir, class_names, images_per_class, sampling, temperature, seed,
+def generate(generator, generated_layout, *, class_names, images_per_class, sampling, temperature, seed,
              restore_aspect_ratio, raw_statistics, batch_size, progress):
     """Decode and write images class by class, a batch at a time; append a manifest row per image."""
     parameters = generator["parameters"]
     all_classes = list(parameters["class_names"])
     latent_dim, image_size = int(parameters["latent_dim"]), int(parameters["image_size"])
     decode_batch = make_decode_function(generator["decoder"], batch_size, latent_dim, len(all_classes))
-    manifest_path = Path(output_dir) / "generation_manifest.csv"
+    manifest_path = generated_layout.manifest
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
     new_manifest = not manifest_path.exists()
     written = {}
     with open(manifest_path, "a", newline="", encoding="utf-8") as manifest_file, \
@@ -202,9 +203,9 @@ def generate(generator, output_dir, class_names, images_per_class, sampling, tem
             latents, sources = draw_latents(sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed)
             aspects = (draw_aspect_ratios(images_per_class, raw_statistics, rng) if restore_aspect_ratio
                        else np.ones(images_per_class))
-            class_dir = Path(output_dir) / class_name
+            class_dir = generated_layout.class_folder(class_name)
             class_dir.mkdir(parents=True, exist_ok=True)
-            first_number = next_file_number(class_dir)
+            first_number = next_file_number(generated_layout, class_name)
             paths = []
             pending = None  # the previous batch's writes, finishing while this batch decodes
             for start in range(0, images_per_class, batch_size):
@@ -212,7 +213,7 @@ def generate(generator, output_dir, class_names, images_per_class, sampling, tem
                 rows, jobs = [], []
                 for offset, pixels in enumerate(images):
                     index = start + offset
-                    path = class_dir / f"Synthetic_{class_name}_{first_number + index:05d}.png"
+                    path = generated_layout.image(class_name, first_number + index)
                     aspect = aspects[index] if restore_aspect_ratio else None
                     jobs.append(writers.submit(save_generated, path, pixels, aspect, parameters.get("resize_mode", "squash")))
                     paths.append(path)

@@ -1,7 +1,6 @@
 """The two CVAE architectures and the model that trains them.
 
-"original" is a faithful Keras 3 port of the first implementation (see
-../shared/seed/original-implementation.md): a small convolutional stem, a giant
+"original" is a faithful Keras 3 port of the first implementation: a small convolutional stem, a giant
 Flatten -> Dense, BatchNorm and Dropout on dense layers, and a sum-of-squared-errors loss.
 It is kept so that every comparison can run it side by side with ours.
 
@@ -26,10 +25,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-ARCHITECTURES = ("default", "original")
-# "auto" is each architecture's own: the original's sum of squared errors (a fixed variance),
-# our calibrated Gaussian (the variance learnt, in closed form, per image).
-RECONSTRUCTION_LOSSES = ("auto", "calibrated_gaussian", "sum_squared_error")
+from cilia_cvae.model_config import reconstruction_loss_kind, smallest_map_size  # noqa: F401
+
 SERIALIZATION_PACKAGE = "cilia_cvae"
 
 # The calibrated variance may not shrink below this many grey levels (out of 1), so that a
@@ -112,22 +109,6 @@ def _residual_block(x, labels, name):
     return layers.Add(name=f"{name}_add")([shortcut, x])
 
 
-def smallest_map_size(image_size):
-    """The side of the smallest feature map: 7 for 224 and 448 (as in ResNets), 4 for powers of two."""
-    for side in (7, 4, 5, 3):
-        if image_size % side == 0 and (image_size // side) & (image_size // side - 1) == 0 and image_size // side >= 4:
-            return side
-    raise ValueError(f"image size {image_size} must be 3, 4, 5 or 7 times a power of two, at least 4 times (e.g. 32, 64, 128, 224, 448)")
-
-
-def default_channels(image_size, base_channels, max_channels):
-    """Channels of the feature maps from half resolution down to the smallest map: doubling at
-    each halving, capped at max_channels. The cost of a convolution is the same at every level
-    where they double, so the cap is what makes the low-resolution levels cheap and wide."""
-    levels = int(round(math.log2(image_size // smallest_map_size(image_size))))
-    return [min(base_channels * 2**level, max_channels) for level in range(levels)]
-
-
 # Design, chosen by measurement on a 2-core CPU (see the README's benchmark): the full-resolution
 # image is read by a strided 4x4 convolution and drawn by a transposed 4x4 convolution, so no
 # layer convolves at full resolution; a residual block at half resolution (where a 6-px dynein
@@ -141,35 +122,15 @@ def default_channels(image_size, base_channels, max_channels):
 # latent map at 1/8 of the image side (28 x 28 x 4 at 224) lets each cell describe its own
 # patch, and the same model draws doublets, dynein arms and the central pair.
 
-def latent_map_side(image_size, stride):
-    """The side of a spatial latent map at 1/stride of the image (28 for 224 at stride 8), or 0
-    for a vector latent (stride 0). The map must be one of the encoder's feature maps."""
-    if not stride:
-        return 0
-    smallest, sides, size = smallest_map_size(image_size), [], image_size // 2
-    while size >= smallest:
-        sides.append(size)
-        size //= 2
-    if image_size % stride or image_size // stride not in sides:
-        strides = [image_size // side for side in sides]
-        raise ValueError(f"a latent map at {image_size} px needs a stride among {strides}, not {stride}")
-    return image_size // stride
-
-
-def latent_length(image_size, latent_dim, map_stride, map_channels):
-    """How many numbers the latent holds: LATENT_DIM for a vector, cells x channels for a map."""
-    side = latent_map_side(image_size, map_stride)
-    return side * side * map_channels if side else latent_dim
-
-
 def _levels_to(image_size, side):
     """How many stride-2 steps after the stem lead from image_size / 2 down to a map of this side."""
     return int(round(math.log2(image_size // 2 // side)))
 
 
-def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, map_side=0):
-    channels = default_channels(image_size, base_channels, max_channels)
-    side = map_side
+def build_default_encoder(model_config):
+    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
+    channels = model_config.channels
+    side = model_config.map_side
     if side:
         # A spatial latent stops the encoder at that resolution.
         channels = channels[:_levels_to(image_size, side) + 1]
@@ -199,9 +160,10 @@ def build_default_encoder(image_size, num_classes, latent_dim, base_channels=12,
     return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
 
 
-def build_default_decoder(image_size, num_classes, latent_dim, base_channels=12, max_channels=128, map_side=0):
-    channels = default_channels(image_size, base_channels, max_channels)
-    side = map_side
+def build_default_decoder(model_config):
+    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
+    channels = model_config.channels
+    side = map_side = model_config.map_side
     if side:
         channels = channels[:_levels_to(image_size, side) + 1]
     else:
@@ -237,7 +199,8 @@ def _original_encoder_pools(image_size):
     return (True, True, True) if image_size < 448 else (False, True, True)
 
 
-def build_original_encoder(image_size, num_classes, latent_dim=128):
+def build_original_encoder(model_config):
+    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
     images = keras.Input((image_size, image_size, 1), name="images")
     labels = keras.Input((num_classes,), name="labels")
     x = images
@@ -256,8 +219,8 @@ def build_original_encoder(image_size, num_classes, latent_dim=128):
     return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
 
 
-def build_original_decoder(image_size, num_classes, latent_dim=128):
-    check_sizes("original", image_size, latent_dim)
+def build_original_decoder(model_config):
+    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
     side = image_size // 8
     latents = keras.Input((latent_dim,), name="z")
     labels = keras.Input((num_classes,), name="labels")
@@ -275,31 +238,11 @@ def build_original_decoder(image_size, num_classes, latent_dim=128):
     return keras.Model([latents, labels], outputs, name="decoder")
 
 
-def build_encoder_and_decoder(architecture, image_size, num_classes, latent_dim, base_channels=12, max_channels=128,
-                              map_side=0):
-    if architecture == "original":
-        return (build_original_encoder(image_size, num_classes, latent_dim),
-                build_original_decoder(image_size, num_classes, latent_dim))
-    if architecture == "default":
-        return (build_default_encoder(image_size, num_classes, latent_dim, base_channels, max_channels, map_side),
-                build_default_decoder(image_size, num_classes, latent_dim, base_channels, max_channels, map_side))
-    raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
-
-
-def check_sizes(architecture, image_size, map_stride=0):
-    """Raise ValueError, saying why, when an architecture cannot work at this image size or latent map."""
-    if architecture == "original" and image_size % 8:
-        raise ValueError(f"the original decoder upsamples three times, so the image size must be a multiple of 8, not {image_size}")
-    if architecture == "default":
-        smallest_map_size(image_size)
-        latent_map_side(image_size, map_stride)
-
-
-def reconstruction_loss_kind(architecture, choice="auto"):
-    """The original used a plain sum of squared errors; ours a Gaussian with calibrated variance."""
-    if choice != "auto":
-        return choice
-    return "sum_squared_error" if architecture == "original" else "calibrated_gaussian"
+def build_encoder_and_decoder(model_config):
+    """The encoder and decoder a model configuration describes."""
+    if model_config.architecture == "original":
+        return build_original_encoder(model_config), build_original_decoder(model_config)
+    return build_default_encoder(model_config), build_default_decoder(model_config)
 
 
 def structural_similarity(images, reconstructions):

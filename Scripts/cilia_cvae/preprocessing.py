@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cilia_cvae.config import UserError
 from cilia_cvae.files import write_csv_atomic, write_json_atomic
 from cilia_cvae.images import UnreadableImage, make_square, read_grayscale
+from cilia_cvae.layout import FACTS_FILE_NAME, MANIFEST_FILE_NAME, SPLITS, ProcessedLayout, size_folder_name
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"}
 SYSTEM_FILE_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
@@ -29,16 +30,11 @@ MANIFEST_COLUMNS = [
     "source_path", "class", "outcome", "reason", "content_hash",
     "width", "height", "format", "mode", "bit_depth", "processed_path",
 ]
-FACTS_FILE_NAME = "preprocessing.json"
-
-
-def size_folder_name(image_size):
-    return f"{image_size}x{image_size}"
 
 
 def read_processed_facts(processed_images_dir, image_size):
     """The facts preprocessing recorded for one size; a UserError when that size was never made."""
-    facts_path = Path(processed_images_dir) / size_folder_name(image_size) / FACTS_FILE_NAME
+    facts_path = ProcessedLayout(Path(processed_images_dir), image_size).facts
     if not facts_path.is_file():
         raise UserError(
             f"no preprocessed images at {size_folder_name(image_size)} in {processed_images_dir}; "
@@ -146,10 +142,9 @@ def raw_statistics(rows):
     }
 
 
-def preprocess(raw_images_dir, processed_images_dir, image_size, resize_mode, test_fraction, seed,
-               stretch_percentiles=None, workers=0):
-    """Run the whole stage; return the summary dictionary that the script prints."""
-    raw_images_dir, processed_images_dir = Path(raw_images_dir), Path(processed_images_dir)
+def manifest_rows_and_candidates(raw_images_dir):
+    """A manifest row for every file found, and the image files that may be used; refuse a raw folder
+    with images in fewer than two class folders."""
     found = find_raw_files(raw_images_dir)
     rows = {}
     for relative, class_name, reason in found:
@@ -163,100 +158,123 @@ def preprocess(raw_images_dir, processed_images_dir, image_size, resize_mode, te
             f"no images in class sub-folders of {raw_images_dir}; put one folder per class there "
             f"(e.g. Normal/, ODA/), or run python Scripts/make_phantom_dataset.py for built-in phantom data"
         )
-
     candidate_classes = sorted({rows[relative]["class"] for relative in candidates})
     if len(candidate_classes) < 2:
         raise UserError(
             f"images found in one class folder only ({candidate_classes[0]}) in {raw_images_dir}; a conditional "
             f"model needs at least two class folders with images"
         )
+    return [relative for relative, _, _ in found], rows, candidates
 
-    processed_images_dir.mkdir(parents=True, exist_ok=True)
-    final_dir = processed_images_dir / size_folder_name(image_size)
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.partial-", dir=processed_images_dir))
+
+def stage_images(candidates, rows, *, raw_images_dir, staging_dir, image_size, resize_mode, stretch_percentiles,
+                 workers):
+    """Read, square and resize every candidate on every core into staging_dir, named by content hash."""
+    tasks = [(raw_images_dir / relative, staging_dir, image_size, resize_mode, stretch_percentiles)
+             for relative in candidates]
+    worker_count = workers or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(max_workers=worker_count) as executor:
+        results = executor.map(_process_one, tasks, chunksize=max(1, min(32, len(tasks) // (4 * worker_count))))
+        for relative, result in tqdm(zip(candidates, results), total=len(tasks), desc="preprocessing",
+                                     unit="image", mininterval=1.0):
+            rows[relative].update(result)
+            if "content_hash" not in result:
+                rows[relative]["outcome"] = "rejected"
+
+
+def keep_distinct_images(candidates, rows, raw_images_dir):
+    """The readable images per class, each kept once: a duplicate within a class is kept once, an image
+    labelled with two classes is left out of both; refuse fewer than two classes left."""
+    readable = [relative for relative in candidates if rows[relative]["outcome"] != "rejected"]
+    classes_by_hash = defaultdict(set)
+    first_by_hash = {}
+    for relative in readable:
+        content_hash = rows[relative]["content_hash"]
+        classes_by_hash[content_hash].add(rows[relative]["class"])
+        first_by_hash.setdefault(content_hash, relative)
+    kept_by_class = defaultdict(list)
+    for relative in readable:
+        row = rows[relative]
+        classes = classes_by_hash[row["content_hash"]]
+        if len(classes) > 1:
+            others = ", ".join(sorted(classes - {row["class"]}))
+            row.update(outcome="conflict", reason=f"the same image is also labelled {others}; left out of every class")
+        elif first_by_hash[row["content_hash"]] != relative:
+            row.update(outcome="duplicate",
+                       reason=f"same pixels as {first_by_hash[row['content_hash']].as_posix()}, kept once")
+        else:
+            kept_by_class[row["class"]].append(relative)
+    if len(kept_by_class) < 2:
+        only = ", ".join(sorted(kept_by_class)) or "none"
+        left_out = Counter(row["outcome"] for row in rows.values() if row["outcome"] in ("rejected", "duplicate", "conflict"))
+        raise UserError(
+            f"usable images found in {len(kept_by_class)} class(es) ({only}) in {raw_images_dir}, but a conditional "
+            f"model needs at least two class folders with images (files left out: {dict(left_out) or 'none'})"
+        )
+    return kept_by_class
+
+
+def copy_into_splits(work_dir, staging_dir, rows, split_of, names):
+    """Copy each kept image into split/class/name; return the data fingerprint (every path and hash)."""
+    fingerprint = hashlib.sha256()
+    for relative in sorted(split_of, key=lambda item: (rows[item]["class"], names[item])):
+        row = rows[relative]
+        split = split_of[relative]
+        target = work_dir / split / row["class"] / names[relative]
+        shutil.copyfile(staging_dir / f"{row['content_hash']}.png", target)
+        row.update(outcome=split, processed_path=f"{split}/{row['class']}/{names[relative]}")
+        fingerprint.update(f"{row['processed_path']}:{row['content_hash']}\n".encode("utf-8"))
+    return fingerprint.hexdigest()
+
+
+def preprocess(*, raw_images_dir, processed_images_dir, image_size, resize_mode, test_fraction, seed,
+               stretch_percentiles=None, workers=0):
+    """Run the whole stage; return the summary dictionary that the script prints."""
+    raw_images_dir = Path(raw_images_dir)
+    layout = ProcessedLayout(Path(processed_images_dir), image_size)
+    found, rows, candidates = manifest_rows_and_candidates(raw_images_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    # Built in a hidden folder beside the final one, then swapped in: a killed run leaves the old output.
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{layout.directory.name}.partial-", dir=layout.root))
     try:
         staging_dir = work_dir / "staging"
         staging_dir.mkdir()
-        tasks = [(raw_images_dir / relative, staging_dir, image_size, resize_mode, stretch_percentiles)
-                 for relative in candidates]
-        worker_count = workers or len(os.sched_getaffinity(0))
-        with ProcessPoolExecutor(max_workers=worker_count) as executor:
-            results = executor.map(_process_one, tasks, chunksize=max(1, min(32, len(tasks) // (4 * worker_count))))
-            for relative, result in tqdm(zip(candidates, results), total=len(tasks), desc="preprocessing",
-                                         unit="image", mininterval=1.0):
-                rows[relative].update(result)
-                if "content_hash" not in result:
-                    rows[relative]["outcome"] = "rejected"
-
-        readable = [relative for relative in candidates if rows[relative]["outcome"] != "rejected"]
-        classes_by_hash = defaultdict(set)
-        first_by_hash = {}
-        for relative in readable:
-            content_hash = rows[relative]["content_hash"]
-            classes_by_hash[content_hash].add(rows[relative]["class"])
-            first_by_hash.setdefault(content_hash, relative)
-        kept_by_class = defaultdict(list)
-        for relative in readable:
-            row = rows[relative]
-            classes = classes_by_hash[row["content_hash"]]
-            if len(classes) > 1:
-                others = ", ".join(sorted(classes - {row["class"]}))
-                row.update(outcome="conflict", reason=f"the same image is also labelled {others}; left out of every class")
-            elif first_by_hash[row["content_hash"]] != relative:
-                row.update(outcome="duplicate", reason=f"same pixels as {first_by_hash[row['content_hash']].as_posix()}, kept once")
-            else:
-                kept_by_class[row["class"]].append(relative)
-
+        stage_images(candidates, rows, raw_images_dir=raw_images_dir, staging_dir=staging_dir, image_size=image_size,
+                     resize_mode=resize_mode, stretch_percentiles=stretch_percentiles, workers=workers)
+        kept_by_class = keep_distinct_images(candidates, rows, raw_images_dir)
         class_names = sorted(kept_by_class)
-        if len(class_names) < 2:
-            only = ", ".join(class_names) or "none"
-            left_out = Counter(row["outcome"] for row in rows.values() if row["outcome"] in ("rejected", "duplicate", "conflict"))
-            raise UserError(
-                f"usable images found in {len(class_names)} class(es) ({only}) in {raw_images_dir}, but a conditional "
-                f"model needs at least two class folders with images (files left out: {dict(left_out) or 'none'})"
-            )
         split_of = assign_splits(kept_by_class, test_fraction, seed)
-        names = output_names(kept_by_class)
-        for split in ("train", "test"):
+        for split in SPLITS:
             for class_name in class_names:
                 (work_dir / split / class_name).mkdir(parents=True, exist_ok=True)
-        fingerprint = hashlib.sha256()
-        for relative in sorted(split_of, key=lambda item: (rows[item]["class"], names[item])):
-            row = rows[relative]
-            split = split_of[relative]
-            target = work_dir / split / row["class"] / names[relative]
-            shutil.copyfile(staging_dir / f"{row['content_hash']}.png", target)
-            row.update(outcome=split, processed_path=f"{split}/{row['class']}/{names[relative]}")
-            fingerprint.update(f"{row['processed_path']}:{row['content_hash']}\n".encode("utf-8"))
+        fingerprint = copy_into_splits(work_dir, staging_dir, rows, split_of, output_names(kept_by_class))
         shutil.rmtree(staging_dir)
 
-        manifest_rows = [rows[relative] for relative, _, _ in found]
-        write_csv_atomic(work_dir / "manifest.csv", manifest_rows, MANIFEST_COLUMNS)
-        counts = {split: {name: 0 for name in class_names} for split in ("train", "test")}
+        manifest_rows = [rows[relative] for relative in found]
+        write_csv_atomic(work_dir / MANIFEST_FILE_NAME, manifest_rows, MANIFEST_COLUMNS)
+        counts = {split: {name: 0 for name in class_names} for split in SPLITS}
         for relative, split in split_of.items():
             counts[split][rows[relative]["class"]] += 1
-        outcomes = Counter(row["outcome"] for row in manifest_rows)
         facts = {
             "image_size": image_size,
             "resize_mode": resize_mode,
             "class_names": class_names,
             "counts": counts,
-            "fingerprint": fingerprint.hexdigest(),
+            "fingerprint": fingerprint,
             "test_fraction": test_fraction,
             "seed": seed,
             "stretch_percentiles": list(stretch_percentiles) if stretch_percentiles else None,
             "raw_images_dir": str(raw_images_dir),
-            "outcomes": dict(outcomes),
+            "outcomes": dict(Counter(row["outcome"] for row in manifest_rows)),
         }
         write_json_atomic(work_dir / FACTS_FILE_NAME, facts)
-
         statistics = raw_statistics([rows[relative] for relative in split_of])
-        write_csv_atomic(processed_images_dir / "raw_image_statistics.csv", [statistics], STATISTICS_COLUMNS)
-        _swap_into_place(work_dir, final_dir)
+        write_csv_atomic(layout.raw_statistics, [statistics], STATISTICS_COLUMNS)
+        _swap_into_place(work_dir, layout.directory)
     finally:
         if work_dir.exists():
             shutil.rmtree(work_dir, ignore_errors=True)
-    return {"output_dir": final_dir, "facts": facts, "manifest_rows": manifest_rows}
+    return {"output_dir": layout.directory, "facts": facts, "manifest_rows": manifest_rows}
 
 
 def _swap_into_place(new_dir, final_dir):

@@ -1,31 +1,31 @@
-"""Training machinery shared by cvae_training_224x224.py and cvae_training_448x448.py.
+"""Training shared by cvae_training_224x224.py and cvae_training_448x448.py: the story of one run.
 
-One epoch loop serves every strategy: the default one on a CPU or one GPU,
-MirroredStrategy when several GPUs are visible, MultiWorkerMirroredStrategy when TF_CONFIG
-names a cluster. The loop calls the model's own `train_step`/`test_step` through
-`strategy.run`, because Keras 3's `fit` fails under MultiWorkerMirroredStrategy
-(keras-team/keras#20585); the same loop everywhere means the path tested on a CPU is the
-path a cluster runs. For the same reason the Keras callbacks are replaced by the few lines
-below (checkpoint, CSV row, best weights, early stopping, TensorBoard).
+    train(settings, facts)
+        session = start_or_resume(...)      the run folder, the model, the data, the last checkpoint
+        for each epoch still to train:
+            reason_to_stop(...)             early stopping, or the time budget
+            train_one_epoch(...)            the model's own train_step on every replica
+            check_finite(...)               a NaN loss stops the run; the last good checkpoint stays
+            validate(...)                   the held-out images, un-augmented
+            keep_best(...)                  the best full negative ELBO so far, and its weights
+            record_epoch(...)               the checkpoint, the history row, TensorBoard, a sample grid
+        finish(...)                         the best epoch's encoder, decoder and latents, then the parameters
 
-The run folder is `MODELS_DIR/<S>x<S>/`:
-    checkpoints/            every finished epoch (weights, optimizer, epoch, best so far) and run_settings.json
-    best_epoch_<N>.npz      weights of the best validation epoch so far
-    training_history.csv    a row per finished epoch, rewritten atomically
-    logs/                   TensorBoard scalars and a sample grid per epoch
-    samples_epoch_<N>.png   sample grids every few epochs
-and, when training ends, cvae_encoder.keras, cvae_decoder.keras, loss_plot.png and
-cvae_parameters.json (written last: its presence marks a finished run), with the latents in
-`LATENT_TENSORS_DIR/<S>x<S>/`.
+One epoch loop serves every strategy: the default one on a CPU or one GPU, MirroredStrategy
+when several GPUs are visible, MultiWorkerMirroredStrategy when TF_CONFIG names a cluster.
+The loop calls the model's own `train_step`/`test_step` through `strategy.run`, because
+Keras 3's `fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585); the same
+loop everywhere means the path tested on a CPU is the path a cluster runs. For the same
+reason the Keras callbacks are replaced by the few functions below.
 
 A run killed at any moment resumes from its last checkpoint: history rows after that
 checkpoint's epoch are dropped (they will be recomputed), so no epoch is repeated or lost.
 Only the chief writes; other workers checkpoint into a temporary folder, because saving a
-distributed checkpoint needs every worker to take part.
+distributed checkpoint needs every worker to take part. The rules that decide whether a run
+may resume are in runs.py; the file names in layout.py.
 """
 
 import csv
-import json
 import math
 import os
 import platform
@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -41,16 +42,14 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from cilia_cvae import data, models
-from cilia_cvae.config import UserError, check_choice, jsonable
-from cilia_cvae.files import atomic_path, move_aside, write_json_atomic, write_png_atomic, write_csv_atomic
-from cilia_cvae.preprocessing import size_folder_name
+from cilia_cvae import data, figures, models, runs
+from cilia_cvae.config import UserError, jsonable
+from cilia_cvae.files import atomic_path, write_csv_atomic, write_json_atomic
+from cilia_cvae.layout import RunLayout
+from cilia_cvae.model_config import ModelConfig
 
 LOSS_TERMS = ("loss", "reconstruction_loss", "kl_loss", "squared_error")
 SAMPLE_GRID_COLUMNS = 8
-# Settings that may change between a killed run and its resumption without changing what was
-# trained so far (more or fewer epochs continue the same run).
-SETTINGS_FREE_TO_CHANGE = ("FRESH", "CONTINUE_FINISHED", "SAMPLE_EVERY", "EPOCHS", "MAX_MINUTES")
 
 
 class TrainingDiverged(SystemExit):
@@ -101,28 +100,26 @@ def any_worker(strategy, flag):
 
 # --------------------------------------------------------------------------- model and data
 
-def build_cvae(strategy, architecture, image_size, num_classes, latent_dim, learning_rate,
-               base_channels=12, max_channels=128, seed=None, sample_posterior=True, optimizer=None, map_side=0,
-               reconstruction="auto", structural_weight=0.0):
+def build_cvae(strategy, model_config, *, learning_rate, seed=None, sample_posterior=True, optimizer=None):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
     The optimizer is Adam(learning_rate) unless one is given (the distribution tests use plain
     SGD, whose update is linear in the gradient, so round-off cannot be amplified by Adam's
     normalisation of near-zero gradients).
     """
-    check_choice("ARCHITECTURE", architecture, models.ARCHITECTURES)
     with strategy.scope():
-        encoder, decoder = models.build_encoder_and_decoder(
-            architecture, image_size, num_classes, latent_dim, base_channels, max_channels, map_side)
-        model = models.CVAE(encoder, decoder, reconstruction=models.reconstruction_loss_kind(architecture, reconstruction),
-                            sample_posterior=sample_posterior, seed=seed, structural_weight=structural_weight)
+        encoder, decoder = models.build_encoder_and_decoder(model_config)
+        model = models.CVAE(encoder, decoder, reconstruction=model_config.reconstruction,
+                            sample_posterior=sample_posterior, seed=seed,
+                            structural_weight=model_config.structural_weight)
         model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate))
         # Build the optimizer's slots now, inside the scope, rather than lazily inside a replica.
         model.optimizer.build(model.trainable_variables)
     return model
 
 
-def distributed_training_data(strategy, paths, labels, num_classes, image_size, batch_size, seed, augment, class_balanced):
+def distributed_training_data(strategy, paths, labels, *, num_classes, image_size, batch_size, seed, augment,
+                              class_balanced):
     """An iterator of distributed batches (every input pipeline reads its own files) and the steps per epoch."""
     def dataset_for_pipeline(context):
         return data.training_dataset(
@@ -134,7 +131,7 @@ def distributed_training_data(strategy, paths, labels, num_classes, image_size, 
     return iter(strategy.distribute_datasets_from_function(dataset_for_pipeline)), steps_per_epoch
 
 
-def distributed_evaluation_data(strategy, paths, labels, num_classes, image_size, batch_size):
+def distributed_evaluation_data(strategy, paths, labels, *, num_classes, image_size, batch_size):
     """Every image once, un-augmented, padded so each pipeline runs the same number of steps."""
     # One input pipeline per worker, feeding that worker's local replicas in turn.
     replicas_per_pipeline = 1 if strategy.num_replicas_in_sync == 1 else len(strategy.extended.worker_devices)
@@ -178,126 +175,7 @@ def kl_weight_for_epoch(epoch, kl_warmup_epochs):
     return 1.0 if kl_warmup_epochs <= 0 else min(1.0, epoch / kl_warmup_epochs)
 
 
-# --------------------------------------------------------------------------- the run folder
-
-# What a run started before a setting existed ran with.
-SETTINGS_ADDED_LATER = {"RECONSTRUCTION_LOSS": "auto", "STRUCTURAL_WEIGHT": 0.0}
-
-
-def resolved_settings(settings):
-    """Settings with "auto" replaced by what it stands for, so that spelling out a default is no change."""
-    settings = {**SETTINGS_ADDED_LATER, **settings}
-    architecture = settings.get("ARCHITECTURE", "default")
-    return dict(settings, RECONSTRUCTION_LOSS=models.reconstruction_loss_kind(architecture, settings["RECONSTRUCTION_LOSS"]),
-                STRUCTURAL_WEIGHT=float(settings["STRUCTURAL_WEIGHT"]))
-
-
-# Where a run's files live is not what the run is: a project moved or copied elsewhere resumes
-# there. The data are compared by the preprocessing stage's fingerprint instead of their folder,
-# so other images preprocessed into the same folder are refused rather than trained on silently.
-RUN_LOCATIONS = ("PROCESSED_IMAGES_DIR", "MODELS_DIR", "LATENT_TENSORS_DIR")
-
-
-def comparable_settings(settings, data_fingerprint):
-    """What must not change within one run: the settings that shape it and the data it learns."""
-    kept = {name: value for name, value in jsonable(settings).items()
-            if name not in SETTINGS_FREE_TO_CHANGE and name not in RUN_LOCATIONS}
-    return resolved_settings(dict(kept, DATA_FINGERPRINT=data_fingerprint))
-
-
-def changed_settings(recorded, comparable, settings):
-    """The names, as the user types them, of what differs from the run's recorded settings."""
-    recorded = resolved_settings(recorded)
-    current = dict(comparable)
-    if "DATA_FINGERPRINT" not in recorded:
-        # Recorded before fingerprints were: its data folder stands for its data, as it did then.
-        del current["DATA_FINGERPRINT"]
-        current["PROCESSED_IMAGES_DIR"] = jsonable(settings)["PROCESSED_IMAGES_DIR"]
-    recorded = {name: value for name, value in recorded.items() if name not in ("MODELS_DIR", "LATENT_TENSORS_DIR")}
-    changed = sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
-    return ", ".join("the preprocessed images (another data fingerprint)" if name == "DATA_FINGERPRINT"
-                     else f"--{name.lower()}" for name in changed)
-
-
-class RunFolder:
-    """Paths of one training run and the rules for starting, resuming or refusing it."""
-
-    def __init__(self, models_dir, latent_tensors_dir, image_size):
-        self.directory = Path(models_dir) / size_folder_name(image_size)
-        self.latent_directory = Path(latent_tensors_dir) / size_folder_name(image_size)
-        self.checkpoints = self.directory / "checkpoints"
-        self.run_settings = self.checkpoints / "run_settings.json"
-        self.history = self.directory / "training_history.csv"
-        self.parameters = self.directory / "cvae_parameters.json"
-        self.encoder = self.directory / "cvae_encoder.keras"
-        self.decoder = self.directory / "cvae_decoder.keras"
-        self.loss_plot = self.directory / "loss_plot.png"
-        self.logs = self.directory / "logs"
-
-    def best_weights(self, epoch):
-        return self.directory / f"best_epoch_{epoch}.npz"
-
-    def samples(self, epoch):
-        return self.directory / f"samples_epoch_{epoch}.png"
-
-    def remove_other_best_weights(self, best_epoch):
-        """Keep only the best epoch's weights the checkpoint records (a kill may leave a newer one)."""
-        for path in self.directory.glob("best_epoch_*.npz"):
-            if path != self.best_weights(best_epoch):
-                path.unlink()
-
-    def continued_parameters(self):
-        return self.checkpoints / "continued_from_parameters.json"
-
-    def prepare(self, settings, data_fingerprint, fresh, continue_finished=False):
-        """Refuse a finished run or one with other settings unless fresh; fresh moves it aside;
-        continue_finished reopens a finished run with the same settings.
-
-        What is left afterwards is either nothing or an unfinished run with the same settings.
-        """
-        comparable = comparable_settings(settings, data_fingerprint)
-        occupied = [folder for folder in (self.directory, self.latent_directory) if folder.exists() and any(folder.iterdir())]
-        if continue_finished and not fresh and self.parameters.exists():
-            self.reopen(settings, comparable)
-        reason = None
-        if self.parameters.exists():
-            reason = f"a finished run is in {self.directory}"
-        elif occupied and not self.run_settings.exists():
-            reason = f"{occupied[0]} already holds files that are not a resumable run"
-        elif self.run_settings.exists():
-            changed = changed_settings(json.loads(self.run_settings.read_text(encoding="utf-8")), comparable, settings)
-            if changed:
-                reason = f"the unfinished run in {self.directory} used other settings ({changed})"
-        if reason and not fresh:
-            raise UserError(f"{reason}; pass --fresh=True to move it aside (nothing is deleted) and start again")
-        if reason or (fresh and occupied):
-            for folder in occupied:
-                print(f"moved the earlier run aside: {folder} -> {move_aside(folder)}")
-        if not self.run_settings.exists():
-            write_json_atomic(self.run_settings, comparable)
-
-    def reopen(self, settings, comparable):
-        """Make a finished run unfinished again, so it resumes from its last checkpoint.
-
-        Its parameters move beside the checkpoints (their training time is added to the new
-        total); its models and latents stay usable until the run finishes again and replaces them.
-        """
-        if not self.run_settings.exists() or not tf.train.latest_checkpoint(str(self.checkpoints)):
-            raise UserError(f"the finished run in {self.directory} kept no checkpoint to continue from; "
-                            f"pass --fresh=True to start again")
-        changed = changed_settings(json.loads(self.run_settings.read_text(encoding="utf-8")), comparable, settings)
-        if changed:
-            raise UserError(f"the finished run in {self.directory} used other settings ({changed}); "
-                            f"continue it with its own or pass --fresh=True to start again")
-        epochs_done = json.loads(self.parameters.read_text(encoding="utf-8"))["epochs_done"]
-        if epochs_done >= settings["EPOCHS"]:
-            raise UserError(f"the finished run in {self.directory} already trained {epochs_done} epochs; "
-                            f"raise --epochs above {epochs_done} to continue it")
-        os.replace(self.parameters, self.continued_parameters())
-        print(f"continuing the finished run in {self.directory} after epoch {epochs_done}")
-
-
-# --------------------------------------------------------------------------- history and pictures
+# --------------------------------------------------------------------------- history and fixed sample inputs
 
 def read_history(path):
     if not path.exists():
@@ -330,64 +208,13 @@ def reference_images(paths, labels, num_classes, image_size):
     return images, np.eye(num_classes, dtype=np.float32)
 
 
-def sample_grid(model, latents, labels, references, num_classes, posterior_draws=False):
-    """A uint8 mosaic, one row per class: a reference image, its reconstruction, then the
-    decoded fixed prior draws, or, with posterior_draws (a latent map, whose prior draws are
-    texture, not cilia), draws around the reference's latent with the same fixed noise."""
-    # Direct calls, not predict: predict would run on every replica and, in a multi-worker
-    # run, wait for workers that never call it (only the chief draws samples).
-    reference, reference_labels = references
-    z_mean, z_log_var = model.encoder([reference, reference_labels], training=False)
-    reconstructions = model.decoder([z_mean.numpy(), reference_labels], training=False).numpy()
-    if posterior_draws:
-        columns = len(latents) // num_classes
-        latents = (np.repeat(z_mean.numpy(), columns, axis=0)
-                   + np.repeat(np.exp(0.5 * z_log_var.numpy()), columns, axis=0) * latents)
-    samples = model.decoder([latents, labels], training=False).numpy()
-    size = reference.shape[1]
-    rows = samples.reshape(num_classes, -1, size, size)
-    rows = np.concatenate([reference[:, None, :, :, 0], reconstructions[:, None, :, :, 0], rows], axis=1)
-    grid = rows.transpose(0, 2, 1, 3).reshape(num_classes * size, -1)
-    return np.clip(grid * 255.0 + 0.5, 0, 255).astype(np.uint8)
+# --------------------------------------------------------------------------- starting or resuming a run
 
-
-def save_sample_figure(path, grid, class_names, epoch, posterior_draws=False):
-    from matplotlib import pyplot
-    row_height = grid.shape[0] / len(class_names)
-    figure, axis = pyplot.subplots(figsize=(grid.shape[1] / row_height * 1.6 + 2.0, len(class_names) * 1.6 + 0.8))
-    axis.imshow(grid, cmap="gray", vmin=0, vmax=255)
-    axis.set_yticks([(row + 0.5) * row_height for row in range(len(class_names))], class_names)
-    axis.set_xticks([(column + 0.5) * row_height for column in range(2)], ["real", "reconstructed"])
-    drawn = "draws around its latent" if posterior_draws else "prior samples (same noise in every row)"
-    axis.set_title(f"after epoch {epoch}: a real image, its reconstruction, then {drawn}")
-    figure.tight_layout()
-    with atomic_path(path) as temporary_path:
-        figure.savefig(temporary_path, format="png", dpi=100)
-    pyplot.close(figure)
-
-
-def save_loss_plot(path, history):
-    from matplotlib import pyplot
-    epochs = [row["epoch"] for row in history]
-    figure, axes = pyplot.subplots(1, len(LOSS_TERMS), figsize=(4.2 * len(LOSS_TERMS), 3.6))
-    for axis, term in zip(axes, LOSS_TERMS):
-        axis.plot(epochs, [row[term] for row in history], label="training")
-        if f"val_{term}" in history[0]:
-            axis.plot(epochs, [row[f"val_{term}"] for row in history], label="validation")
-        axis.set_title(term.replace("_", " "))
-        axis.set_xlabel("epoch")
-        axis.legend()
-    figure.tight_layout()
-    with atomic_path(path) as temporary_path:
-        figure.savefig(temporary_path, format="png", dpi=100)
-    pyplot.close(figure)
-
-
-# --------------------------------------------------------------------------- the whole run
-
-def check_settings(settings):
-    """Refuse values no run can use, naming the setting, before anything is built or written."""
-    for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "LATENT_MAP_CHANNELS", "SAMPLE_EVERY", "BASE_CHANNELS", "MAX_CHANNELS"):
+def check_settings(settings, num_classes):
+    """Refuse values no run can use, naming the setting, before anything is built or written;
+    return the model the settings describe."""
+    for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "LATENT_MAP_CHANNELS", "SAMPLE_EVERY", "BASE_CHANNELS",
+                 "MAX_CHANNELS"):
         if settings[name] < 1:
             raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
     for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES", "STRUCTURAL_WEIGHT"):
@@ -397,161 +224,214 @@ def check_settings(settings):
         raise UserError(f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}")
     if not settings["LEARNING_RATE"] > 0:
         raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
-    check_choice("ARCHITECTURE", settings["ARCHITECTURE"], models.ARCHITECTURES)
-    check_choice("RECONSTRUCTION_LOSS", settings["RECONSTRUCTION_LOSS"], models.RECONSTRUCTION_LOSSES)
+    if num_classes < 1:
+        raise UserError("the preprocessed data holds no classes; run python Scripts/cvae_pre_processing.py again")
     try:
-        models.check_sizes(settings["ARCHITECTURE"], settings["IMAGE_SIZE"], settings["LATENT_MAP_STRIDE"])
+        return ModelConfig.from_settings(settings, num_classes=num_classes)
     except ValueError as error:
         raise UserError(str(error)) from None
 
 
-def train(settings, facts):
-    """Train (or resume) the CVAE described by a training script's settings; write every output."""
-    started = time.time()
-    check_settings(settings)
-    image_size = settings["IMAGE_SIZE"]
-    class_names = facts["class_names"]
-    num_classes = len(class_names)
-    if num_classes < 1:
-        raise UserError("the preprocessed data holds no classes; run python Scripts/cvae_pre_processing.py again")
+@dataclass
+class Session:
+    """Everything one run in progress needs, built once by start_or_resume."""
+
+    settings: dict
+    facts: dict
+    strategy: object
+    chief: bool
+    on_gpu: bool
+    layout: RunLayout
+    model_config: ModelConfig
+    model: object = None
+    train_step: object = None
+    test_step: object = None
+    all_images: tuple = ()  # (paths, labels) of the whole train split: what the latents are computed from
+    training_images: tuple = ()
+    validation_images: tuple = ()
+    validation_batches: object = None
+    validation_steps: int = 0
+    training_batches: object = None
+    steps_per_epoch: int = 0
+    state: dict = field(default_factory=dict)  # travels in the checkpoint with the weights
+    manager: object = None
+    checkpoint_dir: Path = None
+    history: list = field(default_factory=list)
+    sample_inputs: tuple = ()
+    references: tuple = ()
+    summary_writer: object = None
+    slowest_epoch_seconds: float = 0.0
+
+    @property
+    def epochs_done(self):
+        return int(self.state["epochs_done"])
+
+    @property
+    def has_validation(self):
+        return len(self.validation_images[0]) > 0
+
+
+def start_strategy(settings, facts):
+    """The strategy, the run folder accepted (or refused) by the chief, and the model's configuration."""
+    model_config = check_settings(settings, len(facts["class_names"]))
     # The strategy first: a multi-worker strategy must be created before anything starts TensorFlow.
     strategy = choose_strategy()
-    on_gpu = use_gpu_speedups()
+    on_gpu = use_gpu_speedups()  # before any model is built: it sets the global precision policy
     keras.utils.set_random_seed(settings["SEED"])
     if settings["BATCH_SIZE"] % strategy.num_replicas_in_sync:
         raise UserError(f"--batch_size={settings['BATCH_SIZE']} must be a multiple of the "
                         f"{strategy.num_replicas_in_sync} replicas in sync")
     chief = is_chief(strategy)
-    run = RunFolder(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], image_size)
+    layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
     if chief:
-        run.prepare(settings, facts["fingerprint"], settings["FRESH"], settings["CONTINUE_FINISHED"])
+        runs.prepare_run(layout, settings, facts["fingerprint"])
     # The other workers look for a checkpoint to resume from only once the chief has refused,
     # moved aside or accepted what the run folder holds.
     wait_for_all_workers(strategy)
+    return Session(settings=settings, facts=facts, strategy=strategy, chief=chief, on_gpu=on_gpu, layout=layout,
+                   model_config=model_config)
 
-    all_paths, all_labels = data.list_training_images(settings["PROCESSED_IMAGES_DIR"], image_size, class_names)
+
+def split_images(session):
+    """The train split's images, and the validation images held out of it."""
+    settings, image_size = session.settings, session.model_config.image_size
+    all_paths, all_labels = data.list_training_images(settings["PROCESSED_IMAGES_DIR"], image_size,
+                                                      session.facts["class_names"])
     training_paths, training_labels, validation_paths, validation_labels = data.hold_out_validation(
         all_paths, all_labels, settings["VALIDATION_FRACTION"], settings["SEED"])
-    print(f"{len(training_paths)} training and {len(validation_paths)} validation images of {num_classes} classes "
-          f"at {image_size}x{image_size}; {strategy.num_replicas_in_sync} replica(s)")
+    session.all_images = (all_paths, all_labels)
+    session.training_images = (training_paths, training_labels)
+    session.validation_images = (validation_paths, validation_labels)
+    print(f"{len(training_paths)} training and {len(validation_paths)} validation images of "
+          f"{session.model_config.num_classes} classes at {image_size}x{image_size}; "
+          f"{session.strategy.num_replicas_in_sync} replica(s)")
 
-    # The original architecture always has a latent vector; ours a latent map unless the stride is 0.
-    map_stride = settings["LATENT_MAP_STRIDE"] if settings["ARCHITECTURE"] == "default" else 0
-    map_side = models.latent_map_side(image_size, map_stride)
-    latent_dim = models.latent_length(image_size, settings["LATENT_DIM"], map_stride, settings["LATENT_MAP_CHANNELS"])
-    model = build_cvae(strategy, settings["ARCHITECTURE"], image_size, num_classes, latent_dim,
-                       settings["LEARNING_RATE"], settings["BASE_CHANNELS"], settings["MAX_CHANNELS"], settings["SEED"],
-                       map_side=map_side, reconstruction=settings["RECONSTRUCTION_LOSS"],
-                       structural_weight=settings["STRUCTURAL_WEIGHT"])
-    train_step, test_step = make_step_functions(model, strategy, jit_compile=on_gpu)
-    has_validation = len(validation_paths) > 0
-    if has_validation:
-        validation_batches, validation_steps = distributed_evaluation_data(
-            strategy, validation_paths, validation_labels, num_classes, image_size, settings["BATCH_SIZE"])
 
-    # Everything a resumed run needs besides the weights travels in the same checkpoint, so
-    # the epoch counter and the best-so-far can never disagree with the weights they describe.
-    state = {
+def restore_checkpoint(session):
+    """The epoch counter and best-so-far travel in the same checkpoint as the weights, so they can
+    never disagree with the weights they describe; resume from the latest one there is."""
+    session.state = {
         "epochs_done": tf.Variable(0, dtype=tf.int64),
         "best_value": tf.Variable(np.inf, dtype=tf.float64),
         "best_epoch": tf.Variable(0, dtype=tf.int64),
         "epochs_without_improvement": tf.Variable(0, dtype=tf.int64),
     }
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, **state)
-    checkpoint_dir = run.checkpoints if chief else Path(tempfile.mkdtemp(prefix="cvae_worker_checkpoint_"))
-    manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
-    latest_checkpoint = tf.train.latest_checkpoint(str(run.checkpoints))
+    layout = session.layout
+    checkpoint = tf.train.Checkpoint(model=session.model, optimizer=session.model.optimizer, **session.state)
+    session.checkpoint_dir = (layout.checkpoints if session.chief
+                              else Path(tempfile.mkdtemp(prefix="cvae_worker_checkpoint_")))
+    session.manager = tf.train.CheckpointManager(checkpoint, str(session.checkpoint_dir), max_to_keep=2)
+    latest_checkpoint = tf.train.latest_checkpoint(str(layout.checkpoints))
     if latest_checkpoint:
         checkpoint.restore(latest_checkpoint).expect_partial()
-        print(f"resuming after epoch {int(state['epochs_done'])} from {run.checkpoints}")
-    epochs_done = int(state["epochs_done"])
-    # Rows of epochs after the checkpoint's are recomputed, so they are dropped, not repeated.
-    history = [row for row in read_history(run.history) if row["epoch"] <= epochs_done] if chief else []
-    if chief:
-        run.remove_other_best_weights(int(state["best_epoch"]))
+        print(f"resuming after epoch {session.epochs_done} from {layout.checkpoints}")
+    if session.chief:
+        # Rows of epochs after the checkpoint's are recomputed, so they are dropped, not repeated.
+        session.history = [row for row in read_history(layout.history) if row["epoch"] <= session.epochs_done]
+        runs.remove_other_best_weights(layout, int(session.state["best_epoch"]))
+
+
+def start_or_resume(settings, facts):
+    """A run ready for its next epoch: a new one, or a killed or continued one from its checkpoint."""
+    session = start_strategy(settings, facts)
+    split_images(session)
+    model_config, strategy = session.model_config, session.strategy
+    sizes = {"num_classes": model_config.num_classes, "image_size": model_config.image_size,
+             "batch_size": settings["BATCH_SIZE"]}
+    session.model = build_cvae(strategy, model_config, learning_rate=settings["LEARNING_RATE"], seed=settings["SEED"])
+    session.train_step, session.test_step = make_step_functions(session.model, strategy,
+                                                                jit_compile=session.on_gpu)
+    if session.has_validation:
+        session.validation_batches, session.validation_steps = distributed_evaluation_data(
+            strategy, *session.validation_images, **sizes)
+    restore_checkpoint(session)
     # A resumed run continues with a new shuffle, not the first epochs' order again.
-    training_batches, steps_per_epoch = distributed_training_data(
-        strategy, training_paths, training_labels, num_classes, image_size, settings["BATCH_SIZE"],
-        settings["SEED"] + epochs_done, settings["AUGMENT"], settings["CLASS_BALANCED"])
+    session.training_batches, session.steps_per_epoch = distributed_training_data(
+        strategy, *session.training_images, **sizes, seed=settings["SEED"] + session.epochs_done,
+        augment=settings["AUGMENT"], class_balanced=settings["CLASS_BALANCED"])
+    session.sample_inputs = fixed_sample_inputs(model_config.num_classes, model_config.latent_length, settings["SEED"])
+    shown = session.validation_images if session.has_validation else session.training_images
+    session.references = reference_images(*shown, model_config.num_classes, model_config.image_size)
+    session.summary_writer = tf.summary.create_file_writer(str(session.layout.logs)) if session.chief else None
+    return session
 
-    sample_latents, sample_labels = fixed_sample_inputs(num_classes, latent_dim, settings["SEED"])
-    references = reference_images(*((validation_paths, validation_labels) if has_validation else (training_paths, training_labels)),
-                                  num_classes, image_size)
-    summary_writer = tf.summary.create_file_writer(str(run.logs)) if chief else None
-    patience = settings["EARLY_STOPPING_PATIENCE"]
 
-    def stopped_early():
-        return (patience > 0 and int(state["epochs_without_improvement"]) >= patience
-                and int(state["epochs_done"]) > settings["KL_WARMUP_EPOCHS"])
+# --------------------------------------------------------------------------- one epoch
 
-    # A time budget stops before an epoch that would overrun it, judged by the slowest epoch so far
-    # (training, validation, checkpoint and pictures); every run does at least one epoch, so a
-    # budget too small still leaves a model. A killed run, resumed, gets the budget afresh; a run
-    # the budget ended is finished like any other.
-    budget_seconds = settings["MAX_MINUTES"] * 60
-    slowest_epoch_seconds = 0.0
-    out_of_time = False
+def stopped_early(session):
+    patience = session.settings["EARLY_STOPPING_PATIENCE"]
+    return (patience > 0 and int(session.state["epochs_without_improvement"]) >= patience
+            and session.epochs_done > session.settings["KL_WARMUP_EPOCHS"])
 
-    for epoch in range(epochs_done + 1, settings["EPOCHS"] + 1):
-        if stopped_early():
-            break
-        if budget_seconds and epoch > epochs_done + 1 and any_worker(
-                strategy, time.time() - started + slowest_epoch_seconds > budget_seconds):
-            out_of_time = True
-            break
-        epoch_started = time.time()
-        model.kl_weight.assign(kl_weight_for_epoch(epoch, settings["KL_WARMUP_EPOCHS"]))
-        model.reset_metrics()
-        for _ in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings['EPOCHS']}", disable=not chief or not sys.stdout.isatty(),
-                      leave=False, file=sys.stdout, mininterval=5):
-            train_step(next(training_batches))
-        row = {"epoch": epoch, **tracker_results(model)}
-        if not all(math.isfinite(row[term]) for term in LOSS_TERMS):
-            kept = f"the last good checkpoint (epoch {epoch - 1}) is kept in {run.checkpoints}" if epoch > 1 else "no epoch finished"
-            raise TrainingDiverged(f"the training loss became {row['loss']} in epoch {epoch}; {kept}; "
-                                   f"lower --learning_rate and start again with --fresh=True")
-        if has_validation:
-            model.reset_metrics()
-            validation_iterator = iter(validation_batches)
-            for _ in range(validation_steps):
-                test_step(next(validation_iterator))
-            row.update({f"val_{name}": value for name, value in tracker_results(model).items()})
-        row["kl_weight"] = float(model.kl_weight.numpy())
-        row["seconds"] = round(time.time() - epoch_started, 2)
-        # Checkpoints are chosen on the full negative ELBO (reconstruction + KL at weight 1):
-        # unlike the loss it does not change meaning while the KL weight warms up.
-        prefix = "val_" if has_validation else ""
-        monitored = row[f"{prefix}reconstruction_loss"] + row[f"{prefix}kl_loss"]
-        improved = math.isfinite(monitored) and monitored < float(state["best_value"])
-        if improved:
-            state["best_value"].assign(monitored)
-            state["best_epoch"].assign(epoch)
-            state["epochs_without_improvement"].assign(0)
-            if chief:
-                with atomic_path(run.best_weights(epoch)) as temporary_path:
-                    np.savez(temporary_path, *model.get_weights())
-        else:
-            state["epochs_without_improvement"].assign_add(1)
-        state["epochs_done"].assign(epoch)
-        history.append(row)
-        if chief:
-            write_history(run.history, history)
-        manager.save(checkpoint_number=epoch)
-        if chief:
-            run.remove_other_best_weights(int(state["best_epoch"]))
-            report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names,
-                         sample_png=(epoch % settings["SAMPLE_EVERY"] == 0 or epoch == settings["EPOCHS"]),
-                         posterior_draws=map_side > 0)
-        slowest_epoch_seconds = max(slowest_epoch_seconds, time.time() - epoch_started)
-    if not chief:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        return None
-    if stopped_early():
-        print(f"stopped early: no improvement for {patience} epochs")
-    if out_of_time:
-        print(f"stopped after epoch {int(state['epochs_done'])}: another epoch would pass --max_minutes={settings['MAX_MINUTES']}")
-    return finish(run, model, settings, facts, history, int(state["best_epoch"]), all_paths, all_labels,
-                  strategy, time.time() - started)
+
+def out_of_time(session, epoch, first_epoch, started):
+    """A time budget stops before an epoch that would overrun it, judged by the slowest epoch so far
+    (training, validation, checkpoint and pictures). Every run does at least one epoch, so a budget
+    too small still leaves a model; a killed run, resumed, gets the budget afresh."""
+    budget_seconds = session.settings["MAX_MINUTES"] * 60
+    if not budget_seconds or epoch == first_epoch:
+        return False
+    return any_worker(session.strategy, time.time() - started + session.slowest_epoch_seconds > budget_seconds)
+
+
+def train_one_epoch(session, epoch):
+    """The training losses of one epoch: its mean over every example, on every replica."""
+    model = session.model
+    model.kl_weight.assign(kl_weight_for_epoch(epoch, session.settings["KL_WARMUP_EPOCHS"]))
+    model.reset_metrics()
+    progress = tqdm(range(session.steps_per_epoch), desc=f"epoch {epoch}/{session.settings['EPOCHS']}",
+                    disable=not session.chief or not sys.stdout.isatty(), leave=False, file=sys.stdout,
+                    mininterval=5)
+    for _ in progress:
+        session.train_step(next(session.training_batches))
+    return {"epoch": epoch, **tracker_results(model)}
+
+
+def check_finite(session, row, epoch):
+    if not all(math.isfinite(row[term]) for term in LOSS_TERMS):
+        kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in {session.layout.checkpoints}"
+                if epoch > 1 else "no epoch finished")
+        raise TrainingDiverged(f"the training loss became {row['loss']} in epoch {epoch}; {kept}; "
+                               f"lower --learning_rate and start again with --fresh=True")
+
+
+def validate(session):
+    """The validation losses (val_<term>), or nothing when no images are held out."""
+    if not session.has_validation:
+        return {}
+    session.model.reset_metrics()
+    validation_iterator = iter(session.validation_batches)
+    for _ in range(session.validation_steps):
+        session.test_step(next(validation_iterator))
+    return {f"val_{name}": value for name, value in tracker_results(session.model).items()}
+
+
+def keep_best(session, row, epoch):
+    """Checkpoints are chosen on the full negative ELBO (reconstruction + KL at weight 1): unlike the
+    loss it does not change meaning while the KL weight warms up."""
+    state, prefix = session.state, "val_" if session.has_validation else ""
+    monitored = row[f"{prefix}reconstruction_loss"] + row[f"{prefix}kl_loss"]
+    if math.isfinite(monitored) and monitored < float(state["best_value"]):
+        state["best_value"].assign(monitored)
+        state["best_epoch"].assign(epoch)
+        state["epochs_without_improvement"].assign(0)
+        if session.chief:
+            with atomic_path(session.layout.best_weights(epoch)) as temporary_path:
+                np.savez(temporary_path, *session.model.get_weights())
+    else:
+        state["epochs_without_improvement"].assign_add(1)
+
+
+def record_epoch(session, row, epoch):
+    """The history row, the checkpoint, then (chief only) the console line, TensorBoard and a sample grid."""
+    session.state["epochs_done"].assign(epoch)
+    session.history.append(row)
+    if session.chief:
+        write_history(session.layout.history, session.history)
+    session.manager.save(checkpoint_number=epoch)
+    if session.chief:
+        runs.remove_other_best_weights(session.layout, int(session.state["best_epoch"]))
+        report_epoch(session, row)
 
 
 def _plugin_metadata(plugin_name):
@@ -562,13 +442,16 @@ def _plugin_metadata(plugin_name):
     return metadata.SerializeToString()
 
 
-def report_epoch(run, model, row, summary_writer, sample_latents, sample_labels, references, class_names, sample_png,
-                 posterior_draws=False):
+def report_epoch(session, row):
     epoch = int(row["epoch"])
     shown = "  ".join(f"{name} {value:.5g}" for name, value in row.items() if name != "epoch")
     print(f"epoch {epoch}: {shown}", flush=True)
-    grid = sample_grid(model, sample_latents, sample_labels, references, len(class_names), posterior_draws)
-    with summary_writer.as_default(step=epoch):
+    # A latent map's prior draws are texture, not cilia, so its grid shows draws around each reference.
+    posterior_draws = session.model_config.map_side > 0
+    class_names = session.facts["class_names"]
+    grid = figures.sample_grid(session.model, *session.sample_inputs, session.references, len(class_names),
+                               posterior_draws=posterior_draws)
+    with session.summary_writer.as_default(step=epoch):
         for name, value in row.items():
             if name != "epoch":
                 tf.summary.write(name, tf.constant(value, tf.float32), metadata=_plugin_metadata("scalars"))
@@ -576,12 +459,48 @@ def report_epoch(run, model, row, summary_writer, sample_latents, sample_labels,
         encoded = tf.io.encode_png(grid[:, :, None])
         tf.summary.write("samples", tf.stack([tf.as_string(grid.shape[1]), tf.as_string(grid.shape[0]), encoded]),
                          metadata=_plugin_metadata("images"))
-    summary_writer.flush()
-    if sample_png:
-        save_sample_figure(run.samples(epoch), grid, class_names, epoch, posterior_draws)
+    session.summary_writer.flush()
+    if epoch % session.settings["SAMPLE_EVERY"] == 0 or epoch == session.settings["EPOCHS"]:
+        figures.save_sample_figure(session.layout.samples(epoch), grid, class_names, epoch, posterior_draws)
 
 
-def encode_training_images(encoder, paths, labels, num_classes, image_size, batch_size):
+# --------------------------------------------------------------------------- the whole run
+
+def train(settings, facts):
+    """Train (or resume) the CVAE described by a training script's settings; write every output."""
+    started = time.time()
+    session = start_or_resume(settings, facts)
+    first_epoch = session.epochs_done + 1
+    stopped_for_time = False
+    for epoch in range(first_epoch, settings["EPOCHS"] + 1):
+        if stopped_early(session):
+            break
+        if out_of_time(session, epoch, first_epoch, started):
+            stopped_for_time = True
+            break
+        epoch_started = time.time()
+        row = train_one_epoch(session, epoch)
+        check_finite(session, row, epoch)
+        row.update(validate(session))
+        row["kl_weight"] = float(session.model.kl_weight.numpy())
+        row["seconds"] = round(time.time() - epoch_started, 2)
+        keep_best(session, row, epoch)
+        record_epoch(session, row, epoch)
+        session.slowest_epoch_seconds = max(session.slowest_epoch_seconds, time.time() - epoch_started)
+    if not session.chief:
+        shutil.rmtree(session.checkpoint_dir, ignore_errors=True)
+        return None
+    if stopped_early(session):
+        print(f"stopped early: no improvement for {settings['EARLY_STOPPING_PATIENCE']} epochs")
+    if stopped_for_time:
+        print(f"stopped after epoch {session.epochs_done}: another epoch would pass "
+              f"--max_minutes={settings['MAX_MINUTES']}")
+    return finish(session, time.time() - started)
+
+
+# --------------------------------------------------------------------------- saving the finished run
+
+def encode_training_images(encoder, paths, labels, *, num_classes, image_size, batch_size):
     """z_mean and z_log_var of every image of the train split, un-augmented, in file order."""
     encode = tf.function(lambda images, one_hot: encoder([images, one_hot], training=False))
     means, log_variances = [], []
@@ -602,51 +521,64 @@ def library_versions():
             "matplotlib": matplotlib.__version__, "scikit-learn": sklearn.__version__}
 
 
-def finish(run, model, settings, facts, history, best_epoch, all_paths, all_labels, strategy, seconds):
-    """Save the best epoch's encoder and decoder, the latents, the loss plot, then the parameters."""
+def save_models_and_latents(session, best_epoch):
+    """The best epoch's encoder and decoder, and the latents of every train-split image under them."""
+    model, layout = session.model, session.layout
     if best_epoch > 0:
-        with np.load(run.best_weights(best_epoch), allow_pickle=False) as saved:
+        with np.load(layout.best_weights(best_epoch), allow_pickle=False) as saved:
             model.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
-    for network, path in ((model.encoder, run.encoder), (model.decoder, run.decoder)):
+    for network, path in ((model.encoder, layout.encoder), (model.decoder, layout.decoder)):
         with atomic_path(path) as temporary_path:
             network.save(temporary_path)
-    class_names = facts["class_names"]
-    z_mean, z_log_var = encode_training_images(model.encoder, all_paths, all_labels, len(class_names),
-                                               settings["IMAGE_SIZE"], settings["BATCH_SIZE"])
-    for label, class_name in enumerate(class_names):
+    all_paths, all_labels = session.all_images
+    z_mean, z_log_var = encode_training_images(
+        model.encoder, all_paths, all_labels, num_classes=session.model_config.num_classes,
+        image_size=session.model_config.image_size, batch_size=session.settings["BATCH_SIZE"])
+    for label, class_name in enumerate(session.facts["class_names"]):
         for name, values in (("z_mean", z_mean), ("z_log_var", z_log_var)):
-            with atomic_path(run.latent_directory / f"{name}_{class_name}.npy") as temporary_path:
+            with atomic_path(layout.latent(name, class_name)) as temporary_path:
                 np.save(temporary_path, values[all_labels == label], allow_pickle=False)
-    save_loss_plot(run.loss_plot, history)
-    # A continued run's time counts from its first epoch, not from the continuation.
-    continued = run.continued_parameters()
-    earlier_seconds = json.loads(continued.read_text(encoding="utf-8"))["training_seconds"] if continued.exists() else 0.0
+
+
+def run_parameters(session, best_epoch, seconds):
+    """What cvae_parameters.json records: every setting, the model, the data and the outcome."""
+    settings, facts, history, model_config = session.settings, session.facts, session.history, session.model_config
     best_row = next(row for row in history if row["epoch"] == best_epoch) if best_epoch else history[-1]
-    parameters = {
+    return {
         "settings": jsonable(settings),
-        "architecture": settings["ARCHITECTURE"],
-        "reconstruction_loss": models.reconstruction_loss_kind(settings["ARCHITECTURE"], settings["RECONSTRUCTION_LOSS"]),
+        "model": model_config.to_json(),
+        "architecture": model_config.architecture,
+        "reconstruction_loss": model_config.reconstruction,
         "structural_weight": settings["STRUCTURAL_WEIGHT"],
-        "class_names": class_names,
-        "image_size": settings["IMAGE_SIZE"],
+        "class_names": facts["class_names"],
+        "image_size": model_config.image_size,
         "resize_mode": facts["resize_mode"],
-        "latent_dim": int(model.decoder.inputs[0].shape[-1]),
-        "latent_map_side": models.latent_map_side(settings["IMAGE_SIZE"], settings["LATENT_MAP_STRIDE"])
-        if settings["ARCHITECTURE"] == "default" else 0,
+        "latent_dim": model_config.latent_length,
+        "latent_map_side": model_config.map_side,
         "epochs_done": int(history[-1]["epoch"]),
         "best_epoch": best_epoch,
         "final_losses": {"best_epoch": best_row, "last_epoch": history[-1]},
-        "training_images": int(len(all_paths)),
+        "training_images": int(len(session.all_images[0])),
         "latents": "z_mean_<Class>.npy / z_log_var_<Class>.npy: every train-split image of the class "
                    "(validation images included), un-augmented, in file-name order",
         "data_fingerprint": facts["fingerprint"],
-        "encoder_parameters": int(model.encoder.count_params()),
-        "decoder_parameters": int(model.decoder.count_params()),
-        "replicas": strategy.num_replicas_in_sync,
-        "training_seconds": round(seconds + earlier_seconds, 1),
+        "encoder_parameters": int(session.model.encoder.count_params()),
+        "decoder_parameters": int(session.model.decoder.count_params()),
+        "replicas": session.strategy.num_replicas_in_sync,
+        # A continued run's time counts from its first epoch, not from the continuation.
+        "training_seconds": round(seconds + runs.earlier_training_seconds(session.layout), 1),
         "library_versions": library_versions(),
     }
-    write_json_atomic(run.parameters, parameters)
-    continued.unlink(missing_ok=True)
-    print(f"saved the encoder and decoder of epoch {best_epoch} in {run.directory} and the latents in {run.latent_directory}")
+
+
+def finish(session, seconds):
+    """Save the models, the latents and the loss plot, then the parameters, whose presence marks a finished run."""
+    best_epoch = int(session.state["best_epoch"])
+    save_models_and_latents(session, best_epoch)
+    figures.save_loss_plot(session.layout.loss_plot, session.history, LOSS_TERMS)
+    parameters = run_parameters(session, best_epoch, seconds)
+    write_json_atomic(session.layout.parameters, parameters)
+    session.layout.continued_parameters.unlink(missing_ok=True)
+    print(f"saved the encoder and decoder of epoch {best_epoch} in {session.layout.directory} "
+          f"and the latents in {session.layout.latent_directory}")
     return parameters
