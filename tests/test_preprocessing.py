@@ -33,7 +33,7 @@ def tree_snapshot(folder):
 
 
 def build_messy_raw_folder(raw):
-    """A raw folder with every kind of bad input of DESIGN.md section 9; returns the expected outcomes."""
+    """A raw folder with every kind of bad input a real collection holds; returns the expected outcomes."""
     expected = {}
     normal, oda, cp, empty = raw / "Normal", raw / "ODA", raw / "CP défaut", raw / "Empty"
     for folder in (normal, oda, cp, empty):

@@ -1,7 +1,7 @@
 """Synthetic TEM crops of cilia cross sections: anatomy, defects and the microscope's look.
 
 A phantom is made in three steps, each a plain function:
-1. `sample_cilium` lays out the axoneme in nanometres (DESIGN.md section 5): a wavy
+1. `sample_cilium` lays out the axoneme in nanometres: a wavy
    membrane, nine doublets (A and B tubules) on a ring, outer and inner dynein arms,
    radial spokes with heads, nexin links and the central pair with bridge, projections and
    sheath; then the class's defect changes that structure, and nothing else.
@@ -76,7 +76,7 @@ DENSITY = {
     "microvillus_core": 0.28,
 }
 
-# Geometry in nanometres (DESIGN.md section 5).
+# Geometry in nanometres, from published axoneme dimensions.
 DOUBLET_RING_RADIUS = 86.0
 A_TUBULE_RADIUS = 12.5
 B_TUBULE_RADIUS = 13.5
@@ -173,7 +173,7 @@ def phantom_rng(seed, class_name, number):
 
 
 def sample_normal_cilium(rng):
-    # Diameter 236-260 nm: a little above DESIGN.md's 200-250 so that, as in real sections, a
+    # Diameter 236-260 nm: a little above the usual 200-250 so that, as in real sections, a
     # pale band separates the outer arms' tips from the membrane instead of merging with it.
     membrane_radius = rng.uniform(118.0, 130.0)
     harmonics = [(order, rng.uniform(0.0, 0.035), rng.uniform(0, 2 * math.pi)) for order in (2, 3, 4)]
@@ -515,6 +515,11 @@ def draw_cilium(draw, cilium, view):
     if cilium.transposed_doublet is not None:
         draw_doublet_tubules(polygon, cilium.transposed_doublet)
 
+    draw_central_pair(polygon, cilium)
+
+
+def draw_central_pair(polygon, cilium):
+    """The central tubules, with their projections and the bridge between them when the cilium has them."""
     tubules = cilium.central_tubules
     if len(tubules) == 2:
         pair_centre = (tubules[0] + tubules[1]) / 2
