@@ -301,6 +301,23 @@ def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     assert history.read_text().splitlines()[: resumed_from + 1] == rows_before[: resumed_from + 1]
 
 
+def test_a_kill_between_the_checkpoint_and_the_history_row_records_the_epoch_once(tmp_path):
+    """The instant between an epoch's two writes, forced by the training's test hook: the epoch
+    the checkpoint holds is neither trained again nor given a second, different row."""
+    write_processed_split(tmp_path / "processed", images_per_class=20)
+    history = tmp_path / "models" / "32x32" / "training_history.csv"
+    killed = train(tmp_path, "--epochs=3", environment={"CILIA_CVAE_CRASH_AFTER_CHECKPOINT": "2"})
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert history_epochs(history) == [1], "the kill came after the history row"
+    first_row = history.read_text().splitlines()[1]
+    resumed = train(tmp_path, "--epochs=3")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch 2" in resumed.stdout
+    assert "epoch 2:" not in resumed.stdout and "epoch 3:" in resumed.stdout
+    assert history_epochs(history) == [1, 2, 3]
+    assert history.read_text().splitlines()[1] == first_row
+
+
 def run_distributed(mode, processed_dir, output, environment=None):
     return subprocess.Popen(
         [sys.executable, str(HELPERS_DIR / "distributed_steps.py"), mode, str(processed_dir), str(output)],

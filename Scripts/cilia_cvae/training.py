@@ -26,6 +26,7 @@ may resume are in runs.py; the file names in layout.py.
 """
 
 import csv
+import json
 import math
 import os
 import platform
@@ -315,6 +316,9 @@ def restore_checkpoint(session):
         "best_value": tf.Variable(np.inf, dtype=tf.float64),
         "best_epoch": tf.Variable(0, dtype=tf.int64),
         "epochs_without_improvement": tf.Variable(0, dtype=tf.int64),
+        # The history rows up to the checkpoint's epoch, as JSON: the checkpoint and its rows
+        # become durable in one write, so a kill between two writes cannot rewrite a row.
+        "history_json": tf.Variable("", dtype=tf.string),
     }
     layout = session.layout
     checkpoint = tf.train.Checkpoint(model=session.model, optimizer=session.model.optimizer, **session.state)
@@ -326,8 +330,9 @@ def restore_checkpoint(session):
         checkpoint.restore(latest_checkpoint).expect_partial()
         print(f"resuming after epoch {session.epochs_done} from {layout.checkpoints}")
     if session.chief:
-        # Rows of epochs after the checkpoint's are recomputed, so they are dropped, not repeated.
-        session.history = [row for row in read_history(layout.history) if row["epoch"] <= session.epochs_done]
+        session.history = checkpointed_history(session)
+        if session.history:
+            write_history(layout.history, session.history)
         runs.remove_other_best_weights(layout, int(session.state["best_epoch"]))
 
 
@@ -422,14 +427,37 @@ def keep_best(session, row, epoch):
         state["epochs_without_improvement"].assign_add(1)
 
 
+# Tests set this to an epoch number to kill the run right after that epoch's checkpoint, before
+# anything else of the epoch is written: the instant a real kill is least likely to hit by timing.
+CRASH_AFTER_CHECKPOINT_VARIABLE = "CILIA_CVAE_CRASH_AFTER_CHECKPOINT"
+
+
+def crash_for_test(epoch):
+    if os.environ.get(CRASH_AFTER_CHECKPOINT_VARIABLE) == str(epoch):
+        os._exit(137)
+
+
+def checkpointed_history(session):
+    """The history rows of the restored checkpoint's epochs, exactly as they were first recorded.
+
+    Rows after the checkpoint's epoch are recomputed, so they are dropped, not repeated. A
+    checkpoint written before rows travelled with it takes its rows from the history file."""
+    recorded = session.state["history_json"].numpy().decode("utf-8")
+    if recorded:
+        return json.loads(recorded)
+    return [row for row in read_history(session.layout.history) if row["epoch"] <= session.epochs_done]
+
+
 def record_epoch(session, row, epoch):
-    """The history row, the checkpoint, then (chief only) the console line, TensorBoard and a sample grid."""
+    """The checkpoint with the epoch's history row in it, then (chief only) the history file, the
+    console line, TensorBoard and a sample grid."""
     session.state["epochs_done"].assign(epoch)
     session.history.append(row)
+    session.state["history_json"].assign(json.dumps(session.history))
+    session.manager.save(checkpoint_number=epoch)
+    crash_for_test(epoch)
     if session.chief:
         write_history(session.layout.history, session.history)
-    session.manager.save(checkpoint_number=epoch)
-    if session.chief:
         runs.remove_other_best_weights(session.layout, int(session.state["best_epoch"]))
         report_epoch(session, row)
 
