@@ -1,6 +1,7 @@
-"""`make demo`'s script end to end at a tiny scale: every stage runs, a second run reuses them."""
+"""`make demo`'s script end to end at a tiny scale: every stage runs, quietly, and a second run reuses them."""
 
 from conftest import run_script
+from test_quiet import notice_lines, run_as_user
 
 
 def test_demo_runs_every_stage_then_reuses_them(tmp_path):
@@ -10,8 +11,10 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
                  f"--raw_images_dir={folders['raw']}", f"--processed_images_dir={folders['processed']}",
                  f"--models_dir={folders['models']}", f"--latent_tensors_dir={folders['latents']}",
                  f"--generated_images_dir={folders['generated']}"]
-    finished = run_script("demo", *arguments)
+    # As a user runs it: every stage starts TensorFlow (and the evaluation computes FID) with no notice shown.
+    finished = run_as_user("demo", *arguments)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert notice_lines(finished.stderr) == [], finished.stderr[-3000:]
     assert "(missing!)" not in finished.stdout, finished.stdout
     assert "class fidelity" in finished.stdout and "KID" in finished.stdout
     assert len(list((folders["generated"] / "32x32").glob("*/Synthetic_*.png"))) == 30

@@ -20,6 +20,7 @@ from keras import layers  # noqa: E402
 from cilia_cvae.files import atomic_path, write_json_atomic  # noqa: E402
 
 FEATURE_LAYER_NAME = "features"
+FEATURE_LAYER_WIDTH = 128  # values in the feature layer, the space of FID, KID and the k-NN measures
 
 
 def list_images(folder, class_names, limit_per_class=None):
@@ -64,7 +65,7 @@ def build_classifier(image_size, class_count, width=16, steps=None, learning_rat
         x = layers.ReLU()(x)
         x = layers.MaxPooling2D()(x)
     x = layers.GlobalAveragePooling2D()(x)
-    features = layers.Dense(128, activation="relu", name=FEATURE_LAYER_NAME)(x)
+    features = layers.Dense(FEATURE_LAYER_WIDTH, activation="relu", name=FEATURE_LAYER_NAME)(x)
     x = layers.Dropout(0.3)(features)
     outputs = layers.Dense(class_count, activation="softmax", name="class_scores")(x)
     model = keras.Model(inputs, outputs, name="cilia_classifier")
@@ -92,8 +93,16 @@ def train_classifier(images, labels, class_count, epochs, seed, batch_size=32, v
 
 def predict(model, images, batch_size=128):
     """(class scores, features) for uint8 images, in inference mode (no augmentation)."""
-    feature_model = keras.Model(model.inputs, [model.output, model.get_layer(FEATURE_LAYER_NAME).output])
-    scores, features = feature_model.predict(images[..., None], batch_size=batch_size, verbose=0)
+    feature_model = keras.Model(model.input, [model.output, model.get_layer(FEATURE_LAYER_NAME).output])
+    # Called batch by batch rather than through Keras' predict: its compiled step is traced anew for
+    # every feature model and every batch shape, which made TensorFlow warn about retracing, and it is
+    # no faster here.
+    batches = [feature_model(images[start:start + batch_size, ..., None], training=False)
+               for start in range(0, len(images), batch_size)]
+    if not batches:
+        return np.zeros((0, model.output.shape[-1]), np.float32), np.zeros((0, FEATURE_LAYER_WIDTH))
+    scores = np.concatenate([keras.ops.convert_to_numpy(batch_scores) for batch_scores, _ in batches])
+    features = np.concatenate([keras.ops.convert_to_numpy(batch_features) for _, batch_features in batches])
     return scores, features.astype(np.float64)
 
 
