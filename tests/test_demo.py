@@ -1,4 +1,4 @@
-"""`make demo`'s script end to end at a tiny scale: every stage runs, quietly, and a second run reuses them."""
+"""`make demo`'s script end to end at a tiny scale: every stage runs quietly, a second run reuses them."""
 
 from conftest import run_script
 from test_quiet import notice_lines, run_as_user
@@ -7,7 +7,7 @@ from test_quiet import notice_lines, run_as_user
 def test_demo_runs_every_stage_then_reuses_them(tmp_path):
     folders = {name: tmp_path / name for name in ("raw", "processed", "models", "latents", "generated")}
     arguments = ["--image_size=32", "--phantom_images=100", "--epochs=1", "--images_per_class=6",
-                 "--evaluation_images_per_class=6", "--classifier_epochs=1",
+                 "--evaluation_images_per_class=6", "--classifier_size=32", "--classifier_epochs=1",
                  f"--raw_images_dir={folders['raw']}", f"--processed_images_dir={folders['processed']}",
                  f"--models_dir={folders['models']}", f"--latent_tensors_dir={folders['latents']}",
                  f"--generated_images_dir={folders['generated']}"]

@@ -44,7 +44,7 @@ def test_the_users_own_log_level_wins(tmp_path):
 
 
 def test_fid_of_a_singular_covariance_is_unchanged_and_silent():
-    # ReLU features of which 8 are dead, as a judge's are: both covariances are singular, which made sqrtm warn.
+    # ReLU features, 8 of them dead as in a judge: both covariances are singular, which made sqrtm warn.
     rng = np.random.default_rng(0)
     features_a = np.maximum(rng.normal(size=(200, 64)), 0)
     features_b = np.maximum(rng.normal(0.3, 1.2, size=(200, 64)), 0)
