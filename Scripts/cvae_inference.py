@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cilia_cvae import config, figures, generation
+from cilia_cvae import config, figures, generation, locks
 from cilia_cvae.config import UserError, check_choice, configure
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
 
@@ -66,6 +66,9 @@ raw_statistics = pd.read_csv(statistics_path).iloc[0].to_dict() if RESTORE_ASPEC
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
 output_dir = generated.directory
 output_dir.mkdir(parents=True, exist_ok=True)
+# One generation at a time per folder: two would number their files alike and interleave the manifest.
+locks.hold_folder_lock(output_dir)
+generation.reconcile_with_disk(generated, all_classes)
 started = time.perf_counter()
 with tqdm(total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0) as progress:
     written = generation.generate(

@@ -92,3 +92,63 @@ def test_cross_resolution_figure_when_several_sizes_were_generated(tiny_trained_
     finished = generate(tiny_trained_model, "--images_per_class=2", generated=output)
     assert finished.returncode == 0, finished.stderr
     assert (output / "image_comparison_resolutions.png").stat().st_size > 1000
+
+
+def start_generation(folders, output, *arguments):
+    """A generation started in the background, as a second terminal would."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPOSITORY_ROOT, SCRIPTS_DIR
+
+    command = [sys.executable, str(SCRIPTS_DIR / "cvae_inference.py"), "--image_size=32", "--figures=False",
+               f"--processed_images_dir={folders['processed']}", f"--models_dir={folders['models']}",
+               f"--latent_tensors_dir={folders['latents']}", f"--generated_images_dir={output}", *arguments]
+    return subprocess.Popen(command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def wait_for_images(folder, count, process, seconds=120):
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None:
+        if len(list(folder.glob("*/Synthetic_*.png"))) >= count:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_second_generation_into_the_same_folder_is_refused_naming_the_first(tiny_trained_model, tmp_path):
+    output = tmp_path / "generated"
+    first = start_generation(tiny_trained_model, output, "--images_per_class=200000", "--seed=1")
+    try:
+        assert wait_for_images(output / "32x32", 1, first), "the first generation never started writing"
+        second = generate(tiny_trained_model, "--images_per_class=5", "--seed=2", "--figures=False", generated=output)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        last_line = second.stderr.strip().splitlines()[-1]
+        assert f"is being written by process {first.pid}" in last_line and "cvae_inference.py" in last_line
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_killed_generation_leaves_nothing_unrecorded_for_the_next_run(tiny_trained_model, tmp_path):
+    import signal
+
+    output = tmp_path / "generated"
+    first = start_generation(tiny_trained_model, output, "--images_per_class=200000", "--seed=1")
+    assert wait_for_images(output / "32x32", 40, first), "the first generation never wrote 40 images"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    size_dir = output / "32x32"
+    # The next run into the folder is not blocked by the dead run's lock, and reconciles what it left.
+    finished = generate(tiny_trained_model, "--images_per_class=2", "--seed=2", "--figures=False", generated=output)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    on_disk = {f"{path.parent.name}/{path.name}" for path in size_dir.glob("*/*.png")}
+    assert not [path for path in size_dir.rglob(".*") if path.name != ".32x32.lock"], "hidden partial files remain"
+    manifest = pd.read_csv(size_dir / "generation_manifest.csv")
+    assert set(manifest["file"]) == on_disk and len(manifest) == len(on_disk)
+    # Rows recovered from the images themselves carry what the killed run wrote, not placeholders.
+    assert set(manifest["seed"]) == {1, 2} and set(manifest["sampling"]) == {"posterior"}

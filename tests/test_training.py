@@ -415,3 +415,25 @@ def test_model_config_derives_the_latent_shape_and_refuses_impossible_sizes():
                            ({"architecture": "transformer"}, "is not one of 'default', 'original'")):
         with pytest.raises(ValueError, match=message):
             ModelConfig(**wrong)
+
+
+def test_a_second_training_into_a_running_one_is_refused_naming_it(tmp_path):
+    write_processed_split(tmp_path / "processed", images_per_class=20)
+    command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path),
+               "--epochs=200"]
+    first = subprocess.Popen(command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        checkpoint = tmp_path / "models" / "32x32" / "checkpoints" / "ckpt-1.index"
+        deadline = time.time() + 120
+        while not checkpoint.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.exists(), "the first training never finished an epoch"
+        second = train(tmp_path, "--epochs=200")
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        last_line = second.stderr.strip().splitlines()[-1]
+        assert f"is being written by process {first.pid}" in last_line and "cvae_training_224x224.py" in last_line
+        assert "resuming" not in second.stdout
+    finally:
+        first.kill()
+        first.wait()

@@ -62,13 +62,19 @@ def write_csv_atomic(path, rows, fieldnames):
     write_text_atomic(path, buffer.getvalue())
 
 
-def write_png_atomic(path, image, compress_level=6):
+def write_png_atomic(path, image, compress_level=6, text=None):
     """Save a Pillow image as PNG under a temporary name, then rename it into place.
 
     Level 1 encodes several times faster than Pillow's default 6; noisy micrographs shrink
-    little at any level, so bulk writers (phantoms, generated images) use it."""
+    little at any level, so bulk writers (phantoms, generated images) use it. `text` (a dict)
+    goes into the file's tEXt chunks."""
+    from PIL import PngImagePlugin
+
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
+    information = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        information.add_text(key, value)
+    image.save(buffer, format="PNG", compress_level=compress_level, pnginfo=information)
     write_bytes_atomic(path, buffer.getvalue())
 
 

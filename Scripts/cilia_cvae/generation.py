@@ -9,6 +9,7 @@ Three ways to choose latent vectors, all recorded in the generation manifest:
 """
 
 import csv
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ from cilia_cvae.layout import GeneratedLayout, RunLayout  # noqa: E402
 SAMPLING_MODES = ("posterior", "prior", "class_density")
 MANIFEST_COLUMNS = ["file", "class", "sampling", "temperature", "seed", "source_latent_index",
                     "aspect_ratio", "model_fingerprint", "image_size"]
+# The tEXt key under which each generated PNG carries its own manifest row.
+MANIFEST_ROW_KEY = "cilia_cvae_manifest_row"
 FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
 
 
@@ -158,12 +161,58 @@ def decode_mixed(decoder, latents, label_vectors, batch_size=64):
     return np.clip(np.rint(np.concatenate(outputs) * 255.0), 0, 255).astype(np.uint8)
 
 
-def save_generated(path, pixels, aspect_ratio, resize_mode):
-    """Runs in a writer thread: restore the aspect ratio (if asked) and write the PNG."""
+def save_generated(path, pixels, aspect_ratio, resize_mode, row):
+    """Runs in a writer thread: restore the aspect ratio (if asked) and write the PNG, its manifest
+    row inside it, so that a run killed before writing the row can have it recovered."""
     image = Image.fromarray(pixels)
     if aspect_ratio is not None:
         image = restore_aspect(image, aspect_ratio, resize_mode)
-    write_png_atomic(path, image, compress_level=1)
+    write_png_atomic(path, image, compress_level=1, text={MANIFEST_ROW_KEY: json.dumps(row)})
+
+
+def read_manifest_files(manifest_path):
+    """The image files the manifest names; a manifest without its header is refused in one line."""
+    if not manifest_path.exists():
+        return set()
+    with open(manifest_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None:
+            return set()
+        if "file" not in reader.fieldnames:
+            raise UserError(f"{manifest_path} does not start with its header row; move it aside and run again")
+        return {row["file"] for row in reader}
+
+
+def reconcile_with_disk(generated_layout, class_names):
+    """Before a run: remove the hidden partial files a killed run left, and give each image a killed
+    run wrote without its manifest row that row, read back from the image itself."""
+    manifest_path = generated_layout.manifest
+    known = read_manifest_files(manifest_path)
+    recovered = []
+    for class_name in class_names:
+        folder = generated_layout.class_folder(class_name)
+        for leftover in folder.glob(".*.partial*"):
+            leftover.unlink(missing_ok=True)
+        for path in generated_layout.images(class_name):
+            if f"{class_name}/{path.name}" in known:
+                continue
+            with Image.open(path) as image:
+                stored = image.text.get(MANIFEST_ROW_KEY) if hasattr(image, "text") else None
+            recovered.append(json.loads(stored) if stored else
+                             {"file": f"{class_name}/{path.name}", "class": class_name, "sampling": "unknown"})
+    if recovered:
+        append_manifest_rows(manifest_path, recovered)
+        print(f"recorded {len(recovered)} image(s) a killed run wrote without manifest rows in {manifest_path}")
+    return len(recovered)
+
+
+def append_manifest_rows(manifest_path, rows):
+    new_manifest = not manifest_path.exists() or manifest_path.stat().st_size == 0
+    with open(manifest_path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", restval="")
+        if new_manifest:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def finish_batch(pending, manifest, manifest_file, progress):
@@ -215,12 +264,14 @@ def generate(generator, generated_layout, *, class_names, images_per_class, samp
                     index = start + offset
                     path = generated_layout.image(class_name, first_number + index)
                     aspect = aspects[index] if restore_aspect_ratio else None
-                    jobs.append(writers.submit(save_generated, path, pixels, aspect, parameters.get("resize_mode", "squash")))
+                    row = {"file": f"{class_name}/{path.name}", "class": class_name, "sampling": sampling,
+                           "temperature": temperature, "seed": seed, "source_latent_index": int(sources[index]),
+                           "aspect_ratio": round(float(aspects[index]), 4),
+                           "model_fingerprint": generator["fingerprint"], "image_size": image_size}
+                    jobs.append(writers.submit(save_generated, path, pixels, aspect,
+                                               parameters.get("resize_mode", "squash"), row))
                     paths.append(path)
-                    rows.append({"file": f"{class_name}/{path.name}", "class": class_name, "sampling": sampling,
-                                 "temperature": temperature, "seed": seed, "source_latent_index": int(sources[index]),
-                                 "aspect_ratio": round(float(aspects[index]), 4),
-                                 "model_fingerprint": generator["fingerprint"], "image_size": image_size})
+                    rows.append(row)
                 finish_batch(pending, manifest, manifest_file, progress)
                 pending = (jobs, rows)
             finish_batch(pending, manifest, manifest_file, progress)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from cilia_cvae.config import UserError
 from cilia_cvae.files import write_csv_atomic, write_json_atomic
 from cilia_cvae.images import UnreadableImage, make_square, read_grayscale
+from cilia_cvae.locks import folder_lock
 from cilia_cvae.layout import FACTS_FILE_NAME, MANIFEST_FILE_NAME, SPLITS, ProcessedLayout, size_folder_name
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"}
@@ -167,13 +169,24 @@ def manifest_rows_and_candidates(raw_images_dir):
     return [relative for relative, _, _ in found], rows, candidates
 
 
+def end_with_parent():
+    """In a pool worker: ask Linux to end this process when its parent dies, so a killed stage leaves
+    no worker blocked on a queue nobody reads (elsewhere the workers end when their pipe closes)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 is PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def stage_images(candidates, rows, *, raw_images_dir, staging_dir, image_size, resize_mode, stretch_percentiles,
                  workers):
     """Read, square and resize every candidate on every core into staging_dir, named by content hash."""
     tasks = [(raw_images_dir / relative, staging_dir, image_size, resize_mode, stretch_percentiles)
              for relative in candidates]
     worker_count = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(max_workers=worker_count) as executor:
+    with ProcessPoolExecutor(max_workers=worker_count, initializer=end_with_parent) as executor:
         results = executor.map(_process_one, tasks, chunksize=max(1, min(32, len(tasks) // (4 * worker_count))))
         for relative, result in tqdm(zip(candidates, results), total=len(tasks), desc="preprocessing",
                                      unit="image", mininterval=1.0):
@@ -234,6 +247,24 @@ def preprocess(*, raw_images_dir, processed_images_dir, image_size, resize_mode,
     layout = ProcessedLayout(Path(processed_images_dir), image_size)
     found, rows, candidates = manifest_rows_and_candidates(raw_images_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(layout.directory):
+        remove_leftovers_of_killed_runs(layout)
+        return build_processed_folder(layout, raw_images_dir, found, rows, candidates, resize_mode=resize_mode,
+                                      test_fraction=test_fraction, seed=seed,
+                                      stretch_percentiles=stretch_percentiles, workers=workers)
+
+
+def remove_leftovers_of_killed_runs(layout):
+    """The hidden work folders a killed run left beside the output (no other run is writing: we hold the lock)."""
+    for pattern in (f".{layout.directory.name}.partial-*", f".{layout.directory.name}.old-*"):
+        for leftover in layout.root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def build_processed_folder(layout, raw_images_dir, found, rows, candidates, *, resize_mode, test_fraction, seed,
+                           stretch_percentiles, workers):
+    """Process every candidate into a hidden folder, then swap it in place of the previous output."""
+    image_size = layout.image_size
     # Built in a hidden folder beside the final one, then swapped in: a killed run leaves the old output.
     work_dir = Path(tempfile.mkdtemp(prefix=f".{layout.directory.name}.partial-", dir=layout.root))
     try:

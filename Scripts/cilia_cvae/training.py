@@ -43,7 +43,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from cilia_cvae import data, figures, models, runs
+from cilia_cvae import data, figures, locks, models, runs
 from cilia_cvae.config import UserError, jsonable
 from cilia_cvae.files import atomic_path, write_csv_atomic, write_json_atomic
 from cilia_cvae.layout import RunLayout
@@ -285,6 +285,9 @@ def start_strategy(settings, facts):
     chief = is_chief(strategy)
     layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
     if chief:
+        # One training per run folder: a second one started into it is refused, naming the first.
+        for folder in (layout.directory, layout.latent_directory):
+            locks.hold_folder_lock(folder)
         runs.prepare_run(layout, settings, facts["fingerprint"])
     # The other workers look for a checkpoint to resume from only once the chief has refused,
     # moved aside or accepted what the run folder holds.
