@@ -54,7 +54,7 @@ if unknown or not requested:
 if SAMPLING == "prior" and parameters.get("latent_map_side"):
     # Not refused (it is the textbook draw, and a comparison may want to show it), but said.
     print(f"note: this model's latent is a {parameters['latent_map_side']}x{parameters['latent_map_side']} map; "
-          "prior draws give texture, not cilia (see the README's quality table); use posterior or class_density")
+          "prior draws give texture, not cilia (see docs/results.md); use posterior or class_density")
 
 processed = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 statistics_path = processed.raw_statistics

@@ -109,14 +109,14 @@ def _residual_block(x, labels, name):
     return layers.Add(name=f"{name}_add")([shortcut, x])
 
 
-# Design, chosen by measurement on a 2-core CPU (see the README's benchmark): the full-resolution
+# Design, chosen by measurement on a 2-core CPU (docs/results.md, how fast): the full-resolution
 # image is read by a strided 4x4 convolution and drawn by a transposed 4x4 convolution, so no
 # layer convolves at full resolution; a residual block at half resolution (where a 6-px dynein
 # arm is 3 px) gives the decoder its drawing capacity, and the other residual blocks sit at the
 # smallest map, where they are cheap. The original, by contrast, spends most of its time in
 # wide convolutions at half and quarter resolution and in a 51-million-weight Dense layer.
 #
-# The latent, chosen by the quality comparison (README, docs/evaluation_224.json): a vector
+# The latent, chosen by the quality comparison (docs/results.md, docs/evaluation_224.json): a vector
 # latent, decoded through a Dense layer, drew only the membrane and a grey ring where the nine
 # doublets should be, because one code for the whole image must say where every doublet is. A
 # latent map at 1/8 of the image side (28 x 28 x 4 at 224) lets each cell describe its own
