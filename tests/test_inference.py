@@ -152,3 +152,50 @@ def test_a_killed_generation_leaves_nothing_unrecorded_for_the_next_run(tiny_tra
     assert set(manifest["file"]) == on_disk and len(manifest) == len(on_disk)
     # Rows recovered from the images themselves carry what the killed run wrote, not placeholders.
     assert set(manifest["seed"]) == {1, 2} and set(manifest["sampling"]) == {"posterior"}
+
+
+def copied_run(folders, tmp_path):
+    """A copy of the trained run's model and latent folders, to damage without touching the original."""
+    copy = dict(folders, models=tmp_path / "models", latents=tmp_path / "latents")
+    shutil.copytree(folders["models"], copy["models"])
+    shutil.copytree(folders["latents"], copy["latents"])
+    return copy
+
+
+def refusal(folders, tmp_path, *arguments):
+    finished = generate(folders, "--images_per_class=2", "--figures=False", *arguments, generated=tmp_path / "g")
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr[-2000:]
+    return finished.stderr.strip().splitlines()[-1]
+
+
+def test_damaged_or_foreign_files_are_one_line_naming_the_file(tiny_trained_model, tmp_path):
+    run = copied_run(tiny_trained_model, tmp_path)
+    latent = run["latents"] / "32x32" / "z_mean_ODA.npy"
+    original = np.load(latent)
+    # Same shape, other values: latents of another run (or edited) are refused, not decoded.
+    np.save(latent, original + 0.5)
+    assert "z_mean_ODA.npy belong to another model" in refusal(run, tmp_path)
+    np.save(latent, np.where(np.arange(original.size).reshape(original.shape) == 0, np.nan, original))
+    assert "z_mean_ODA.npy holds values that are not finite" in refusal(run, tmp_path)
+    np.save(latent, np.array([{"code": "never run"}] * len(original), dtype=object), allow_pickle=True)
+    assert "z_mean_ODA.npy is not a plain latent array" in refusal(run, tmp_path)
+    np.save(latent, original)
+    record = run["latents"] / "32x32" / "latents.json"
+    record.write_text(record.read_text().replace('"run_fingerprint": "', '"run_fingerprint": "0'))
+    assert "belong to another model" in refusal(run, tmp_path)
+
+    run = copied_run(tiny_trained_model, tmp_path / "second")
+    decoder = run["models"] / "32x32" / "cvae_decoder.keras"
+    decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 2])
+    assert "cvae_decoder.keras cannot be loaded" in refusal(run, tmp_path)
+    parameters = run["models"] / "32x32" / "cvae_parameters.json"
+    parameters.write_text("{not json")
+    assert "cvae_parameters.json is damaged" in refusal(run, tmp_path)
+    parameters.write_text("{}")
+    assert "cvae_parameters.json is damaged" in refusal(run, tmp_path)
+
+
+def test_non_finite_settings_are_refused_at_the_door(tiny_trained_model, tmp_path):
+    for argument in ("--temperature=1e999", "--temperature=-1e999"):
+        assert "--temperature must be a finite number" in refusal(tiny_trained_model, tmp_path, argument)
+    assert "--temperature takes a value of type float" in refusal(tiny_trained_model, tmp_path, "--temperature=nan")

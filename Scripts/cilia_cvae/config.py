@@ -12,6 +12,7 @@ and exits with code 2. Any other exception is an internal failure: a traceback a
 
 import ast
 import io
+import math
 import os
 import sys
 import tokenize
@@ -90,6 +91,9 @@ def parse_value(name, text, default):
         value = text
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if isinstance(default, float) and isinstance(value, float) and not math.isfinite(value):
+        # No setting means anything at infinity or NaN; caught here, it never reaches a model or a file.
+        raise UserError(f"--{name.lower()} must be a finite number, not {text!r}")
     if default is None or type(value) is type(default):
         return value
     raise UserError(

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,34 +41,94 @@ def training_script_for(image_size):
     return f"python Scripts/cvae_training_224x224.py --image_size={image_size}"
 
 
+def read_parameters(layout, image_size):
+    """A finished run's cvae_parameters.json, or one line saying what is wrong with it."""
+    if not layout.parameters.is_file() or not layout.decoder.is_file():
+        raise UserError(f"no trained model in {layout.directory}; run {training_script_for(image_size)} first")
+    try:
+        parameters = json.loads(layout.parameters.read_text(encoding="utf-8"))
+        for key in ("class_names", "latent_dim", "image_size"):
+            parameters[key]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{layout.parameters} is damaged ({type(error).__name__}: {error}); "
+                        f"train again with {training_script_for(image_size)} --fresh=True") from None
+    return parameters
+
+
+def load_decoder(layout, image_size, latent_dim):
+    """The saved decoder in safe mode; a damaged file is one line naming it."""
+    try:
+        decoder = keras.models.load_model(layout.decoder, safe_mode=True, compile=False)
+    except Exception as error:  # Keras raises several kinds (ValueError, OSError, zipfile errors) for one fault
+        raise UserError(f"{layout.decoder} cannot be loaded ({type(error).__name__}); it is damaged or "
+                        f"incomplete: copy it again or train again with --fresh=True") from None
+    decoder_latent_dim = int(decoder.inputs[0].shape[-1])
+    if decoder_latent_dim != latent_dim:
+        raise UserError(f"the decoder in {layout.directory} takes {decoder_latent_dim} latent values but its "
+                        f"cvae_parameters.json says {latent_dim}; train again with --fresh=True")
+    return decoder
+
+
+def check_provenance(layout, parameters, decoder_fingerprint, image_size):
+    """The decoder and the latents must come from the run the parameters describe (runs saved before
+    fingerprints were recorded are checked by shape only)."""
+    run_fingerprint = parameters.get("run_fingerprint")
+    if run_fingerprint is None:
+        return None
+    if decoder_fingerprint != run_fingerprint:
+        raise UserError(f"{layout.decoder} is not the decoder its cvae_parameters.json was written with "
+                        f"(another run's file?); copy the whole run folder again or train again with --fresh=True")
+    try:
+        record = json.loads(layout.latent_record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    if record.get("run_fingerprint") != run_fingerprint:
+        raise UserError(f"the latent tensors in {layout.latent_directory} belong to another model than "
+                        f"{layout.directory}; run {training_script_for(image_size)} --fresh=True to write both again")
+    return record.get("sha256", {})
+
+
+def load_latents(path, latent_dim, expected_hash):
+    """One stored latent tensor, checked: a plain float array of the decoder's width, all finite, and
+    the very file the training wrote (its hash in latents.json)."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise UserError(f"{path} is not a plain latent array ({error}); it was not written by training") from None
+    if values.ndim != 2 or values.shape[1] != latent_dim:
+        raise UserError(f"latent tensors in {path} have shape {values.shape}, but the decoder takes "
+                        f"{latent_dim} latent values; they belong to another model")
+    if not np.issubdtype(values.dtype, np.floating) or not np.all(np.isfinite(values)):
+        raise UserError(f"{path} holds values that are not finite numbers; run the training again with --fresh=True")
+    if expected_hash is not None and expected_hash != sha256_of_file(path):
+        raise UserError(f"latent tensors in {path} belong to another model or were changed after training "
+                        f"(the hash differs from latents.json); run the training again with --fresh=True")
+    return values.astype(np.float32)
+
+
 def load_trained_generator(models_dir, latent_tensors_dir, image_size):
     """The decoder, its recorded parameters and every class's stored latents, or a UserError."""
     layout = RunLayout(models_dir, latent_tensors_dir, image_size)
-    model_dir, parameters_path, decoder_path = layout.directory, layout.parameters, layout.decoder
-    if not parameters_path.is_file() or not decoder_path.is_file():
-        raise UserError(f"no trained model in {model_dir}; run {training_script_for(image_size)} first")
-    parameters = pd.read_json(parameters_path, typ="series").to_dict()
-    decoder = keras.models.load_model(decoder_path, safe_mode=True, compile=False)
+    parameters = read_parameters(layout, image_size)
     latent_dim = int(parameters["latent_dim"])
-    decoder_latent_dim = int(decoder.inputs[0].shape[-1])
-    if decoder_latent_dim != latent_dim:
-        raise UserError(f"the decoder in {model_dir} takes {decoder_latent_dim} latent values but its "
-                        f"cvae_parameters.json says {latent_dim}; train again with --fresh=True")
-    latent_dir = layout.latent_directory
+    decoder = load_decoder(layout, image_size, latent_dim)
+    fingerprint = sha256_of_file(layout.decoder)[:16]
+    hashes = check_provenance(layout, parameters, fingerprint, image_size)
     latents = {}
     for class_name in parameters["class_names"]:
         paths = [layout.latent(name, class_name) for name in ("z_mean", "z_log_var")]
         missing = [path.name for path in paths if not path.is_file()]
         if missing:
-            raise UserError(f"latent tensors {', '.join(missing)} missing in {latent_dir}; "
+            raise UserError(f"latent tensors {', '.join(missing)} missing in {layout.latent_directory}; "
                             f"run {training_script_for(image_size)} again to write them")
-        z_mean, z_log_var = (np.load(path, allow_pickle=False) for path in paths)
-        if z_mean.ndim != 2 or z_mean.shape[1] != latent_dim or z_mean.shape != z_log_var.shape:
-            raise UserError(f"latent tensors of {class_name} in {latent_dir} have shape {z_mean.shape}, "
-                            f"but the decoder takes {latent_dim} latent values; they belong to another model")
-        latents[class_name] = (z_mean.astype(np.float32), z_log_var.astype(np.float32))
+        z_mean, z_log_var = (load_latents(path, latent_dim, None if hashes is None else hashes.get(path.name))
+                             for path in paths)
+        if z_mean.shape != z_log_var.shape:
+            raise UserError(f"z_mean and z_log_var of {class_name} in {layout.latent_directory} differ in shape; "
+                            f"they belong to different runs")
+        latents[class_name] = (z_mean, z_log_var)
     return {"parameters": parameters, "decoder": decoder, "latents": latents,
-            "fingerprint": sha256_of_file(decoder_path)[:16], "model_dir": model_dir}
+            "fingerprint": fingerprint, "model_dir": layout.directory}
 
 
 def fit_class_density(z_mean, seed):

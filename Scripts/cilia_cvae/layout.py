@@ -139,6 +139,11 @@ class RunLayout:
     def samples(self, epoch):
         return self.directory / f"samples_epoch_{epoch}.png"
 
+    @property
+    def latent_record(self):
+        """latents.json: the run fingerprint the latents belong to and each latent file's hash."""
+        return self.latent_directory / "latents.json"
+
     def latent(self, name, class_name):
         """z_mean_<Class>.npy or z_log_var_<Class>.npy."""
         if name not in LATENT_NAMES:

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from cilia_cvae import data, figures, locks, models, runs
 from cilia_cvae.config import UserError, jsonable
-from cilia_cvae.files import atomic_path, write_csv_atomic, write_json_atomic
+from cilia_cvae.files import atomic_path, sha256_of_file, write_csv_atomic, write_json_atomic
 from cilia_cvae.layout import RunLayout
 from cilia_cvae.model_config import ModelConfig
 
@@ -553,7 +553,8 @@ def library_versions():
 
 
 def save_models_and_latents(session, best_epoch):
-    """The best epoch's encoder and decoder, and the latents of every train-split image under them."""
+    """The best epoch's encoder and decoder, and the latents of every train-split image under them;
+    returns the run fingerprint that ties them together."""
     model, layout = session.model, session.layout
     if best_epoch > 0:
         with np.load(layout.best_weights(best_epoch), allow_pickle=False) as saved:
@@ -565,10 +566,17 @@ def save_models_and_latents(session, best_epoch):
     z_mean, z_log_var = encode_training_images(
         model.encoder, all_paths, all_labels, num_classes=session.model_config.num_classes,
         image_size=session.model_config.image_size, batch_size=session.settings["BATCH_SIZE"])
+    hashes = {}
     for label, class_name in enumerate(session.facts["class_names"]):
         for name, values in (("z_mean", z_mean), ("z_log_var", z_log_var)):
-            with atomic_path(layout.latent(name, class_name)) as temporary_path:
+            path = layout.latent(name, class_name)
+            with atomic_path(path) as temporary_path:
                 np.save(temporary_path, values[all_labels == label], allow_pickle=False)
+            hashes[path.name] = sha256_of_file(path)
+    # The decoder's hash names the run: inference refuses latents or a decoder of another run.
+    run_fingerprint = sha256_of_file(layout.decoder)[:16]
+    write_json_atomic(layout.latent_record, {"run_fingerprint": run_fingerprint, "sha256": hashes})
+    return run_fingerprint
 
 
 def run_parameters(session, best_epoch, seconds):
@@ -605,9 +613,9 @@ def run_parameters(session, best_epoch, seconds):
 def finish(session, seconds):
     """Save the models, the latents and the loss plot, then the parameters, whose presence marks a finished run."""
     best_epoch = int(session.state["best_epoch"])
-    save_models_and_latents(session, best_epoch)
+    run_fingerprint = save_models_and_latents(session, best_epoch)
     figures.save_loss_plot(session.layout.loss_plot, session.history, LOSS_TERMS)
-    parameters = run_parameters(session, best_epoch, seconds)
+    parameters = dict(run_parameters(session, best_epoch, seconds), run_fingerprint=run_fingerprint)
     write_json_atomic(session.layout.parameters, parameters)
     session.layout.continued_parameters.unlink(missing_ok=True)
     print(f"saved the encoder and decoder of epoch {best_epoch} in {session.layout.directory} "
