@@ -437,3 +437,19 @@ def test_a_second_training_into_a_running_one_is_refused_naming_it(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_small_collections_train_with_a_validation_image_per_class(tmp_path):
+    """Ten images per class (the fraction 0.1 would hold out fewer images than there are classes), and
+    the smallest collection: one image per class, which trains without validation images."""
+    write_processed_split(tmp_path / "processed", images_per_class=10)
+    result = train(tmp_path, "--epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "27 training and 3 validation images of 3 classes" in result.stdout
+    smallest = tmp_path / "smallest"
+    write_processed_split(smallest / "processed", images_per_class=1)
+    result = train(smallest, "--epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 training and 0 validation images" in result.stdout
+    assert result.stdout.count("has a single training image") == 3
+    assert (smallest / "models" / "32x32" / "cvae_decoder.keras").is_file()

@@ -40,20 +40,39 @@ def list_training_images(processed_images_dir, image_size, class_names):
     return np.array(paths), np.array(labels, dtype=np.int32)
 
 
-def hold_out_validation(paths, labels, validation_fraction, seed):
-    """Split the train split into training and validation images, stratified by class, fixed seed."""
+def hold_out_validation(paths, labels, validation_fraction, seed, class_names=None):
+    """Split the train split into training and validation images, stratified by class, fixed seed.
+
+    A small collection still trains: when the fraction would give a class no validation image,
+    every class with two or more images lends one (or its share), and a class with a single
+    image keeps it for training and has no validation images of its own (said on the console)."""
     if validation_fraction == 0:
         return paths, labels, paths[:0], labels[:0]
+    counts = np.bincount(labels)
     try:
         training_paths, validation_paths, training_labels, validation_labels = train_test_split(
             paths, labels, test_size=validation_fraction, stratify=labels, random_state=seed
         )
-    except ValueError as error:
-        raise UserError(
-            f"cannot hold out a stratified validation fraction of {validation_fraction} "
-            f"from {len(paths)} training images ({error}); change --validation_fraction"
-        ) from None
-    return training_paths, training_labels, validation_paths, validation_labels
+        if set(np.unique(validation_labels)) >= set(np.flatnonzero(counts >= 2)):
+            return training_paths, training_labels, validation_paths, validation_labels
+    except ValueError:
+        pass  # fewer validation images than classes, or a class of one image: chosen per class below
+    return hold_out_per_class(paths, labels, validation_fraction, seed, class_names)
+
+
+def hold_out_per_class(paths, labels, validation_fraction, seed, class_names=None):
+    """At least one validation image from each class that has two or more, none from a class of one."""
+    rng = np.random.default_rng(seed)
+    validation = np.zeros(len(paths), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            name = class_names[label] if class_names else label
+            print(f"note: class {name} has a single training image; it trains without validation images of its own")
+            continue
+        count = min(len(members) - 1, max(1, round(len(members) * validation_fraction)))
+        validation[rng.choice(members, count, replace=False)] = True
+    return paths[~validation], labels[~validation], paths[validation], labels[validation]
 
 
 def decode_png(path, image_size):

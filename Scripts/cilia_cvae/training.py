@@ -302,7 +302,7 @@ def split_images(session):
     all_paths, all_labels = data.list_training_images(settings["PROCESSED_IMAGES_DIR"], image_size,
                                                       session.facts["class_names"])
     training_paths, training_labels, validation_paths, validation_labels = data.hold_out_validation(
-        all_paths, all_labels, settings["VALIDATION_FRACTION"], settings["SEED"])
+        all_paths, all_labels, settings["VALIDATION_FRACTION"], settings["SEED"], session.facts["class_names"])
     session.all_images = (all_paths, all_labels)
     session.training_images = (training_paths, training_labels)
     session.validation_images = (validation_paths, validation_labels)
