@@ -26,7 +26,7 @@ from cilia_cvae.config import configure
 
 PHANTOM_IMAGES = 1500  # phantoms written when the raw folder holds no images (the full set is 5,210)
 IMAGE_SIZE = 224  # resolution of the demo run
-EPOCHS = 6  # training epochs at demo scale (a full run uses 40)
+EPOCHS = 5  # training epochs at demo scale: the fewest that finish the KL warm-up (a full run uses 40)
 IMAGES_PER_CLASS = 100  # images generated per class
 EVALUATION_IMAGES_PER_CLASS = 100  # generated images judged per class
 CLASSIFIER_SIZE = 64  # the judge works at this size (a full evaluation: 128); 96.0% on the real test split
