@@ -313,3 +313,35 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
 
     write_text_atomic(tmp_path / "out.txt", "hello")
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == FILE_MODE, "0666 less the umask, not mkstemp's 0600"
+
+
+def test_odd_raw_entries_each_get_a_row_with_what_happened(tmp_path):
+    import os
+
+    import pandas as pd
+
+    raw, processed, elsewhere = tmp_path / "raw", tmp_path / "processed", tmp_path / "elsewhere" / "IDA images"
+    for folder in (raw / "Normal", raw / "ODA", elsewhere):
+        folder.mkdir(parents=True)
+    for index in range(3):
+        Image.fromarray(textured_image(60 + index)).save(raw / "Normal" / f"{index}.png")
+        Image.fromarray(textured_image(70 + index)).save(raw / "ODA" / f"{index}.png")
+        Image.fromarray(textured_image(80 + index)).save(elsewhere / f"{index}.png")
+    (raw / "IDA").symlink_to(elsewhere, target_is_directory=True)  # a class assembled from a link
+    (raw / "ODA" / "linked folder").symlink_to(elsewhere, target_is_directory=True)
+    os.mkfifo(raw / "ODA" / "pipe.png")
+    unreadable = raw / "Normal" / "locked.png"
+    Image.fromarray(textured_image(90)).save(unreadable)
+    unreadable.chmod(0)
+    result = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={processed}",
+                        "--image_size=32", timeout=120)
+    unreadable.chmod(0o644)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = pd.read_csv(processed / "32x32" / "manifest.csv", keep_default_na=False).set_index("source_path")
+    assert {f"IDA/{index}.png" for index in range(3)} <= set(manifest.index)
+    assert set(manifest.loc[[f"IDA/{index}.png" for index in range(3)], "outcome"]) <= {"train", "test"}
+    assert "symbolic link to a folder" in manifest.loc["ODA/linked folder", "reason"]
+    assert manifest.loc["ODA/pipe.png", "outcome"] == "rejected"
+    assert "named pipe" in manifest.loc["ODA/pipe.png", "reason"]
+    if os.geteuid() != 0:  # the superuser reads any file, so only another user sees the refusal
+        assert "permission denied" in manifest.loc["Normal/locked.png", "reason"]

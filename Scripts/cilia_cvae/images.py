@@ -95,6 +95,8 @@ def read_grayscale(path, stretch_percentiles=None):
         raise
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image file Pillow can read") from None
+    except PermissionError:
+        raise UnreadableImage("permission denied: this user may not read the file (check its permissions)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage("image larger than Pillow's safety limit (a decompression bomb?)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:

@@ -45,6 +45,19 @@ def read_processed_facts(processed_images_dir, image_size):
     return json.loads(facts_path.read_text(encoding="utf-8"))
 
 
+def raw_entries(raw_images_dir):
+    """Every entry under the raw folder that is not a plain folder, in name order. A class folder that
+    is a symbolic link is followed (a collection is often assembled from links); links inside a class
+    folder are listed, not followed, so a link loop cannot make the walk endless."""
+    entries = []
+    for top in sorted(raw_images_dir.iterdir()):
+        if top.is_dir():
+            entries += [path for path in top.rglob("*") if path.is_symlink() or not path.is_dir()]
+        else:
+            entries.append(top)
+    return sorted(entries)
+
+
 def find_raw_files(raw_images_dir):
     """List (relative path, class or None, reason to skip or None) for every file under the raw folder."""
     raw_images_dir = Path(raw_images_dir)
@@ -54,9 +67,7 @@ def find_raw_files(raw_images_dir):
             f"or run python Scripts/make_phantom_dataset.py for built-in phantom data"
         )
     found = []
-    for path in sorted(raw_images_dir.rglob("*")):
-        if not path.is_file() and not path.is_symlink():
-            continue
+    for path in raw_entries(raw_images_dir):
         relative = path.relative_to(raw_images_dir)
         parts = relative.parts
         if any(part.startswith(".") for part in parts) or path.name.lower() in SYSTEM_FILE_NAMES:
@@ -65,8 +76,13 @@ def find_raw_files(raw_images_dir):
             found.append((relative, None, "file directly in the raw folder; put images in a folder named after their class"))
         elif len(parts) > 2:
             found.append((relative, parts[0], f"inside a sub-folder of class {parts[0]}; only files directly in a class folder are used"))
-        elif not path.is_file():
+        elif path.is_symlink() and path.is_dir():
+            found.append((relative, parts[0], f"a symbolic link to a folder inside class {parts[0]}; only files "
+                                              f"directly in a class folder are used"))
+        elif path.is_symlink() and not path.exists():
             found.append((relative, parts[0], "broken link"))
+        elif not path.is_file():
+            found.append((relative, parts[0], "not a regular file (a named pipe, socket or device); not read"))
         else:
             found.append((relative, parts[0], None))
     return found
