@@ -20,7 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cilia_cvae import config, figures, generation, locks
-from cilia_cvae.config import UserError, check_choice, configure
+from cilia_cvae.config import UserError, check_choice, check_range, configure
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
 
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
@@ -39,8 +39,11 @@ GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # written: the synthetic ima
 
 settings = configure(globals())
 check_choice("SAMPLING", SAMPLING, generation.SAMPLING_MODES)
-if IMAGES_PER_CLASS < 1 or BATCH_SIZE < 1 or TEMPERATURE < 0:
-    raise UserError("--images_per_class and --batch_size must be at least 1 and --temperature not negative")
+check_range("IMAGES_PER_CLASS", IMAGES_PER_CLASS, 1)
+# A batch is decoded in memory at once: beyond a few thousand it only risks running out of memory.
+check_range("BATCH_SIZE", BATCH_SIZE, 1, 4096)
+check_range("TEMPERATURE", TEMPERATURE, 0.0)
+check_range("SEED", SEED, 0)
 
 # The model records its class names, size and latent size; nothing is asked twice.
 generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
@@ -69,6 +72,7 @@ output_dir.mkdir(parents=True, exist_ok=True)
 # One generation at a time per folder: two would number their files alike and interleave the manifest.
 locks.hold_folder_lock(output_dir)
 generation.reconcile_with_disk(generated, all_classes)
+generation.check_room_for(output_dir, IMAGES_PER_CLASS * len(requested), IMAGE_SIZE)
 started = time.perf_counter()
 with tqdm(total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0) as progress:
     written = generation.generate(

@@ -16,10 +16,10 @@ Expected run time: about 30 s for 5,210 images of ~520 px on 2 cores.
 import time
 
 from cilia_cvae import config
-from cilia_cvae.config import UserError, check_choice, configure
+from cilia_cvae.config import UserError, check_choice, check_range, configure
 from cilia_cvae.images import RESIZE_MODES
 from cilia_cvae.layout import SPLITS
-from cilia_cvae.preprocessing import preprocess
+from cilia_cvae.preprocessing import check_image_size, preprocess
 
 IMAGE_SIZE = 224  # side of the square images the model trains on (the 448 script needs 448)
 RESIZE_MODE = "squash"  # "squash" stretches to a square as the original did; "pad" keeps the aspect ratio
@@ -33,8 +33,9 @@ PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # where the square images an
 settings = configure(globals())
 
 check_choice("RESIZE_MODE", RESIZE_MODE, RESIZE_MODES)
-if IMAGE_SIZE < 16 or IMAGE_SIZE % 8:
-    raise UserError(f"--image_size must be a multiple of 8 and at least 16 (the models halve it 3 times), not {IMAGE_SIZE}")
+check_image_size(IMAGE_SIZE)
+check_range("WORKERS", WORKERS, 0, why="0 uses every core")
+check_range("SEED", SEED, 0)
 if not 0.0 < TEST_FRACTION < 1.0:
     raise UserError(f"--test_fraction must lie between 0 and 1, not {TEST_FRACTION}")
 

@@ -199,3 +199,25 @@ def test_non_finite_settings_are_refused_at_the_door(tiny_trained_model, tmp_pat
     for argument in ("--temperature=1e999", "--temperature=-1e999"):
         assert "--temperature must be a finite number" in refusal(tiny_trained_model, tmp_path, argument)
     assert "--temperature takes a value of type float" in refusal(tiny_trained_model, tmp_path, "--temperature=nan")
+
+
+def test_bad_values_are_one_line_before_anything_is_written(tiny_trained_model, tmp_path):
+    for argument, words in (("--batch_size=1000000000", "--batch_size must be between 1 and 4096"),
+                            ("--seed=-1", "--seed must be at least 0"),
+                            ("--images_per_class=1000000000000", "ask for fewer with --images_per_class")):
+        assert words in refusal(tiny_trained_model, tmp_path, argument)
+    assert not list((tmp_path / "g").glob("*/*/*.png")), "nothing generated after a refusal"
+
+
+def test_bad_values_of_the_other_stages_are_one_line(tmp_path):
+    cases = (("cvae_pre_processing", "--workers=-1", "--workers must be at least 0"),
+             ("cvae_pre_processing", "--seed=-1", "--seed must be at least 0"),
+             ("cvae_pre_processing", "--image_size=99999992", "multiple of 8 between 16 and 4096"),
+             ("cvae_training_224x224", "--image_size=33", "multiple of 8 between 16 and 4096"),
+             ("cvae_training_224x224", "--learning_rate=1e999", "--learning_rate must be a finite number"))
+    for script, argument, words in cases:
+        finished = run_script(script, argument, f"--processed_images_dir={tmp_path / 'processed'}",
+                              f"--raw_images_dir={tmp_path / 'raw'}" if script == "cvae_pre_processing"
+                              else f"--models_dir={tmp_path / 'models'}")
+        assert finished.returncode == 2 and "Traceback" not in finished.stderr, (argument, finished.stderr[-2000:])
+        assert words in finished.stderr.strip().splitlines()[-1], (argument, finished.stderr[-500:])

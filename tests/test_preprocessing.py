@@ -345,3 +345,26 @@ def test_odd_raw_entries_each_get_a_row_with_what_happened(tmp_path):
     assert "named pipe" in manifest.loc["ODA/pipe.png", "reason"]
     if os.geteuid() != 0:  # the superuser reads any file, so only another user sees the refusal
         assert "permission denied" in manifest.loc["Normal/locked.png", "reason"]
+
+
+def test_a_full_disk_is_one_line_naming_it(tmp_path):
+    import subprocess
+
+    full = tmp_path / "small disk"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("this machine cannot mount a small file system for the test")
+    try:
+        raw = tmp_path / "raw"
+        for class_name in ("A", "B"):
+            (raw / class_name).mkdir(parents=True)
+            for index in range(40):
+                Image.fromarray(textured_image(index + (100 if class_name == "B" else 0))).save(
+                    raw / class_name / f"{index}.png")
+        result = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={full}",
+                            "--image_size=64", "--workers=1")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "is full; free some space" in result.stderr.strip().splitlines()[-1]
+        assert len(list(raw.rglob("*.png"))) == 80, "the raw folder is untouched"
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True)

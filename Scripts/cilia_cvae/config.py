@@ -11,6 +11,7 @@ and exits with code 2. Any other exception is an internal failure: a traceback a
 """
 
 import ast
+import errno
 import io
 import math
 import os
@@ -40,6 +41,12 @@ def _print_user_errors_as_one_line(exception_type, exception, traceback):
         sys.stdout.flush()
         print(f"error: {exception}", file=sys.stderr, flush=True)
         # os._exit because an exception hook cannot choose the exit code any other way.
+        os._exit(USER_ERROR_EXIT_CODE)
+    if issubclass(exception_type, OSError) and exception.errno == errno.ENOSPC:
+        sys.stdout.flush()
+        where = f" holding {exception.filename}" if exception.filename else ""
+        print(f"error: the disk{where} is full; free some space (or point the output folder elsewhere) and run "
+              f"again: a killed or interrupted run resumes", file=sys.stderr, flush=True)
         os._exit(USER_ERROR_EXIT_CODE)
     if issubclass(exception_type, KeyboardInterrupt):
         print("\ninterrupted", file=sys.stderr, flush=True)
@@ -136,6 +143,13 @@ def configure(namespace, argv=None):
             raise UserError(f"unknown setting --{key}; valid names: {valid}")
         namespace[name] = parse_value(name, text, constants[name])
     return {name: namespace[name] for name in constants}
+
+
+def check_range(name, value, minimum, maximum=None, why=""):
+    """Refuse a number outside [minimum, maximum], naming the setting (and, when given, why)."""
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise UserError(f"--{name.lower()} must be {bounds}, not {value}{f' ({why})' if why else ''}")
 
 
 def check_choice(name, value, choices):

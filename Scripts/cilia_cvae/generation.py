@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -129,6 +130,24 @@ def load_trained_generator(models_dir, latent_tensors_dir, image_size):
         latents[class_name] = (z_mean, z_log_var)
     return {"parameters": parameters, "decoder": decoder, "latents": latents,
             "fingerprint": fingerprint, "model_dir": layout.directory}
+
+
+# A generated micrograph is noisy, so PNG barely compresses it: about one byte per pixel, plus headers.
+BYTES_PER_PIXEL_ESTIMATE = 1.05
+# Requests expected to run longer than this are announced with their estimate before they start.
+ANNOUNCE_ABOVE_IMAGES = 100_000
+
+
+def check_room_for(output_dir, image_count, image_size):
+    """Say what a large request will take, and refuse one the disk cannot hold, before writing anything."""
+    needed = image_count * (image_size * image_size * BYTES_PER_PIXEL_ESTIMATE + 400)
+    free = shutil.disk_usage(output_dir).free
+    if needed > free:
+        raise UserError(f"{image_count:,} images of {image_size} px need about {needed / 1e9:,.1f} GB, but the disk "
+                        f"holding {output_dir} has {free / 1e9:,.1f} GB free; ask for fewer with --images_per_class")
+    if image_count > ANNOUNCE_ABOVE_IMAGES:
+        print(f"generating {image_count:,} images: about {needed / 1e9:,.1f} GB in {output_dir} "
+              f"({free / 1e9:,.1f} GB free); at a few hundred images/s on 2 cores this takes hours")
 
 
 def fit_class_density(z_mean, seed):

@@ -34,8 +34,20 @@ MANIFEST_COLUMNS = [
 ]
 
 
+# Larger images than this would need gigabytes per image in the model; no microscope crop needs it.
+LARGEST_IMAGE_SIZE = 4096
+
+
+def check_image_size(image_size):
+    """The sizes preprocessing can make: a multiple of 8 (the models halve it 3 times), 16 to 4096."""
+    if image_size < 16 or image_size % 8 or image_size > LARGEST_IMAGE_SIZE:
+        raise UserError(f"--image_size must be a multiple of 8 between 16 and {LARGEST_IMAGE_SIZE} (the models "
+                        f"halve it 3 times), not {image_size}")
+
+
 def read_processed_facts(processed_images_dir, image_size):
     """The facts preprocessing recorded for one size; a UserError when that size was never made."""
+    check_image_size(image_size)
     facts_path = ProcessedLayout(Path(processed_images_dir), image_size).facts
     if not facts_path.is_file():
         raise UserError(

@@ -225,6 +225,8 @@ def check_settings(settings, num_classes):
         raise UserError(f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}")
     if not settings["LEARNING_RATE"] > 0:
         raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
+    if settings["SEED"] < 0:
+        raise UserError(f"--seed must be 0 or more, not {settings['SEED']}")
     if num_classes < 1:
         raise UserError("the preprocessed data holds no classes; run python Scripts/cvae_pre_processing.py again")
     try:
