@@ -35,9 +35,9 @@ def run_with_startup_notices_filtered(action):
     sys.stderr.flush()
     try:
         original_stderr = os.dup(2)
-        read_end, write_end = os.pipe()
     except OSError:  # no usable stderr: there is nothing to keep quiet
         return action()
+    read_end, write_end = os.pipe()
     try:
         # A separate process, so that what it has read is still written if this one dies in C++.
         startup_filter = subprocess.Popen([sys.executable, "-I", "-S", "-c", STARTUP_FILTER_PROGRAM],
@@ -55,7 +55,10 @@ def run_with_startup_notices_filtered(action):
         sys.stderr.flush()
         os.dup2(original_stderr, 2)
         os.close(original_stderr)
-        startup_filter.wait()
+        try:
+            startup_filter.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a process started meanwhile holds the pipe; the filter ends with it
 
 
 class QuietTensorFlowLoader(importlib.abc.Loader):
