@@ -1,7 +1,8 @@
 """`make demo`'s script end to end at a tiny scale: every stage runs quietly, a second run reuses them."""
 
-from conftest import run_script
 from test_quiet import notice_lines, run_as_user
+
+from conftest import run_script
 
 
 def test_demo_runs_every_stage_then_reuses_them(tmp_path):

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 from scipy import linalg
 
-from conftest import REPOSITORY_ROOT, SCRIPTS_DIR
 from cilia_cvae import metrics
+from conftest import REPOSITORY_ROOT, SCRIPTS_DIR
 
 # What TensorFlow, absl and SciPy print that a newcomer reads as a failure but cannot act on.
 NOTICE_MARKERS = ("cuInit", "oneDNN", "E0000", "W0000", "I0000", "sqrtm", "WARNING")

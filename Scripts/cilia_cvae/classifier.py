@@ -7,17 +7,14 @@ classifiers trained on real versus real + synthetic data, and the phantom separa
 It never takes part in CVAE training, so the generator cannot be tuned against its own judge.
 """
 
-import os
 from pathlib import Path
 
+import keras
 import numpy as np
+from keras import layers
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import keras  # noqa: E402
-from keras import layers  # noqa: E402
-
-from cilia_cvae.files import atomic_path, write_json_atomic  # noqa: E402
+from cilia_cvae.files import atomic_path, write_json_atomic
 
 FEATURE_LAYER_NAME = "features"
 FEATURE_LAYER_WIDTH = 128  # values in the feature layer, the space of FID, KID and the k-NN measures
