@@ -9,7 +9,8 @@ Writes  WORK_DIR/<contender>/{models,latents,generated}/ and WORK_DIR/judge/
         OUTPUT_JSON: {"default": R, "original": R, "candidates": {name: R}, "command", "epochs", "machine"}
         where R holds the judge's real accuracy, class fidelity (overall and per class), FID, KID
         and their real-vs-real floors, precision/recall, density/coverage, memorisation and,
-        with --usefulness=True, the usefulness experiment; then the README's quality table is
+        with --usefulness=True, the usefulness experiment (cvae_usefulness.py, which
+        cvae_evaluate.py runs for the contender); then the README's quality table is
         regenerated from OUTPUT_JSON (python Scripts/cilia_cvae/readme_tables.py).
 
 A killed comparison resumes: finished trainings, generations and reports are reused.

@@ -9,7 +9,8 @@ The judge is a CNN trained on the real training split only; its accuracy on the 
 split comes first, because every other number depends on it. Then, against the real test
 split: class fidelity (does the classifier see the class that was asked for?), FID and KID
 beside the real-vs-real floor (train vs test), precision/recall and density/coverage, and
-memorisation (are generated images near-copies of training images?).
+memorisation (are generated images near-copies of training images?). With --usefulness=True
+it also runs cvae_usefulness.py with these settings and adds its results to the report.
 
 Example:
     python Scripts/cvae_evaluate.py --image_size=224 --images_per_class=200
@@ -20,15 +21,18 @@ of it training the judge (8 epochs of ~2 minutes, measured); later runs on the s
 reuse the cached judge and take a minute or two.
 """
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
-
 
 from cilia_cvae import config
 from cilia_cvae.config import UserError, configure
 from cilia_cvae.evaluation import evaluate_generated, write_report
 from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
-from cilia_cvae.usefulness import load_model_settings, usefulness_experiment
+from cilia_cvae.usefulness import parse_fractions
 
 IMAGE_SIZE = 224  # which resolution's processed and generated folders to judge
 GENERATED_SIZE = 0  # judge the generated images of this resolution instead (0: IMAGE_SIZE); e.g. 448 images against the 224 splits and judge, since the judge resizes everything to CLASSIFIER_SIZE
@@ -59,11 +63,7 @@ generated_size = GENERATED_SIZE or IMAGE_SIZE
 if USEFULNESS and generated_size != IMAGE_SIZE:
     raise UserError(f"--usefulness trains generators at --image_size={IMAGE_SIZE}, so it cannot judge "
                     f"--generated_size={generated_size}; run it with the two sizes equal")
-try:
-    fractions = [float(text) for text in USEFULNESS_FRACTIONS.split(",") if text.strip()]
-except ValueError:
-    fractions = []
-if USEFULNESS and not (fractions and all(0 < fraction <= 1 for fraction in fractions)):
+if USEFULNESS and parse_fractions(USEFULNESS_FRACTIONS) is None:
     raise UserError(f"--usefulness_fractions must be shares above 0 and at most 1 separated by commas, "
                     f"not {USEFULNESS_FRACTIONS!r}")
 
@@ -86,16 +86,28 @@ report = evaluate_generated(
     seed=SEED,
 )
 if USEFULNESS:
-    # The generator of each fraction is trained like the evaluated model, on that fraction only.
-    model_settings = load_model_settings(MODELS_DIR, IMAGE_SIZE)
-    architecture = model_settings.get("ARCHITECTURE", "default")
-    work_root = (MODELS_DIR / "usefulness" / f"{size_folder_name(IMAGE_SIZE)}_{architecture}_"
-                 f"{USEFULNESS_GENERATOR_EPOCHS}full_epochs_{facts['fingerprint'][:12]}")
-    report["usefulness"] = usefulness_experiment(
-        PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE), work_root, IMAGE_SIZE, facts["class_names"], facts,
-        model_settings, generated_dir, fractions, USEFULNESS_SEEDS, USEFULNESS_CLASSIFIER_SIZE,
-        USEFULNESS_CLASSIFIER_EPOCHS, USEFULNESS_GENERATOR_EPOCHS, SYNTHETIC_PER_CLASS,
-        seeds_at_full_data=USEFULNESS_SEEDS_AT_FULL_DATA, classifier_repeats=USEFULNESS_CLASSIFIER_REPEATS)
+    # The experiment is a script of its own; its progress streams to our output.
+    usefulness_json = generated_dir / "usefulness_report.json"
+    arguments = [f"--image_size={IMAGE_SIZE}", f"--fractions={USEFULNESS_FRACTIONS}",
+                 f"--seeds={USEFULNESS_SEEDS}", f"--seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
+                 f"--classifier_size={USEFULNESS_CLASSIFIER_SIZE}",
+                 f"--classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
+                 f"--classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS}",
+                 f"--generator_epochs={USEFULNESS_GENERATOR_EPOCHS}",
+                 f"--synthetic_per_class={SYNTHETIC_PER_CLASS}",
+                 f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+                 f"--generated_images_dir={GENERATED_IMAGES_DIR}",
+                 f"--models_dir={MODELS_DIR}", f"--output_json={usefulness_json}"]
+    usefulness_script = Path(__file__).resolve().parent / "cvae_usefulness.py"
+    sys.stdout.flush()
+    finished = subprocess.run([sys.executable, str(usefulness_script), *arguments],
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if finished.returncode == config.USER_ERROR_EXIT_CODE:
+        raise UserError("the usefulness experiment refused its settings; its reason is printed above")
+    if finished.returncode != 0:
+        raise RuntimeError(f"cvae_usefulness.py {' '.join(arguments)} failed with exit code "
+                           f"{finished.returncode}")
+    report["usefulness"] = json.loads(usefulness_json.read_text(encoding="utf-8"))["usefulness"]
 report["settings"] = config.jsonable(settings)
 report["seconds"] = round(time.perf_counter() - started, 1)
 json_path, markdown_path = write_report(report, generated_dir)

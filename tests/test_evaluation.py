@@ -1,14 +1,19 @@
 """The quality measures on hand-made cases with known answers, and the evaluation script end to end."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_script
+from conftest import REPOSITORY_ROOT, SCRIPTS_DIR, run_script
 from cilia_cvae import metrics
+
+HELPERS_DIR = REPOSITORY_ROOT / "tests" / "helpers"
 
 
 @pytest.fixture
@@ -183,69 +188,81 @@ def test_a_fraction_generator_takes_the_steps_of_a_full_data_one():
     assert generator_schedule({"KL_WARMUP_EPOCHS": 40}, 0.5, 10) == (20, 20)
 
 
-def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_path, monkeypatch):
-    from cilia_cvae import usefulness
+def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_path):
+    from cilia_cvae.usefulness import stratified_subset
 
+    # The usefulness script beside stand-ins for the training and inference scripts, which record each call.
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    shutil.copy(SCRIPTS_DIR / "cvae_usefulness.py", scripts)
+    for name in ("cvae_training_224x224", "cvae_inference"):
+        shutil.copy(HELPERS_DIR / "stand_in_pipeline_script.py", scripts / f"{name}.py")
     processed = tmp_path / "processed" / "32x32"
-    train_paths = []
-    for class_name in ("Normal", "ODA"):
-        for index in range(4):
-            path = processed / "train" / class_name / f"{class_name}_{index}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("L", (32, 32), 128).save(path)
-            train_paths.append(str(path))
+    class_names = ["Normal", "ODA"]
+    for split, count in (("train", 4), ("test", 2)):
+        for label, class_name in enumerate(class_names):
+            for index in range(count):
+                path = processed / split / class_name / f"{class_name}_{index}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("L", (32, 32), 60 + 120 * label).save(path)
+    (processed / "preprocessing.json").write_text(json.dumps(
+        {"image_size": 32, "class_names": class_names, "fingerprint": "0123456789abcdef0123", "counts": {}}))
     (tmp_path / "processed" / "raw_image_statistics.csv").write_text("image,width,height\n")
-    work_dir = tmp_path / "fraction_0.5_seed_0"
+    models, calls_path = tmp_path / "models", tmp_path / "calls.jsonl"
+    work_dir = models / "usefulness" / "32x32_default_2full_epochs_0123456789ab" / "fraction_0.5_seed_0"
     checkpoint = work_dir / "models" / "32x32" / "checkpoints" / "epoch.weights.h5"
-    calls, checkpoint_found = [], []
+    default_settings = {"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5}
 
-    def killed_during_training(name, arguments):
-        calls.append(name)
-        if name.startswith("cvae_training"):
-            checkpoint_found.append(checkpoint.exists())
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text("epochs 1-3")
-            raise KeyboardInterrupt
+    def run_usefulness(training, model_settings=None):
+        """The experiment at 50% with one seed; training is what the training stand-in does."""
+        (models / "32x32").mkdir(parents=True, exist_ok=True)
+        parameters = {"settings": model_settings or default_settings}
+        (models / "32x32" / "cvae_parameters.json").write_text(json.dumps(parameters))
+        return subprocess.run(
+            [sys.executable, str(scripts / "cvae_usefulness.py"), "--image_size=32", "--fractions=0.5",
+             "--seeds=1", "--classifier_size=32", "--classifier_epochs=1", "--classifier_repeats=1",
+             "--generator_epochs=2", "--synthetic_per_class=4",
+             f"--processed_images_dir={tmp_path / 'processed'}",
+             f"--generated_images_dir={tmp_path / 'generated'}", f"--models_dir={models}",
+             f"--output_json={tmp_path / 'usefulness.json'}"],
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2",
+                     STAND_IN_TRAINING=training, STAND_IN_CALLS=str(calls_path)))
 
-    def finishing(name, arguments):
-        calls.append(name)
-        if name.startswith("cvae_training"):
-            assert checkpoint.read_text() == "epochs 1-3", "the killed run's checkpoint was kept for the script to resume"
-            (work_dir / "models" / "32x32" / "cvae_parameters.json").write_text("{}")
-        else:
-            (work_dir / "generated" / "32x32" / "Normal").mkdir(parents=True)
+    def calls():
+        lines = calls_path.read_text().splitlines() if calls_path.is_file() else []
+        return [json.loads(line) for line in lines]
 
-    def make_generator(settings=None):
-        return usefulness.generator_for_fraction(
-            work_dir, processed, 32, ["Normal", "ODA"], {"fingerprint": "0123456789abcdef0123"}, train_paths,
-            np.array([0, 1, 4, 5]), settings or {"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5}, 2, 4, 0, 0.5)
-
-    monkeypatch.setattr(usefulness, "run_script", killed_during_training)
-    with pytest.raises(KeyboardInterrupt):
-        make_generator()
-    monkeypatch.setattr(usefulness, "run_script", finishing)
-    assert make_generator() == work_dir / "generated" / "32x32"
-    assert calls == ["cvae_training_224x224", "cvae_training_224x224", "cvae_inference"]
+    killed = run_usefulness("kill")
+    assert killed.returncode == 130, killed.stderr[-3000:]
+    finished = run_usefulness("finish")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert calls()[1]["checkpoint"] == "epochs 1-3", "the killed run's checkpoint was kept for it to resume"
+    assert [call["script"] for call in calls()] == \
+        ["cvae_training_224x224", "cvae_training_224x224", "cvae_inference"]
+    subset = stratified_subset(np.repeat([0, 1], 4), 0.5, 0)
     assert sorted(path.name for path in (work_dir / "processed" / "32x32" / "train" / "ODA").iterdir()) == \
-        ["ODA_0.png", "ODA_1.png"]
+        sorted(f"ODA_{index - 4}.png" for index in subset if index >= 4)
+    results = json.loads((tmp_path / "usefulness.json").read_text())
+    assert results["usefulness"]["0.5"]["runs"][0]["synthetic_images"] == 8, "the fraction's generated images"
     # Finished: reused without training or generating again; spelling out the default loss changes nothing.
-    make_generator({"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5, "RECONSTRUCTION_LOSS": "calibrated_gaussian"})
-    assert len(calls) == 3
+    reused = run_usefulness("finish", {**default_settings, "RECONSTRUCTION_LOSS": "calibrated_gaussian"})
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert len(calls()) == 3 and "scores reused from" in reused.stdout
     # A trained model whose images were not generated yet (killed in between) is not trained again.
     (work_dir / "done.json").unlink()
-    make_generator()
-    assert calls[3:] == ["cvae_inference"]
+    assert run_usefulness("finish").returncode == 0
+    assert [call["script"] for call in calls()[3:]] == ["cvae_inference"]
     # Other settings: the old run is cleared and training starts from nothing.
-    monkeypatch.setattr(usefulness, "run_script", killed_during_training)
     checkpoint.write_text("a run with the old settings")
-    with pytest.raises(KeyboardInterrupt):
-        make_generator({"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5, "RECONSTRUCTION_LOSS": "sum_squared_error"})
-    assert checkpoint_found == [False, False], "the run with other settings was cleared before training"
+    killed = run_usefulness("kill", {**default_settings, "RECONSTRUCTION_LOSS": "sum_squared_error"})
+    assert killed.returncode == 130, killed.stderr[-3000:]
+    assert [call["checkpoint"] for call in calls() if call["behaviour"] == "kill"] == [None, None], \
+        "the run with other settings was cleared before training"
     assert not (work_dir / "models" / "32x32" / "cvae_parameters.json").exists()
     # A run the training script refuses (exit code 2) is not resumed by the next attempt.
-    monkeypatch.setattr(usefulness, "run_script", lambda name, arguments: (_ for _ in ()).throw(RuntimeError("refused")))
-    with pytest.raises(RuntimeError):
-        make_generator()
+    refused = run_usefulness("refuse")
+    assert refused.returncode == 1 and "RuntimeError" in refused.stderr, refused.stderr[-3000:]
     assert not (work_dir / "started.json").exists()
 
 
@@ -292,6 +309,8 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     # On 80% of the data, 5 epochs: the same number of steps as 4 epochs on all of it.
     assert fraction_parameters["epochs_done"] == 5
     assert "Usefulness" in (generated / "32x32" / "evaluation_report.md").read_text()
+    standalone = json.loads((generated / "32x32" / "usefulness_report.json").read_text())
+    assert standalone["usefulness"] == report["usefulness"], "the usefulness script's own results, read back"
     # Run again: the fraction's generator and its classifiers' scores are reused, not trained again.
     again = run_script(*evaluation, "--usefulness_fractions=0.8")
     assert again.returncode == 0, again.stderr[-3000:]
