@@ -36,7 +36,8 @@ from pathlib import Path
 from cilia_cvae import config, figures
 from cilia_cvae.config import UserError, configure
 from cilia_cvae.files import write_json_atomic
-from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
+from cilia_cvae.layout import GeneratedLayout, ProcessedLayout, RunLayout, size_folder_name
+from cilia_cvae.preprocessing import read_processed_facts
 
 IMAGE_SIZE = 224  # which processed size to train and judge at
 EPOCHS = 10  # the same epoch budget for every trained contender
@@ -111,11 +112,11 @@ def contender_report(name):
     key = training_key(name)
     trained, generated = WORK_DIR / key, WORK_DIR / name / "generated"
     folders = [f"--models_dir={trained / 'models'}", f"--latent_tensors_dir={trained / 'latents'}"]
-    parameters_path = trained / "models" / size_name / "cvae_parameters.json"
+    parameters_path = RunLayout(trained / "models", trained / "latents", IMAGE_SIZE).parameters
     if not parameters_path.is_file():
         run(training_script, [f"--image_size={IMAGE_SIZE}", f"--epochs={EPOCHS}", f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
                               *folders, *CONTENDER_SETTINGS[key]["training"]], WORK_DIR / f"{key}_training.log")
-    report_path = generated / size_name / "evaluation_report.json"
+    report_path = GeneratedLayout(generated, IMAGE_SIZE).evaluation_report_json
     generation_done = WORK_DIR / name / "generation_done.json"
     if not generation_done.is_file():
         # Generation appends, so an interrupted one is started again from nothing.
@@ -158,7 +159,7 @@ def contender_report(name):
                           "best_epoch": parameters["best_epoch"], "seconds": parameters.get("training_seconds"),
                           "architecture": parameters["architecture"]}
     result["inference"] = {"overrides": CONTENDER_SETTINGS[name]["inference"], "images_per_class": IMAGES_PER_CLASS}
-    result["generated_images_dir"] = str(generated / size_name)
+    result["generated_images_dir"] = str(GeneratedLayout(generated, IMAGE_SIZE).directory)
     return result
 
 
@@ -207,7 +208,7 @@ contender_folders = {name: Path(result["generated_images_dir"]) for name, result
 if contender_folders:
     class_names = facts["class_names"]
     contenders_figure = Path(CONTENDERS_FIGURE) if CONTENDERS_FIGURE else OUTPUT_JSON.parent / f"contenders_{size_name}.png"
-    figures.cross_resolution(figures.first_images(PROCESSED_IMAGES_DIR / size_name / "test", class_names, 1),
+    figures.cross_resolution(figures.first_images(ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test"), class_names, 1),
                              {name: figures.first_images(folder, class_names, 1, "Synthetic_*.png")
                               for name, folder in contender_folders.items()},
                              class_names, contenders_figure, examples=1,
@@ -217,7 +218,7 @@ if contender_folders:
 # The picture for the README: test-split phantoms beside the default model's generated images.
 if "default" in results:
     class_names = facts["class_names"]
-    phantoms = figures.first_images(PROCESSED_IMAGES_DIR / size_name / "test", class_names, 3)
+    phantoms = figures.first_images(ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test"), class_names, 3)
     generated = figures.first_images(Path(results["default"]["generated_images_dir"]), class_names, 3, "Synthetic_*.png")
     real = sorted(path for path in Path(REAL_SAMPLES_DIR).glob("*") if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff")) if REAL_SAMPLES_DIR else []
     figures.real_phantom_generated(real, phantoms, generated, class_names, FIGURE)

@@ -28,10 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-from cilia_cvae import config
+from cilia_cvae import config, locks
 from cilia_cvae.config import UserError, configure
 from cilia_cvae.evaluation import evaluate_generated, write_report
-from cilia_cvae.preprocessing import read_processed_facts, size_folder_name
+from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
+from cilia_cvae.preprocessing import read_processed_facts
 from cilia_cvae.usefulness import parse_fractions
 
 IMAGE_SIZE = 224  # which resolution's processed and generated folders to judge
@@ -68,14 +69,17 @@ if USEFULNESS and parse_fractions(USEFULNESS_FRACTIONS) is None:
                     f"not {USEFULNESS_FRACTIONS!r}")
 
 facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
-generated_dir = GENERATED_IMAGES_DIR / size_folder_name(generated_size)
-if not any(generated_dir.glob("*/*.png")):
+generated = GeneratedLayout(GENERATED_IMAGES_DIR, generated_size)
+generated_dir = generated.directory
+if not generated.all_images():
     raise UserError(f"no generated images in {generated_dir}; run python Scripts/cvae_inference.py "
                     f"--image_size={generated_size} first")
 
+# The report is written beside the images: no generation may add to them meanwhile.
+locks.hold_folder_lock(generated_dir)
 started = time.perf_counter()
 report = evaluate_generated(
-    processed_dir=PROCESSED_IMAGES_DIR / size_folder_name(IMAGE_SIZE),
+    processed_dir=ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).directory,
     generated_dir=generated_dir,
     class_names=facts["class_names"],
     fingerprint=facts["fingerprint"],
@@ -87,7 +91,7 @@ report = evaluate_generated(
 )
 if USEFULNESS:
     # The experiment is a script of its own; its progress streams to our output.
-    usefulness_json = generated_dir / "usefulness_report.json"
+    usefulness_json = generated.usefulness_report
     arguments = [f"--image_size={IMAGE_SIZE}", f"--fractions={USEFULNESS_FRACTIONS}",
                  f"--seeds={USEFULNESS_SEEDS}", f"--seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
                  f"--classifier_size={USEFULNESS_CLASSIFIER_SIZE}",

@@ -69,7 +69,7 @@ class_names, size_name = facts["class_names"], size_folder_name(IMAGE_SIZE)
 class_count = len(class_names)
 processed = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 full_generated_dir = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).directory
-if 1.0 in fractions and not any(full_generated_dir.glob("*/*.png")):
+if 1.0 in fractions and not GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).all_images():
     raise UserError(f"no generated images in {full_generated_dir} for the 100% fraction; run python "
                     f"Scripts/cvae_inference.py --image_size={IMAGE_SIZE} first, or leave 1.0 out of "
                     f"--fractions")
@@ -79,7 +79,7 @@ model_settings = (json.loads(parameters_path.read_text(encoding="utf-8"))["setti
                   if parameters_path.is_file() else {})
 work_root = (MODELS_DIR / "usefulness" / f"{size_name}_{model_settings.get('ARCHITECTURE', 'default')}_"
              f"{GENERATOR_EPOCHS}full_epochs_{facts['fingerprint'][:12]}")
-output_path = Path(OUTPUT_JSON) if OUTPUT_JSON else full_generated_dir / "usefulness_report.json"
+output_path = Path(OUTPUT_JSON) if OUTPUT_JSON else GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).usefulness_report
 scripts_dir = Path(__file__).resolve().parent
 training_script = f"cvae_training_{size_name}"
 if not (scripts_dir / f"{training_script}.py").exists():

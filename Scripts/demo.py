@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cilia_cvae import config
 from cilia_cvae.config import configure
+from cilia_cvae.layout import GeneratedLayout, ProcessedLayout, RunLayout, size_folder_name
 
 PHANTOM_IMAGES = 1500  # phantoms written when the raw folder holds no images (the full set is 5,210)
 IMAGE_SIZE = 224  # resolution of the demo run
@@ -42,9 +43,10 @@ GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # synthetic images and figur
 
 settings = configure(globals())
 SCRIPTS_DIR = Path(__file__).resolve().parent
-size_name = f"{IMAGE_SIZE}x{IMAGE_SIZE}"
-processed_dir, model_dir = PROCESSED_IMAGES_DIR / size_name, MODELS_DIR / size_name
-generated_dir = GENERATED_IMAGES_DIR / size_name
+size_name = size_folder_name(IMAGE_SIZE)
+processed, run = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE), RunLayout(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
+generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
+processed_dir, model_dir, generated_dir = processed.directory, run.directory, generated.directory
 
 
 def run_stage(title, script_name, *arguments):
@@ -77,7 +79,7 @@ else:
               f"--num_images={PHANTOM_IMAGES}")
 
 # 2. Preprocessing (fast; re-run whenever the raw folder is newer than its output).
-facts_path = processed_dir / "preprocessing.json"
+facts_path = processed.facts
 raw_changed = not facts_path.is_file() or any(
     path.stat().st_mtime > facts_path.stat().st_mtime for path in RAW_IMAGES_DIR.rglob("*"))
 if raw_changed:
@@ -87,14 +89,14 @@ else:
     reuse("preprocessing", processed_dir)
 
 # 3. Training at demo scale; a killed demo resumes from its last finished epoch.
-if (model_dir / "cvae_parameters.json").is_file():
+if run.parameters.is_file():
     reuse("training", model_dir)
 else:
     run_stage("training", "cvae_training_224x224", f"--image_size={IMAGE_SIZE}", f"--epochs={EPOCHS}",
               f"--latent_tensors_dir={LATENT_TENSORS_DIR}", *data_folders)
 
 # 4. Generation for every class, with the comparison figures.
-if any(generated_dir.glob("*/Synthetic_*.png")):
+if generated.all_images():
     reuse("generation", generated_dir)
 else:
     run_stage("generation", "cvae_inference", f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
@@ -102,7 +104,7 @@ else:
               *data_folders)
 
 # 5. A quick evaluation: the judge's accuracy, class fidelity and KID.
-report_path = generated_dir / "evaluation_report.json"
+report_path = generated.evaluation_report_json
 if report_path.is_file():
     reuse("evaluation", report_path)
 else:
@@ -112,7 +114,7 @@ else:
               f"--generated_images_dir={GENERATED_IMAGES_DIR}", *data_folders)
 
 report = json.loads(report_path.read_text(encoding="utf-8"))
-parameters = json.loads((model_dir / "cvae_parameters.json").read_text(encoding="utf-8"))
+parameters = json.loads(run.parameters.read_text(encoding="utf-8"))
 print(f"\nDemo finished in {time.perf_counter() - demo_started:.0f} s.")
 print(f"Trained {parameters['epochs_done']} epochs ({parameters['architecture']} architecture, "
       f"{parameters['training_images']} training images at {size_name}).")
@@ -120,14 +122,14 @@ print(f"Judge accuracy on real test images {report['real_accuracy']:.1%}; class 
       f"{report['class_fidelity']:.1%}; KID {report['kid']:.4f} (real-vs-real floor {report['kid_floor']:.4f}).")
 print("This is a demo-scale model: see the README for the quality of a full run.\n\nWhere everything is:")
 for label, path in (("raw images", RAW_IMAGES_DIR),
-                    ("processed images + manifest", processed_dir / "manifest.csv"),
-                    ("trained encoder/decoder", model_dir / "cvae_decoder.keras"),
-                    ("training history / loss plot", model_dir / "loss_plot.png"),
+                    ("processed images + manifest", processed.manifest),
+                    ("trained encoder/decoder", run.decoder),
+                    ("training history / loss plot", run.loss_plot),
                     ("training samples per epoch", model_dir),
-                    ("latent tensors", LATENT_TENSORS_DIR / size_name),
+                    ("latent tensors", run.latent_directory),
                     ("generated images", generated_dir),
                     ("real vs generated figure", generated_dir / "image_comparison.png"),
                     ("latent map", generated_dir / "latent_space.png"),
                     ("class interpolation", generated_dir / "class_interpolation.png"),
-                    ("evaluation report", generated_dir / "evaluation_report.md")):
+                    ("evaluation report", generated.evaluation_report_markdown)):
     print(f"  {label:<30} {path}{'' if path.exists() else '  (missing!)'}")

@@ -15,6 +15,7 @@ from keras import layers
 from PIL import Image
 
 from cilia_cvae.files import atomic_path, write_json_atomic
+from cilia_cvae.layout import is_visible
 
 FEATURE_LAYER_NAME = "features"
 FEATURE_LAYER_WIDTH = 128  # values in the feature layer, the space of FID, KID and the k-NN measures
@@ -24,7 +25,9 @@ def list_images(folder, class_names, limit_per_class=None):
     """(paths, labels) of the PNGs in folder/<Class>/ for each class, in name order."""
     paths, labels = [], []
     for label, class_name in enumerate(class_names):
-        class_paths = sorted((Path(folder) / class_name).glob("*.png"))[:limit_per_class]
+        # Hidden files are the temporary names of writes in progress (or of a killed run), never images.
+        class_paths = sorted(path for path in (Path(folder) / class_name).glob("*.png")
+                             if is_visible(path))[:limit_per_class]
         paths.extend(class_paths)
         labels.extend([label] * len(class_paths))
     return paths, np.array(labels, dtype=np.int64)

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
-from cilia_cvae import models  # noqa: E402,F401  (registers the custom layers the saved models use)
-from cilia_cvae.config import UserError  # noqa: E402
-from cilia_cvae.files import sha256_of_file, write_png_atomic  # noqa: E402
-from cilia_cvae.layout import GeneratedLayout, RunLayout  # noqa: E402
+from cilia_cvae import models,F401  (registers the custom layers the saved models use)
+from cilia_cvae.config import UserError
+from cilia_cvae.files import sha256_of_file, write_png_atomic
+from cilia_cvae.layout import GeneratedLayout, RunLayout
 
 SAMPLING_MODES = ("posterior", "prior", "class_density")
 MANIFEST_COLUMNS = ["file", "class", "sampling", "temperature", "seed", "source_latent_index",

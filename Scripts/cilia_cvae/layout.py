@@ -175,6 +175,10 @@ class GeneratedLayout:
         return self.directory / "evaluation_report.md"
 
     @property
+    def usefulness_report(self):
+        return self.directory / "usefulness_report.json"
+
+    @property
     def fidelity_figure(self):
         return self.directory / "evaluation_fidelity.png"
 

@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from cilia_cvae.model_config import reconstruction_loss_kind, smallest_map_size  # noqa: F401
+from cilia_cvae.model_config import smallest_map_size
 
 SERIALIZATION_PACKAGE = "cilia_cvae"
 

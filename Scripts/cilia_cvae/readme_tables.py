@@ -32,7 +32,7 @@ SETTINGS = REPOSITORY_ROOT / "docs" / "settings.md"
 RESULTS = REPOSITORY_ROOT / "docs" / "results.md"
 DOCUMENTS = (README, SETTINGS, RESULTS)
 SETTINGS_SCRIPTS = ("demo", "make_phantom_dataset", "cvae_pre_processing", "cvae_training_224x224",
-                    "cvae_training_448x448", "cvae_inference", "cvae_evaluate", "cvae_compare",
+                    "cvae_training_448x448", "cvae_inference", "cvae_evaluate", "cvae_usefulness", "cvae_compare",
                     "cvae_benchmark")
 
 

@@ -13,7 +13,7 @@ which images, which settings and how the classifiers' results are scored and sum
 import numpy as np
 from sklearn.metrics import f1_score, recall_score
 
-from cilia_cvae import models
+from cilia_cvae.model_config import reconstruction_loss_kind
 from cilia_cvae.classifier import predict
 
 # Settings of the evaluated model that the fraction's generator copies; the rest are per fraction
@@ -61,8 +61,8 @@ def is_default_choice(model_settings, name):
     if name != "RECONSTRUCTION_LOSS":
         return model_settings[name] == "auto"
     architecture = model_settings.get("ARCHITECTURE", "default")
-    chosen = models.reconstruction_loss_kind(architecture, model_settings[name])
-    return chosen == models.reconstruction_loss_kind(architecture)
+    chosen = reconstruction_loss_kind(architecture, model_settings[name])
+    return chosen == reconstruction_loss_kind(architecture)
 
 
 def generator_schedule(model_settings, fraction, full_data_epochs):
