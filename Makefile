@@ -16,7 +16,10 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# The formatter and the linter first (configured in pyproject.toml): seconds, and a failure names the line.
 test: $(STAMP)
+	$(PYTHON) -m ruff format --check --quiet .
+	$(PYTHON) -m ruff check --quiet .
 	$(PYTHON) -m pytest -q tests
 
 demo: $(STAMP)

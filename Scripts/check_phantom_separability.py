@@ -43,7 +43,9 @@ SPLIT_SEED = 0  # fixes the 80/20 split and the CNN's initial weights
 IMAGE_SIZE = 128  # the CNN sees the crops squashed to this square size
 EPOCHS = 12  # CNN training epochs, each over the 800 training images in all four quarter turns
 CNN_WIDTH = 16  # filters in the CNN's first stage, doubling over its five stages up to 8 times this
-PHANTOMS_DIR = Path(tempfile.gettempdir()) / "cilia_phantom_separability"  # where the phantoms are, or are written
+PHANTOMS_DIR = (
+    Path(tempfile.gettempdir()) / "cilia_phantom_separability"
+)  # where the phantoms are, or are written
 
 settings = configure(globals())
 
@@ -58,12 +60,21 @@ marker = json.loads(marker_path.read_text(encoding="utf-8")) if marker_path.is_f
 wanted = {"NUM_IMAGES": NUM_IMAGES, "SEED": PHANTOM_SEED, "CLASS_SCHEME": SCHEME}
 if marker.get("settings") != wanted or not marker.get("complete"):
     generator = Path(__file__).resolve().parent / "make_phantom_dataset.py"
-    finished = subprocess.run([
-        sys.executable, str(generator), f"--raw_images_dir={PHANTOMS_DIR}", f"--num_images={NUM_IMAGES}",
-        f"--seed={PHANTOM_SEED}", f"--class_scheme={SCHEME}", "--overwrite_phantoms=True",
-    ])
+    finished = subprocess.run(
+        [
+            sys.executable,
+            str(generator),
+            f"--raw_images_dir={PHANTOMS_DIR}",
+            f"--num_images={NUM_IMAGES}",
+            f"--seed={PHANTOM_SEED}",
+            f"--class_scheme={SCHEME}",
+            "--overwrite_phantoms=True",
+        ]
+    )
     if finished.returncode != 0:
-        raise UserError(f"could not write phantoms into {PHANTOMS_DIR} (see above); choose another --phantoms_dir")
+        raise UserError(
+            f"could not write phantoms into {PHANTOMS_DIR} (see above); choose another --phantoms_dir"
+        )
 
 # 2. Load: the statistics come from the crops as written, the CNN input is squashed to a square.
 started = time.perf_counter()
@@ -85,7 +96,9 @@ print(f"{len(labels)} phantoms: {len(train)} to train, {len(test)} to test")
 # a cue, so a low score means there is none to find.
 statistics_model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
 statistics_model.fit(statistics[train], labels[train])
-statistics_balanced_accuracy = balanced_accuracy_score(labels[test], statistics_model.predict(statistics[test]))
+statistics_balanced_accuracy = balanced_accuracy_score(
+    labels[test], statistics_model.predict(statistics[test])
+)
 
 # 4. Anatomy: a small CNN, imported only now because TensorFlow takes seconds to load. Each
 # image is standardised to zero mean and unit variance first, so the CNN too can only use
@@ -118,24 +131,40 @@ model = keras.Model(inputs, layers.Dense(len(class_names), activation="softmax")
 # rotations, whose interpolation smooths the noise the test images keep.
 turned = np.concatenate([np.rot90(images[train], quarter, axes=(1, 2)) for quarter in range(4)])
 steps = EPOCHS * math.ceil(len(turned) / 32)
-model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, steps)), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+model.compile(
+    optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, steps)),
+    loss="sparse_categorical_crossentropy",
+    metrics=["accuracy"],
+)
 counts = np.bincount(labels[train], minlength=len(class_names))
 class_weights = {label: len(train) / (len(class_names) * count) for label, count in enumerate(counts)}
 # The test split is shown after each epoch for the record only: nothing is chosen by it.
-model.fit(standardised(turned), np.tile(labels[train], 4), epochs=EPOCHS, batch_size=32, class_weight=class_weights,
-          shuffle=True, verbose=2, validation_data=(standardised(images[test]), labels[test]))
+model.fit(
+    standardised(turned),
+    np.tile(labels[train], 4),
+    epochs=EPOCHS,
+    batch_size=32,
+    class_weight=class_weights,
+    shuffle=True,
+    verbose=2,
+    validation_data=(standardised(images[test]), labels[test]),
+)
 predicted = model.predict(standardised(images[test]), verbose=0).argmax(axis=1)
 cnn_accuracy = float(np.mean(predicted == labels[test]))
 cnn_balanced_accuracy = balanced_accuracy_score(labels[test], predicted)
 
 # 5. The verdict.
 matrix = confusion_matrix(labels[test], predicted, labels=range(len(class_names)))
-print(f"\nCNN confusion matrix on the test split (rows: true class, columns: predicted):")
+print("\nCNN confusion matrix on the test split (rows: true class, columns: predicted):")
 print(f"{'':<14}" + "".join(f"{name[:11]:>12}" for name in class_names))
 for name, row in zip(class_names, matrix):
     print(f"{name:<14}" + "".join(f"{value:>12}" for value in row))
-print(f"\nCNN at {IMAGE_SIZE} px, {EPOCHS} epochs: accuracy {cnn_accuracy:.1%} "
-      f"(balanced {cnn_balanced_accuracy:.1%}); wanted at least 95%")
-print(f"Logistic regression on mean, std, width, height: balanced accuracy {statistics_balanced_accuracy:.1%}; "
-      f"wanted under 40% (chance {1 / len(class_names):.0%})")
+print(
+    f"\nCNN at {IMAGE_SIZE} px, {EPOCHS} epochs: accuracy {cnn_accuracy:.1%} "
+    f"(balanced {cnn_balanced_accuracy:.1%}); wanted at least 95%"
+)
+print(
+    f"Logistic regression on mean, std, width, height: balanced accuracy {statistics_balanced_accuracy:.1%}; "
+    f"wanted under 40% (chance {1 / len(class_names):.0%})"
+)
 print(f"{time.perf_counter() - started:.0f} s after the phantoms were ready")

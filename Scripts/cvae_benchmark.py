@@ -39,7 +39,9 @@ from cilia_cvae.files import write_json_atomic
 
 QUICK = False  # CI-sized run: images of 32 and 64 px stand in for 224 and 448, one short window each
 OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "benchmark.json"  # where the measurements are written
-ORIGINAL_448_BATCH_SIZE = 8  # the original 448 model's batch: at its own 32 it runs out of memory on 24 GB (8 takes ~22 GB)
+ORIGINAL_448_BATCH_SIZE = (
+    8  # the original 448 model's batch: at its own 32 it runs out of memory on 24 GB (8 takes ~22 GB)
+)
 NUM_CLASSES = 5  # classes of the benchmark model (the README's five)
 WARMUP_STEPS = 3  # untimed steps first: tracing and memory allocation
 TIMED_WINDOWS = 5  # timed windows per contender; the median is reported
@@ -49,7 +51,9 @@ settings = configure(globals())
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
 CONTENDERS = ("original_224", "default_224", "original_448", "default_448")
-warmup_steps, timed_windows, window_seconds = (1, 2, 0.0) if QUICK else (WARMUP_STEPS, TIMED_WINDOWS, WINDOW_SECONDS)
+warmup_steps, timed_windows, window_seconds = (
+    (1, 2, 0.0) if QUICK else (WARMUP_STEPS, TIMED_WINDOWS, WINDOW_SECONDS)
+)
 
 
 def contender_setup(name):
@@ -63,13 +67,22 @@ def contender_setup(name):
     image_size = {"224": 32, "448": 64}[size_text] if QUICK else int(size_text)
     if architecture == "original":
         batch_size = ORIGINAL_448_BATCH_SIZE if size_text == "448" else 32
-        model_config = dataclasses.replace(preset.model, architecture="original", image_size=image_size,
-                                           latent_dim=ORIGINAL_LATENT_DIM, num_classes=NUM_CLASSES)
+        model_config = dataclasses.replace(
+            preset.model,
+            architecture="original",
+            image_size=image_size,
+            latent_dim=ORIGINAL_LATENT_DIM,
+            num_classes=NUM_CLASSES,
+        )
     else:
         batch_size = preset.batch_size
         model_config = dataclasses.replace(preset.model, image_size=image_size, num_classes=NUM_CLASSES)
-    return {"architecture": architecture, "image_size": image_size, "batch_size": batch_size,
-            "model_config": model_config}
+    return {
+        "architecture": architecture,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "model_config": model_config,
+    }
 
 
 def contender_summary(name):
@@ -92,8 +105,11 @@ def measure_training(setup):
     train_step, _ = training.make_step_functions(model, strategy, jit_compile=training.use_gpu_speedups())
     batch_size, size = setup["batch_size"], setup["image_size"]
     rng = np.random.default_rng(0)
-    batch = (tf.constant(rng.uniform(size=(batch_size, size, size, 1)).astype("float32")),
-             tf.one_hot(rng.integers(0, NUM_CLASSES, batch_size), NUM_CLASSES), tf.ones(batch_size))
+    batch = (
+        tf.constant(rng.uniform(size=(batch_size, size, size, 1)).astype("float32")),
+        tf.one_hot(rng.integers(0, NUM_CLASSES, batch_size), NUM_CLASSES),
+        tf.ones(batch_size),
+    )
     distributed = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))))
     started = time.perf_counter()
     for _ in range(warmup_steps):
@@ -138,8 +154,16 @@ def measure_input_pipeline(image_size, batch_size, image_count=256):
             Image.fromarray(rng.integers(0, 256, (image_size, image_size), dtype=np.uint8)).save(path)
             paths.append(str(path))
         labels = np.arange(image_count, dtype=np.int32) % NUM_CLASSES
-        dataset = data.training_dataset(np.array(paths), labels, NUM_CLASSES, image_size, batch_size, seed=0,
-                                        augment=True, class_balanced=True)
+        dataset = data.training_dataset(
+            np.array(paths),
+            labels,
+            NUM_CLASSES,
+            image_size,
+            batch_size,
+            seed=0,
+            augment=True,
+            class_balanced=True,
+        )
         iterator = iter(dataset)
         for _ in range(image_count // batch_size):  # the first pass decodes and fills the cache
             next(iterator)
@@ -158,17 +182,24 @@ def measure_original_generation_loop(image_size, image_count):
     from cilia_cvae import models
     from cilia_cvae.model_config import ORIGINAL_LATENT_DIM, ModelConfig
 
-    decoder = models.build_original_decoder(ModelConfig(architecture="original", image_size=image_size,
-                                                        num_classes=NUM_CLASSES, latent_dim=ORIGINAL_LATENT_DIM))
+    decoder = models.build_original_decoder(
+        ModelConfig(
+            architecture="original",
+            image_size=image_size,
+            num_classes=NUM_CLASSES,
+            latent_dim=ORIGINAL_LATENT_DIM,
+        )
+    )
     rng = np.random.default_rng(0)
     one_hot = np.eye(NUM_CLASSES, dtype="float32")
     with tempfile.TemporaryDirectory() as folder:
+
         def one_image(index):
             latent = rng.standard_normal((1, ORIGINAL_LATENT_DIM)).astype("float32")
             pixels = decoder.predict([latent, one_hot[index % NUM_CLASSES][None]], verbose=0)[0, :, :, 0]
             aspect = rng.normal(1.04, 0.117)
             image = Image.fromarray((pixels * 255).astype("uint8"))
-            image = image.resize((round(image_size * aspect ** 0.5), round(image_size / aspect ** 0.5)))
+            image = image.resize((round(image_size * aspect**0.5), round(image_size / aspect**0.5)))
             image.save(Path(folder) / f"Synthetic_{index}.png")
 
         for index in range(2):  # warm-up: the first predict builds the graph
@@ -183,10 +214,10 @@ def measure_default_generation(image_size, images_per_class):
     """Our inference: batched decoding alone, then end to end with PNGs written by cvae_inference's own code.
 
     Peak memory is this process's after writing NUM_CLASSES * images_per_class images."""
+    import dataclasses
+
     import numpy as np
     from tqdm import tqdm
-
-    import dataclasses
 
     from cilia_cvae import generation, models
     from cilia_cvae.layout import GeneratedLayout
@@ -208,22 +239,46 @@ def measure_default_generation(image_size, images_per_class):
         speeds.append(batches * batch_size / (time.perf_counter() - started))
     class_names = [f"Class{index}" for index in range(NUM_CLASSES)]
     rng = np.random.default_rng(1)
-    stored = {name: (rng.standard_normal((50, latent_dim)).astype("float32"),
-                     np.full((50, latent_dim), -2.0, "float32")) for name in class_names}
-    generator = {"parameters": {"class_names": class_names, "latent_dim": latent_dim, "image_size": image_size,
-                                "resize_mode": "squash"},
-                 "decoder": decoder, "latents": stored, "fingerprint": "benchmark"}
+    stored = {
+        name: (
+            rng.standard_normal((50, latent_dim)).astype("float32"),
+            np.full((50, latent_dim), -2.0, "float32"),
+        )
+        for name in class_names
+    }
+    generator = {
+        "parameters": {
+            "class_names": class_names,
+            "latent_dim": latent_dim,
+            "image_size": image_size,
+            "resize_mode": "squash",
+        },
+        "decoder": decoder,
+        "latents": stored,
+        "fingerprint": "benchmark",
+    }
     with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
         started = time.perf_counter()
         written = generation.generate(
-            generator, GeneratedLayout(folder, image_size), class_names=class_names,
-            images_per_class=images_per_class, sampling="posterior", temperature=1.0, seed=0,
-            restore_aspect_ratio=True, raw_statistics={"aspect_ratio_mean": 1.04, "aspect_ratio_std": 0.117},
-            batch_size=batch_size, progress=progress)
+            generator,
+            GeneratedLayout(folder, image_size),
+            class_names=class_names,
+            images_per_class=images_per_class,
+            sampling="posterior",
+            temperature=1.0,
+            seed=0,
+            restore_aspect_ratio=True,
+            raw_statistics={"aspect_ratio_mean": 1.04, "aspect_ratio_std": 0.117},
+            batch_size=batch_size,
+            progress=progress,
+        )
         end_to_end = sum(len(paths) for paths in written.values()) / (time.perf_counter() - started)
-    return {"default_decode_only": statistics.median(speeds), "default_end_to_end": end_to_end,
-            "images_written": NUM_CLASSES * images_per_class,
-            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "default_decode_only": statistics.median(speeds),
+        "default_end_to_end": end_to_end,
+        "images_written": NUM_CLASSES * images_per_class,
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def measure_preprocessing(image_count):
@@ -232,17 +287,34 @@ def measure_preprocessing(image_count):
 
     with tempfile.TemporaryDirectory() as folder:
         raw = Path(folder) / "raw"
-        subprocess.run([sys.executable, str(SCRIPTS_DIR / "make_phantom_dataset.py"), f"--raw_images_dir={raw}",
-                        f"--num_images={image_count}", "--seed=7"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPTS_DIR / "make_phantom_dataset.py"),
+                f"--raw_images_dir={raw}",
+                f"--num_images={image_count}",
+                "--seed=7",
+            ],
+            check=True,
+            capture_output=True,
+        )
         started = time.perf_counter()
-        preprocess(raw_images_dir=raw, processed_images_dir=Path(folder) / "processed", image_size=224,
-                   resize_mode="squash", test_fraction=0.2, seed=123)
+        preprocess(
+            raw_images_dir=raw,
+            processed_images_dir=Path(folder) / "processed",
+            image_size=224,
+            resize_mode="squash",
+            test_fraction=0.2,
+            seed=123,
+        )
         return image_count / (time.perf_counter() - started)
 
 
 GENERATION_SIZE = 32 if QUICK else 224
 EXTRA_MEASUREMENTS = {
-    "generation_original_loop": lambda: {"original_loop": measure_original_generation_loop(GENERATION_SIZE, 5 if QUICK else 40)},
+    "generation_original_loop": lambda: {
+        "original_loop": measure_original_generation_loop(GENERATION_SIZE, 5 if QUICK else 40)
+    },
     "generation_default": lambda: measure_default_generation(GENERATION_SIZE, 4 if QUICK else 2000),
     "preprocessing": lambda: {"images_per_s": measure_preprocessing(40 if QUICK else 400)},
 }
@@ -252,9 +324,15 @@ def generate_images_per_s():
     """Generation at 224, each way in its own child: the original's loop, our decoding alone, ours end to end."""
     original = contender_results("generation_original_loop")["generation_original_loop"]
     default = contender_results("generation_default")["generation_default"]
-    speeds = {"original_loop_224": original.get("original_loop"), "default_224": default.get("default_end_to_end"),
-              "default_decode_only_224": default.get("default_decode_only")}
-    memory = {"images_written": default.get("images_written"), "peak_memory_mb": default.get("peak_memory_mb")}
+    speeds = {
+        "original_loop_224": original.get("original_loop"),
+        "default_224": default.get("default_end_to_end"),
+        "default_decode_only_224": default.get("default_decode_only"),
+    }
+    memory = {
+        "images_written": default.get("images_written"),
+        "peak_memory_mb": default.get("peak_memory_mb"),
+    }
     return speeds, memory, {**original, **default}
 
 
@@ -266,11 +344,21 @@ def preprocess_images_per_s():
 def start_contender(names, original_448_batch_size=ORIGINAL_448_BATCH_SIZE):
     """Measure contenders in a child process (this script with --contender=<names>)."""
     print(f"measuring {names} ...", flush=True)
-    arguments = [f"--{key}={value}" for key, value in (
-        ("quick", QUICK), ("original_448_batch_size", original_448_batch_size), ("warmup_steps", WARMUP_STEPS),
-        ("timed_windows", TIMED_WINDOWS), ("window_seconds", WINDOW_SECONDS), ("contender", names))]
+    arguments = [
+        f"--{key}={value}"
+        for key, value in (
+            ("quick", QUICK),
+            ("original_448_batch_size", original_448_batch_size),
+            ("warmup_steps", WARMUP_STEPS),
+            ("timed_windows", TIMED_WINDOWS),
+            ("window_seconds", WINDOW_SECONDS),
+            ("contender", names),
+        )
+    ]
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    return subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment)
+    return subprocess.run(
+        [sys.executable, __file__, *arguments], capture_output=True, text=True, env=environment
+    )
 
 
 def contender_results(names, original_448_batch_size=ORIGINAL_448_BATCH_SIZE):
@@ -280,7 +368,11 @@ def contender_results(names, original_448_batch_size=ORIGINAL_448_BATCH_SIZE):
         killed = child.returncode < 0 or child.returncode == 137
         # TensorFlow ends its error messages with an op name; the line naming the error says more.
         lines = child.stderr.strip().splitlines() or ["?"]
-        reason = "killed (out of memory?)" if killed else next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        reason = (
+            "killed (out of memory?)"
+            if killed
+            else next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        )
         return {name: {"error": reason} for name in names.split(",")}
     return json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -297,8 +389,11 @@ def measure_all_contenders():
     batch_size = ORIGINAL_448_BATCH_SIZE
     while "error" in results["original_448"] and batch_size > 1:
         batch_size //= 2
-        results["original_448"] = {**contender_summary("original_448"), "batch_size": batch_size,
-                                   **contender_results("original_448", batch_size)["original_448"]}
+        results["original_448"] = {
+            **contender_summary("original_448"),
+            "batch_size": batch_size,
+            **contender_results("original_448", batch_size)["original_448"],
+        }
     return results
 
 
@@ -312,31 +407,48 @@ def processor_name():
 
 
 def print_table(results):
-    print(f"\n{'contender':<14} {'image':>6} {'batch':>6} {'images/s':>10} {'per CPU-s':>10} {'peak MB':>9} {'parameters':>13}")
+    print(
+        f"\n{'contender':<14} {'image':>6} {'batch':>6} {'images/s':>10} {'per CPU-s':>10} {'peak MB':>9} {'parameters':>13}"
+    )
     for name, result in results.items():
         if "error" in result:
-            print(f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6}  failed: {result['error']}")
+            print(
+                f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6}  failed: {result['error']}"
+            )
             continue
-        print(f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6} {result['train_images_per_s']:>10.2f} "
-              f"{result['train_images_per_cpu_s']:>10.2f} "
-              f"{result['peak_memory_mb']:>9.0f} {result['parameters']:>13,}")
+        print(
+            f"{name:<14} {result['image_size']:>6} {result['batch_size']:>6} {result['train_images_per_s']:>10.2f} "
+            f"{result['train_images_per_cpu_s']:>10.2f} "
+            f"{result['peak_memory_mb']:>9.0f} {result['parameters']:>13,}"
+        )
 
 
 def measure_contender(name):
     setup = contender_setup(name)
     result = measure_training(setup)
     if name.startswith("default"):
-        result["input_pipeline_images_per_s"] = measure_input_pipeline(setup["image_size"], setup["batch_size"],
-                                                                       image_count=64 if QUICK else 256)
+        result["input_pipeline_images_per_s"] = measure_input_pipeline(
+            setup["image_size"], setup["batch_size"], image_count=64 if QUICK else 256
+        )
     return result
 
 
 if CONTENDER:
-    unknown = [name for name in CONTENDER.split(",") if name not in CONTENDERS and name not in EXTRA_MEASUREMENTS]
+    unknown = [
+        name for name in CONTENDER.split(",") if name not in CONTENDERS and name not in EXTRA_MEASUREMENTS
+    ]
     if unknown:
-        raise UserError(f"--contender={unknown[0]!r} is not one of {', '.join([*CONTENDERS, *EXTRA_MEASUREMENTS])}")
-    print(json.dumps({name: EXTRA_MEASUREMENTS[name]() if name in EXTRA_MEASUREMENTS else measure_contender(name)
-                      for name in CONTENDER.split(",")}))
+        raise UserError(
+            f"--contender={unknown[0]!r} is not one of {', '.join([*CONTENDERS, *EXTRA_MEASUREMENTS])}"
+        )
+    print(
+        json.dumps(
+            {
+                name: EXTRA_MEASUREMENTS[name]() if name in EXTRA_MEASUREMENTS else measure_contender(name)
+                for name in CONTENDER.split(",")
+            }
+        )
+    )
     sys.exit(0)
 
 results = measure_all_contenders()
@@ -347,8 +459,12 @@ ratios = {}
 for size in ("224", "448"):
     if speed[f"default_{size}"] and speed[f"original_{size}"]:
         ratios[f"default_over_original_{size}"] = speed[f"default_{size}"] / speed[f"original_{size}"]
-        ratios[f"default_over_original_{size}_cpu_time"] = cpu_speed[f"default_{size}"] / cpu_speed[f"original_{size}"]
-input_pipeline = {size: results[f"default_{size}"].get("input_pipeline_images_per_s") for size in ("224", "448")}
+        ratios[f"default_over_original_{size}_cpu_time"] = (
+            cpu_speed[f"default_{size}"] / cpu_speed[f"original_{size}"]
+        )
+input_pipeline = {
+    size: results[f"default_{size}"].get("input_pipeline_images_per_s") for size in ("224", "448")
+}
 for name, value in ratios.items():
     print(f"{name}: {value:.1f}x")
 load = os.getloadavg()[0]
@@ -362,7 +478,9 @@ original_loop = generation_speeds["original_loop_224"]
 for name, value in generation_speeds.items():
     if value and original_loop:
         print(f"generation {name}: {value:.1f} images/s ({value / original_loop:.0f}x the original's loop)")
-print(f"generating {generation_memory['images_written']} images: peak memory {generation_memory['peak_memory_mb'] or 0:.0f} MB")
+print(
+    f"generating {generation_memory['images_written']} images: peak memory {generation_memory['peak_memory_mb'] or 0:.0f} MB"
+)
 print(f"preprocessing at 224 of ~520 px crops: {preprocessing_speed or 0:.0f} images/s")
 report = {
     "train_images_per_s": speed,
@@ -374,16 +492,21 @@ report = {
     "ratio": ratios,
     "input_pipeline_images_per_s": input_pipeline,
     "generate_images_per_s": generation_speeds,
-    "generate_ratio_over_original_loop": {name: value / original_loop for name, value in generation_speeds.items()
-                                          if value and original_loop},
+    "generate_ratio_over_original_loop": {
+        name: value / original_loop for name, value in generation_speeds.items() if value and original_loop
+    },
     "generate_memory": generation_memory,
     "generate_details": generation_details,
     "preprocess_images_per_s": preprocessing_speed,
     "details": results,
     "quick": QUICK,
     "load_average_at_end": os.getloadavg()[0],
-    "machine": {"processor": processor_name(), "cpus": os.cpu_count(),
-                "system": platform.platform(), "python": platform.python_version()},
+    "machine": {
+        "processor": processor_name(),
+        "cpus": os.cpu_count(),
+        "system": platform.platform(),
+        "python": platform.python_version(),
+    },
     "settings": config.jsonable(settings),
 }
 write_json_atomic(OUTPUT_JSON, report)

@@ -49,21 +49,30 @@ USEFULNESS_FRACTIONS = "0.1,0.25,1.0"  # shares of the real training data
 USEFULNESS_SEEDS = 3  # repetitions per fraction below 100%
 USEFULNESS_SEEDS_AT_FULL_DATA = 1  # repetitions at 100% (the costliest point, and not one of the targets)
 USEFULNESS_CLASSIFIER_EPOCHS = 3  # passes of each detection-model stand-in over the real + synthetic set (each in all four quarter turns)
-USEFULNESS_CLASSIFIER_REPEATS = 3  # classifiers per run, differing only in initialisation; a run scores their mean
+USEFULNESS_CLASSIFIER_REPEATS = (
+    3  # classifiers per run, differing only in initialisation; a run scores their mean
+)
 USEFULNESS_GENERATOR_EPOCHS = 10  # training of the generator on each fraction, in epochs of the full train split (the comparison's budget: the same steps as the full model)
 REEVALUATE = False  # evaluate every contender again though a report exists (after a change to the measures)
 QUICK = False  # a test-sized run: the evaluation's quick mode (a 2-epoch judge at 32 px)
 WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents and images
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the processed train and test splits
 OUTPUT_JSON = config.REPOSITORY_ROOT / "docs" / "evaluation_224.json"  # written: the comparison
-FIGURE = config.REPOSITORY_ROOT / "docs" / "real_phantom_generated.png"  # written: phantoms beside the default's images
+FIGURE = (
+    config.REPOSITORY_ROOT / "docs" / "real_phantom_generated.png"
+)  # written: phantoms beside the default's images
 CONTENDERS_FIGURE = ""  # written: test phantoms beside the first images of every contender in OUTPUT_JSON ("": contenders_<S>x<S>.png beside OUTPUT_JSON)
 REAL_SAMPLES_DIR = ""  # optional folder of real TEM crops shown in the figure's top row ("" for none)
 settings = configure(globals())
 
 # Each contender: the training overrides (its architecture or training change) and the
 # inference overrides (its sampling). Candidates change one thing against the default.
-ORIGINAL_TRAINING = ["--architecture=original", "--augment=False", "--class_balanced=False", "--kl_warmup_epochs=0"]
+ORIGINAL_TRAINING = [
+    "--architecture=original",
+    "--augment=False",
+    "--class_balanced=False",
+    "--kl_warmup_epochs=0",
+]
 CONTENDER_SETTINGS = {
     "default": {"training": [], "inference": []},
     "original": {"training": ORIGINAL_TRAINING, "inference": []},
@@ -77,11 +86,23 @@ CONTENDER_SETTINGS = {
 }
 SCRIPTS_DIR = Path(__file__).resolve().parent
 # The budgets an evaluation report records for its usefulness, as cvae_evaluate names them.
-USEFULNESS_SETTINGS = {name: settings[name] for name in (
-    "USEFULNESS_FRACTIONS", "USEFULNESS_SEEDS", "USEFULNESS_SEEDS_AT_FULL_DATA", "USEFULNESS_CLASSIFIER_EPOCHS",
-    "USEFULNESS_CLASSIFIER_REPEATS", "USEFULNESS_GENERATOR_EPOCHS")}
+USEFULNESS_SETTINGS = {
+    name: settings[name]
+    for name in (
+        "USEFULNESS_FRACTIONS",
+        "USEFULNESS_SEEDS",
+        "USEFULNESS_SEEDS_AT_FULL_DATA",
+        "USEFULNESS_CLASSIFIER_EPOCHS",
+        "USEFULNESS_CLASSIFIER_REPEATS",
+        "USEFULNESS_GENERATOR_EPOCHS",
+    )
+}
 
-names = list(CONTENDER_SETTINGS) if CONTENDERS.strip() == "all" else [name.strip() for name in CONTENDERS.split(",")]
+names = (
+    list(CONTENDER_SETTINGS)
+    if CONTENDERS.strip() == "all"
+    else [name.strip() for name in CONTENDERS.split(",")]
+)
 unknown = [name for name in names if name not in CONTENDER_SETTINGS]
 if unknown:
     raise UserError(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDER_SETTINGS)}")
@@ -95,8 +116,12 @@ def run(script, arguments, log_path):
     print(f"  {script}.py {' '.join(arguments)}  (log: {log_path})", flush=True)
     started = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
-        finished = subprocess.run([sys.executable, str(SCRIPTS_DIR / f"{script}.py"), *arguments],
-                                  stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        finished = subprocess.run(
+            [sys.executable, str(SCRIPTS_DIR / f"{script}.py"), *arguments],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        )
     if finished.returncode != 0:
         raise UserError(f"{script}.py failed (exit code {finished.returncode}); see the end of {log_path}")
     return time.perf_counter() - started
@@ -114,35 +139,72 @@ def contender_report(name):
     folders = [f"--models_dir={trained / 'models'}", f"--latent_tensors_dir={trained / 'latents'}"]
     parameters_path = RunLayout(trained / "models", trained / "latents", IMAGE_SIZE).parameters
     if not parameters_path.is_file():
-        run(training_script, [f"--image_size={IMAGE_SIZE}", f"--epochs={EPOCHS}", f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
-                              *folders, *CONTENDER_SETTINGS[key]["training"]], WORK_DIR / f"{key}_training.log")
+        run(
+            training_script,
+            [
+                f"--image_size={IMAGE_SIZE}",
+                f"--epochs={EPOCHS}",
+                f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+                *folders,
+                *CONTENDER_SETTINGS[key]["training"],
+            ],
+            WORK_DIR / f"{key}_training.log",
+        )
     report_path = GeneratedLayout(generated, IMAGE_SIZE).evaluation_report_json
     generation_done = WORK_DIR / name / "generation_done.json"
     if not generation_done.is_file():
         # Generation appends, so an interrupted one is started again from nothing.
         shutil.rmtree(generated, ignore_errors=True)
-        run("cvae_inference", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
-                               f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
-                               *folders, *CONTENDER_SETTINGS[name]["inference"]], WORK_DIR / f"{name}_inference.log")
+        run(
+            "cvae_inference",
+            [
+                f"--image_size={IMAGE_SIZE}",
+                f"--images_per_class={IMAGES_PER_CLASS}",
+                f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+                f"--generated_images_dir={generated}",
+                *folders,
+                *CONTENDER_SETTINGS[name]["inference"],
+            ],
+            WORK_DIR / f"{name}_inference.log",
+        )
         write_json_atomic(generation_done, {"images_per_class": IMAGES_PER_CLASS})
     usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
     earlier = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
     # A usefulness measured with other generator or classifier budgets is measured again.
     # (A report from before classifier repeats existed ran one classifier per run.)
     recorded = {"USEFULNESS_CLASSIFIER_REPEATS": 1, **earlier.get("settings", {})} if earlier else {}
-    stale_usefulness = (usefulness and (not earlier.get("usefulness") or any(
-        recorded.get(setting) != value for setting, value in USEFULNESS_SETTINGS.items()))) if earlier else True
+    stale_usefulness = (
+        (
+            usefulness
+            and (
+                not earlier.get("usefulness")
+                or any(recorded.get(setting) != value for setting, value in USEFULNESS_SETTINGS.items())
+            )
+        )
+        if earlier
+        else True
+    )
     if REEVALUATE or earlier is None or stale_usefulness:
-        run("cvae_evaluate", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
-                              f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--generated_images_dir={generated}",
-                              f"--models_dir={trained / 'models'}", f"--judge_dir={WORK_DIR / 'judge'}",
-                              f"--usefulness={usefulness}", f"--usefulness_seeds={USEFULNESS_SEEDS}",
-                              f"--usefulness_fractions={USEFULNESS_FRACTIONS}",
-                              f"--usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
-                              f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
-                              f"--usefulness_classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS}",
-                              f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}", f"--quick={QUICK}"],
-            WORK_DIR / f"{name}_evaluate.log")
+        run(
+            "cvae_evaluate",
+            [
+                f"--image_size={IMAGE_SIZE}",
+                f"--images_per_class={IMAGES_PER_CLASS}",
+                f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+                f"--generated_images_dir={generated}",
+                f"--models_dir={trained / 'models'}",
+                f"--judge_dir={WORK_DIR / 'judge'}",
+                f"--usefulness={usefulness}",
+                f"--usefulness_seeds={USEFULNESS_SEEDS}",
+                f"--usefulness_fractions={USEFULNESS_FRACTIONS}",
+                f"--usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
+                f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
+                f"--usefulness_classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS}",
+                f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}",
+                f"--quick={QUICK}",
+            ],
+            WORK_DIR / f"{name}_evaluate.log",
+        )
     report = json.loads(report_path.read_text(encoding="utf-8"))
     if earlier and earlier.get("usefulness") and not report.get("usefulness"):
         # Re-measuring quality alone keeps the (hours-long) usefulness measured before.
@@ -150,15 +212,29 @@ def contender_report(name):
         report["settings"].update({name: earlier["settings"].get(name) for name in USEFULNESS_SETTINGS})
         write_json_atomic(report_path, report)
     parameters = json.loads(parameters_path.read_text(encoding="utf-8"))
-    result = {key_name: value for key_name, value in report.items()
-              if key_name not in ("settings", "confusion", "counts", "class_names")}
-    result["usefulness"] = {fraction: {**{measure: values[measure] for measure in values if measure != "runs"},
-                                       "seeds": len(values["runs"])}
-                            for fraction, values in report.get("usefulness", {}).items()}
-    result["training"] = {"overrides": CONTENDER_SETTINGS[key]["training"], "epochs": parameters["epochs_done"],
-                          "best_epoch": parameters["best_epoch"], "seconds": parameters.get("training_seconds"),
-                          "architecture": parameters["architecture"]}
-    result["inference"] = {"overrides": CONTENDER_SETTINGS[name]["inference"], "images_per_class": IMAGES_PER_CLASS}
+    result = {
+        key_name: value
+        for key_name, value in report.items()
+        if key_name not in ("settings", "confusion", "counts", "class_names")
+    }
+    result["usefulness"] = {
+        fraction: {
+            **{measure: values[measure] for measure in values if measure != "runs"},
+            "seeds": len(values["runs"]),
+        }
+        for fraction, values in report.get("usefulness", {}).items()
+    }
+    result["training"] = {
+        "overrides": CONTENDER_SETTINGS[key]["training"],
+        "epochs": parameters["epochs_done"],
+        "best_epoch": parameters["best_epoch"],
+        "seconds": parameters.get("training_seconds"),
+        "architecture": parameters["architecture"],
+    }
+    result["inference"] = {
+        "overrides": CONTENDER_SETTINGS[name]["inference"],
+        "images_per_class": IMAGES_PER_CLASS,
+    }
     result["generated_images_dir"] = str(GeneratedLayout(generated, IMAGE_SIZE).directory)
     return result
 
@@ -168,19 +244,27 @@ results = {}
 for name in names:
     print(f"{name}:", flush=True)
     results[name] = contender_report(name)
-    print(f"  class fidelity {results[name]['class_fidelity']:.1%}, KID {results[name]['kid']:.4f} "
-          f"(floor {results[name]['kid_floor']:.4f}), memorisation ratio {results[name]['memorisation_ratio']:.2f}",
-          flush=True)
+    print(
+        f"  class fidelity {results[name]['class_fidelity']:.1%}, KID {results[name]['kid']:.4f} "
+        f"(floor {results[name]['kid_floor']:.4f}), memorisation ratio {results[name]['memorisation_ratio']:.2f}",
+        flush=True,
+    )
 
 # Merge with what an earlier comparison recorded, so contenders can be run a few at a time.
 previous = json.loads(OUTPUT_JSON.read_text(encoding="utf-8")) if OUTPUT_JSON.is_file() else {}
-command = (f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
-           + ("" if CONTENDERS.strip() == "all" else f" --contenders={CONTENDERS}")
-           + (f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_fractions={USEFULNESS_FRACTIONS} "
-              f"--usefulness_seeds={USEFULNESS_SEEDS} --usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA} "
-              f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS} "
-              f"--usefulness_classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS} "
-              f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}" if USEFULNESS else ""))
+command = (
+    f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
+    + ("" if CONTENDERS.strip() == "all" else f" --contenders={CONTENDERS}")
+    + (
+        f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_fractions={USEFULNESS_FRACTIONS} "
+        f"--usefulness_seeds={USEFULNESS_SEEDS} --usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA} "
+        f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS} "
+        f"--usefulness_classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS} "
+        f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}"
+        if USEFULNESS
+        else ""
+    )
+)
 for result in results.values():
     result["command"] = command
 # Contenders run a few at a time each keep the command that produced them; "commands" lists them all.
@@ -188,8 +272,10 @@ earlier_commands = previous.get("commands", [previous["command"]] if previous.ge
 comparison = {
     "default": results.get("default", previous.get("default")),
     "original": results.get("original", previous.get("original")),
-    "candidates": {**previous.get("candidates", {}),
-                   **{name: result for name, result in results.items() if name not in ("default", "original")}},
+    "candidates": {
+        **previous.get("candidates", {}),
+        **{name: result for name, result in results.items() if name not in ("default", "original")},
+    },
     "command": command,
     "commands": [*[text for text in earlier_commands if text != command], command],
     "epochs": EPOCHS,
@@ -202,24 +288,50 @@ write_json_atomic(OUTPUT_JSON, comparison)
 print(f"comparison: {OUTPUT_JSON}")
 
 # Every contender's first images side by side: a number can hide what looking shows at once.
-contender_folders = {name: Path(result["generated_images_dir"]) for name, result in
-                     [("default", comparison["default"]), ("original", comparison["original"]),
-                      *comparison["candidates"].items()] if result and Path(result["generated_images_dir"]).is_dir()}
+contender_folders = {
+    name: Path(result["generated_images_dir"])
+    for name, result in [
+        ("default", comparison["default"]),
+        ("original", comparison["original"]),
+        *comparison["candidates"].items(),
+    ]
+    if result and Path(result["generated_images_dir"]).is_dir()
+}
 if contender_folders:
     class_names = facts["class_names"]
-    contenders_figure = Path(CONTENDERS_FIGURE) if CONTENDERS_FIGURE else OUTPUT_JSON.parent / f"contenders_{size_name}.png"
-    figures.cross_resolution(figures.first_images(ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test"), class_names, 1),
-                             {name: figures.first_images(folder, class_names, 1, "Synthetic_*.png")
-                              for name, folder in contender_folders.items()},
-                             class_names, contenders_figure, examples=1,
-                             title="A test phantom (left) beside the first image of each contender, per class")
+    contenders_figure = (
+        Path(CONTENDERS_FIGURE) if CONTENDERS_FIGURE else OUTPUT_JSON.parent / f"contenders_{size_name}.png"
+    )
+    figures.cross_resolution(
+        figures.first_images(ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test"), class_names, 1),
+        {
+            name: figures.first_images(folder, class_names, 1, "Synthetic_*.png")
+            for name, folder in contender_folders.items()
+        },
+        class_names,
+        contenders_figure,
+        examples=1,
+        title="A test phantom (left) beside the first image of each contender, per class",
+    )
     print(f"figure: {contenders_figure}")
 
 # The picture for the README: test-split phantoms beside the default model's generated images.
 if "default" in results:
     class_names = facts["class_names"]
-    phantoms = figures.first_images(ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test"), class_names, 3)
-    generated = figures.first_images(Path(results["default"]["generated_images_dir"]), class_names, 3, "Synthetic_*.png")
-    real = sorted(path for path in Path(REAL_SAMPLES_DIR).glob("*") if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff")) if REAL_SAMPLES_DIR else []
+    phantoms = figures.first_images(
+        ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test"), class_names, 3
+    )
+    generated = figures.first_images(
+        Path(results["default"]["generated_images_dir"]), class_names, 3, "Synthetic_*.png"
+    )
+    real = (
+        sorted(
+            path
+            for path in Path(REAL_SAMPLES_DIR).glob("*")
+            if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+        )
+        if REAL_SAMPLES_DIR
+        else []
+    )
     figures.real_phantom_generated(real, phantoms, generated, class_names, FIGURE)
     print(f"figure: {FIGURE}")

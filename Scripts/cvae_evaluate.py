@@ -39,15 +39,21 @@ IMAGE_SIZE = 224  # which resolution's processed and generated folders to judge
 GENERATED_SIZE = 0  # judge the generated images of this resolution instead (0: IMAGE_SIZE); e.g. 448 images against the 224 splits and judge, since the judge resizes everything to CLASSIFIER_SIZE
 IMAGES_PER_CLASS = 200  # generated images judged per class (the first ones in name order)
 CLASSIFIER_SIZE = 128  # the judge works at this size; images are resized to it
-CLASSIFIER_EPOCHS = 8  # epochs of the judge's training (cached once trained); 8 gave 98.4% on the phantom test split
+CLASSIFIER_EPOCHS = (
+    8  # epochs of the judge's training (cached once trained); 8 gave 98.4% on the phantom test split
+)
 SEED = 0  # seeds the judge's training and the KID subsets
 QUICK = False  # a test-sized run: 2 classifier epochs, 32 px, few images
 USEFULNESS = False  # also run the usefulness experiment (long: trains a generator per fraction and seed)
 USEFULNESS_FRACTIONS = "0.1,0.25,1.0"  # shares of the real training data, separated by commas
 USEFULNESS_SEEDS = 3  # repetitions per fraction, for a mean and a spread
-USEFULNESS_SEEDS_AT_FULL_DATA = 3  # repetitions at 100% of the real data (its generator is the evaluated model itself)
+USEFULNESS_SEEDS_AT_FULL_DATA = (
+    3  # repetitions at 100% of the real data (its generator is the evaluated model itself)
+)
 USEFULNESS_CLASSIFIER_SIZE = 64  # the detection-model stand-ins work at this size
-USEFULNESS_CLASSIFIER_EPOCHS = 15  # passes over the real + synthetic set; every stand-in classifier of a run gets that many steps
+USEFULNESS_CLASSIFIER_EPOCHS = (
+    15  # passes over the real + synthetic set; every stand-in classifier of a run gets that many steps
+)
 USEFULNESS_CLASSIFIER_REPEATS = 3  # classifiers per run, differing only in initialisation; a run scores their mean (one classifier's luck moved macro-F1 by 0.06 at 10%)
 USEFULNESS_GENERATOR_EPOCHS = 20  # training of the CVAE on each fraction, in epochs of the full train split: on 10% it runs 10x the epochs, so every generator takes the same steps
 SYNTHETIC_PER_CLASS = 200  # synthetic images added per class
@@ -62,18 +68,24 @@ if QUICK:
 
 generated_size = GENERATED_SIZE or IMAGE_SIZE
 if USEFULNESS and generated_size != IMAGE_SIZE:
-    raise UserError(f"--usefulness trains generators at --image_size={IMAGE_SIZE}, so it cannot judge "
-                    f"--generated_size={generated_size}; run it with the two sizes equal")
+    raise UserError(
+        f"--usefulness trains generators at --image_size={IMAGE_SIZE}, so it cannot judge "
+        f"--generated_size={generated_size}; run it with the two sizes equal"
+    )
 if USEFULNESS and parse_fractions(USEFULNESS_FRACTIONS) is None:
-    raise UserError(f"--usefulness_fractions must be shares above 0 and at most 1 separated by commas, "
-                    f"not {USEFULNESS_FRACTIONS!r}")
+    raise UserError(
+        f"--usefulness_fractions must be shares above 0 and at most 1 separated by commas, "
+        f"not {USEFULNESS_FRACTIONS!r}"
+    )
 
 facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, generated_size)
 generated_dir = generated.directory
 if not generated.all_images():
-    raise UserError(f"no generated images in {generated_dir}; run python Scripts/cvae_inference.py "
-                    f"--image_size={generated_size} first")
+    raise UserError(
+        f"no generated images in {generated_dir}; run python Scripts/cvae_inference.py "
+        f"--image_size={generated_size} first"
+    )
 
 # The report is written beside the images: no generation may add to them meanwhile.
 locks.hold_folder_lock(generated_dir)
@@ -92,39 +104,54 @@ report = evaluate_generated(
 if USEFULNESS:
     # The experiment is a script of its own; its progress streams to our output.
     usefulness_json = generated.usefulness_report
-    arguments = [f"--image_size={IMAGE_SIZE}", f"--fractions={USEFULNESS_FRACTIONS}",
-                 f"--seeds={USEFULNESS_SEEDS}", f"--seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
-                 f"--classifier_size={USEFULNESS_CLASSIFIER_SIZE}",
-                 f"--classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
-                 f"--classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS}",
-                 f"--generator_epochs={USEFULNESS_GENERATOR_EPOCHS}",
-                 f"--synthetic_per_class={SYNTHETIC_PER_CLASS}",
-                 f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
-                 f"--generated_images_dir={GENERATED_IMAGES_DIR}",
-                 f"--models_dir={MODELS_DIR}", f"--output_json={usefulness_json}"]
+    arguments = [
+        f"--image_size={IMAGE_SIZE}",
+        f"--fractions={USEFULNESS_FRACTIONS}",
+        f"--seeds={USEFULNESS_SEEDS}",
+        f"--seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
+        f"--classifier_size={USEFULNESS_CLASSIFIER_SIZE}",
+        f"--classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
+        f"--classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS}",
+        f"--generator_epochs={USEFULNESS_GENERATOR_EPOCHS}",
+        f"--synthetic_per_class={SYNTHETIC_PER_CLASS}",
+        f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+        f"--generated_images_dir={GENERATED_IMAGES_DIR}",
+        f"--models_dir={MODELS_DIR}",
+        f"--output_json={usefulness_json}",
+    ]
     usefulness_script = Path(__file__).resolve().parent / "cvae_usefulness.py"
     sys.stdout.flush()
-    finished = subprocess.run([sys.executable, str(usefulness_script), *arguments],
-                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    finished = subprocess.run(
+        [sys.executable, str(usefulness_script), *arguments], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    )
     if finished.returncode == config.USER_ERROR_EXIT_CODE:
         raise UserError("the usefulness experiment refused its settings; its reason is printed above")
     if finished.returncode != 0:
-        raise RuntimeError(f"cvae_usefulness.py {' '.join(arguments)} failed with exit code "
-                           f"{finished.returncode}")
+        raise RuntimeError(
+            f"cvae_usefulness.py {' '.join(arguments)} failed with exit code {finished.returncode}"
+        )
     report["usefulness"] = json.loads(usefulness_json.read_text(encoding="utf-8"))["usefulness"]
 report["settings"] = config.jsonable(settings)
 report["seconds"] = round(time.perf_counter() - started, 1)
 json_path, markdown_path = write_report(report, generated_dir)
 
 print(f"\njudge (domain classifier) accuracy on the real test split: {report['real_accuracy']:.1%}")
-print(f"class fidelity: {report['class_fidelity']:.1%}  "
-      + "  ".join(f"{name} {share:.0%}" for name, share in report["class_fidelity_per_class"].items()))
-print(f"KID {report['kid']:.4f} +- {report['kid_std']:.4f} (real-vs-real floor {report['kid_floor']:.4f}); "
-      f"FID {report['fid']:.2f} (floor {report['fid_floor']:.2f})")
-print(f"precision {report['precision']:.2f}, recall {report['recall']:.2f}; "
-      f"memorisation ratio {report['memorisation_ratio']:.2f}, near-copies {report['near_copy_share']:.1%}")
+print(
+    f"class fidelity: {report['class_fidelity']:.1%}  "
+    + "  ".join(f"{name} {share:.0%}" for name, share in report["class_fidelity_per_class"].items())
+)
+print(
+    f"KID {report['kid']:.4f} +- {report['kid_std']:.4f} (real-vs-real floor {report['kid_floor']:.4f}); "
+    f"FID {report['fid']:.2f} (floor {report['fid_floor']:.2f})"
+)
+print(
+    f"precision {report['precision']:.2f}, recall {report['recall']:.2f}; "
+    f"memorisation ratio {report['memorisation_ratio']:.2f}, near-copies {report['near_copy_share']:.1%}"
+)
 for fraction, result in report.get("usefulness", {}).items():
-    print(f"usefulness at {float(fraction):.0%} of the real data: macro-F1 real only {result['real_only_f1']:.3f} "
-          f"+- {result['real_only_f1_std']:.3f}, real + synthetic {result['real_plus_synthetic_f1']:.3f} "
-          f"+- {result['real_plus_synthetic_f1_std']:.3f}, synthetic only {result['synthetic_only_f1']:.3f}")
+    print(
+        f"usefulness at {float(fraction):.0%} of the real data: macro-F1 real only {result['real_only_f1']:.3f} "
+        f"+- {result['real_only_f1_std']:.3f}, real + synthetic {result['real_plus_synthetic_f1']:.3f} "
+        f"+- {result['real_plus_synthetic_f1_std']:.3f}, synthetic only {result['synthetic_only_f1']:.3f}"
+    )
 print(f"report: {markdown_path} and {json_path.name}")

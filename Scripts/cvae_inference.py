@@ -15,7 +15,6 @@ Expected run time: a few seconds to start, then a few hundred images/s on 2 core
 
 import time
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -49,21 +48,31 @@ check_range("SEED", SEED, 0)
 generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
 parameters = generator["parameters"]
 all_classes = list(parameters["class_names"])
-requested = all_classes if CLASSES.strip().lower() == "all" else [name.strip() for name in CLASSES.split(",") if name.strip()]
+requested = (
+    all_classes
+    if CLASSES.strip().lower() == "all"
+    else [name.strip() for name in CLASSES.split(",") if name.strip()]
+)
 unknown = [name for name in requested if name not in all_classes]
 if unknown or not requested:
-    raise UserError(f"unknown class(es) {', '.join(unknown) or '(none given)'}; this model knows: {', '.join(all_classes)}")
+    raise UserError(
+        f"unknown class(es) {', '.join(unknown) or '(none given)'}; this model knows: {', '.join(all_classes)}"
+    )
 
 if SAMPLING == "prior" and parameters.get("latent_map_side"):
     # Not refused (it is the textbook draw, and a comparison may want to show it), but said.
-    print(f"note: this model's latent is a {parameters['latent_map_side']}x{parameters['latent_map_side']} map; "
-          "prior draws give texture, not cilia (see docs/results.md); use posterior or class_density")
+    print(
+        f"note: this model's latent is a {parameters['latent_map_side']}x{parameters['latent_map_side']} map; "
+        "prior draws give texture, not cilia (see docs/results.md); use posterior or class_density"
+    )
 
 processed = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 statistics_path = processed.raw_statistics
 if RESTORE_ASPECT and not statistics_path.is_file():
-    raise UserError(f"{statistics_path} is missing, so no aspect ratio can be restored; "
-                    f"run python Scripts/cvae_pre_processing.py, or pass --restore_aspect=False")
+    raise UserError(
+        f"{statistics_path} is missing, so no aspect ratio can be restored; "
+        f"run python Scripts/cvae_pre_processing.py, or pass --restore_aspect=False"
+    )
 raw_statistics = pd.read_csv(statistics_path).iloc[0].to_dict() if RESTORE_ASPECT else {}
 
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
@@ -74,11 +83,22 @@ locks.hold_folder_lock(output_dir)
 generation.reconcile_with_disk(generated, all_classes)
 generation.check_room_for(output_dir, IMAGES_PER_CLASS * len(requested), IMAGE_SIZE)
 started = time.perf_counter()
-with tqdm(total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0) as progress:
+with tqdm(
+    total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0
+) as progress:
     written = generation.generate(
-        generator, generated, class_names=requested, images_per_class=IMAGES_PER_CLASS, sampling=SAMPLING,
-        temperature=TEMPERATURE, seed=SEED, restore_aspect_ratio=RESTORE_ASPECT, raw_statistics=raw_statistics,
-        batch_size=BATCH_SIZE, progress=progress)
+        generator,
+        generated,
+        class_names=requested,
+        images_per_class=IMAGES_PER_CLASS,
+        sampling=SAMPLING,
+        temperature=TEMPERATURE,
+        seed=SEED,
+        restore_aspect_ratio=RESTORE_ASPECT,
+        raw_statistics=raw_statistics,
+        batch_size=BATCH_SIZE,
+        progress=progress,
+    )
 elapsed = time.perf_counter() - started
 total = sum(len(paths) for paths in written.values())
 print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {output_dir}")
@@ -86,27 +106,44 @@ print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s)
 if FIGURES:
     # Real training examples beside generated ones; the latents on a map; one latent under each label.
     real_paths = figures.first_images(processed.split("train"), requested, 4)
-    figures.image_comparison(real_paths, {name: paths[:4] for name, paths in written.items()}, requested,
-                             output_dir / "image_comparison.png")
-    figures.latent_space({name: generator["latents"][name][0] for name in all_classes}, output_dir / "latent_space.png")
+    figures.image_comparison(
+        real_paths,
+        {name: paths[:4] for name, paths in written.items()},
+        requested,
+        output_dir / "image_comparison.png",
+    )
+    figures.latent_space(
+        {name: generator["latents"][name][0] for name in all_classes}, output_dir / "latent_space.png"
+    )
     largest = max(all_classes, key=lambda name: len(generator["latents"][name][0]))
     reference_class = "Normal" if "Normal" in all_classes else largest
     reference_latent = generator["latents"][reference_class][0][0]
     figures.class_interpolation(
         lambda latents, labels: generation.decode_mixed(generator["decoder"], latents, labels),
-        int(parameters["latent_dim"]), all_classes, reference_class, reference_latent,
+        int(parameters["latent_dim"]),
+        all_classes,
+        reference_class,
+        reference_latent,
         {name: generator["latents"][name][0][0] for name in all_classes},
         output_dir / "class_interpolation.png",
     )
     print(f"figures: {output_dir / 'image_comparison.png'}, latent_space.png, class_interpolation.png")
     # With images generated at several resolutions, compare them side by side as the original did.
-    size_dirs = sorted((path for path in GENERATED_IMAGES_DIR.glob("*x*")
-                        if path.name.split("x")[0].isdigit()
-                        and GeneratedLayout(GENERATED_IMAGES_DIR, int(path.name.split("x")[0])).all_images()),
-                       key=lambda path: int(path.name.split("x")[0]))
+    size_dirs = sorted(
+        (
+            path
+            for path in GENERATED_IMAGES_DIR.glob("*x*")
+            if path.name.split("x")[0].isdigit()
+            and GeneratedLayout(GENERATED_IMAGES_DIR, int(path.name.split("x")[0])).all_images()
+        ),
+        key=lambda path: int(path.name.split("x")[0]),
+    )
     if len(size_dirs) > 1:
-        figures.cross_resolution(real_paths, {path.name: figures.first_images(path, requested, 2, "Synthetic_*.png")
-                                              for path in size_dirs}, requested,
-                                 GENERATED_IMAGES_DIR / "image_comparison_resolutions.png")
+        figures.cross_resolution(
+            real_paths,
+            {path.name: figures.first_images(path, requested, 2, "Synthetic_*.png") for path in size_dirs},
+            requested,
+            GENERATED_IMAGES_DIR / "image_comparison_resolutions.png",
+        )
         print(f"cross-resolution figure: {GENERATED_IMAGES_DIR / 'image_comparison_resolutions.png'}")
 print(f"manifest: {generated.manifest}")

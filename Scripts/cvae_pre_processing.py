@@ -25,7 +25,9 @@ IMAGE_SIZE = 224  # side of the square images the model trains on (the 448 scrip
 RESIZE_MODE = "squash"  # "squash" stretches to a square as the original did; "pad" keeps the aspect ratio
 TEST_FRACTION = 0.2  # share of each class held out as the test split, never seen in training
 SEED = 123  # fixes the train/test split; the same seed gives the same split on every re-run
-STRETCH_16BIT = False  # stretch 16-bit images between their 0.1 and 99.9 percentiles (cameras filling 12-14 bits)
+STRETCH_16BIT = (
+    False  # stretch 16-bit images between their 0.1 and 99.9 percentiles (cameras filling 12-14 bits)
+)
 WORKERS = 0  # processes decoding images in parallel; 0 uses every core
 RAW_IMAGES_DIR = config.RAW_IMAGES_DIR  # one folder per class; only ever read
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # where the square images and the manifest go
@@ -56,7 +58,9 @@ elapsed = time.perf_counter() - started
 facts = summary["facts"]
 print(f"\n{'class':<24}{'train':>8}{'test':>8}")
 for class_name in facts["class_names"]:
-    print(f"{class_name:<24}{facts['counts']['train'][class_name]:>8}{facts['counts']['test'][class_name]:>8}")
+    print(
+        f"{class_name:<24}{facts['counts']['train'][class_name]:>8}{facts['counts']['test'][class_name]:>8}"
+    )
 print(f"{'total':<24}{sum(facts['counts']['train'].values()):>8}{sum(facts['counts']['test'].values()):>8}")
 left_out = {outcome: count for outcome, count in facts["outcomes"].items() if outcome not in SPLITS}
 for outcome, count in sorted(left_out.items()):
@@ -66,4 +70,6 @@ for row in summary["manifest_rows"]:
         print(f"  {row['outcome']}: {row['source_path']}: {row['reason']}")
 processed_count = sum(facts["outcomes"].get(split, 0) for split in SPLITS)
 print(f"\n{processed_count} images at {IMAGE_SIZE}x{IMAGE_SIZE} ({RESIZE_MODE}) in {summary['output_dir']}")
-print(f"manifest: {summary['output_dir'] / 'manifest.csv'}; {elapsed:.1f} s, {processed_count / elapsed:.0f} images/s")
+print(
+    f"manifest: {summary['output_dir'] / 'manifest.csv'}; {elapsed:.1f} s, {processed_count / elapsed:.0f} images/s"
+)

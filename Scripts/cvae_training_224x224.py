@@ -32,7 +32,9 @@ BATCH_SIZE = 32  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size
 RECONSTRUCTION_LOSS = "auto"  # "auto" (the architecture's own), "calibrated_gaussian" (a Gaussian whose variance is learnt per image: ours) or "sum_squared_error" (a fixed variance: the original's)
 STRUCTURAL_WEIGHT = 0.0  # weight of a structural-similarity (SSIM) term beside the reconstruction loss (0: none; 1: as much say as the pixel values); the history's reconstruction_loss then includes it
-KL_WARMUP_EPOCHS = 5  # the KL weight rises linearly to 1 over this many epochs (0: no warm-up, as the original)
+KL_WARMUP_EPOCHS = (
+    5  # the KL weight rises linearly to 1 over this many epochs (0: no warm-up, as the original)
+)
 SEED = 123  # seeds the validation split, shuffling, augmentation and initial weights
 VALIDATION_FRACTION = 0.1  # share of the train split held out to choose the best epoch
 CLASS_BALANCED = True  # draw every class equally often, so rare classes are learnt as well as Normal
@@ -55,5 +57,7 @@ facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 parameters = training.train(settings, facts)
 if parameters:
     losses = parameters["final_losses"]["best_epoch"]
-    print(f"done: best epoch {parameters['best_epoch']} of {parameters['epochs_done']}, "
-          f"validation loss {losses.get('val_loss', losses['loss']):.1f}")
+    print(
+        f"done: best epoch {parameters['best_epoch']} of {parameters['epochs_done']}, "
+        f"validation loss {losses.get('val_loss', losses['loss']):.1f}"
+    )

@@ -25,7 +25,9 @@ IMAGE_SIZE = 448  # side of the square images; that size must have been preproce
 ARCHITECTURE = "default"  # "default" (ours) or "original" (the first implementation, ported to Keras 3)
 LATENT_DIM = 256  # length of the latent vector (twice the 224 model's: four times the pixels to describe)
 BASE_CHANNELS = 12  # default architecture: channels at half resolution, doubled at each further halving
-MAX_CHANNELS = 256  # default architecture: cap on the channels of the low-resolution layers (twice the 224 model's)
+MAX_CHANNELS = (
+    256  # default architecture: cap on the channels of the low-resolution layers (twice the 224 model's)
+)
 LATENT_MAP_STRIDE = 16  # default architecture: the latent is a map at 1/stride of the image side (28 x 28 at 448, the same tissue per cell as the 224 model), each cell describing its own patch; 0: one latent vector of LATENT_DIM numbers
 LATENT_MAP_CHANNELS = 8  # default architecture: numbers per cell of the latent map (twice the 224 model: four times the pixels per cell)
 EPOCHS = 40  # passes over the training images
@@ -33,7 +35,9 @@ BATCH_SIZE = 16  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size
 RECONSTRUCTION_LOSS = "auto"  # "auto" (the architecture's own), "calibrated_gaussian" (a Gaussian whose variance is learnt per image: ours) or "sum_squared_error" (a fixed variance: the original's)
 STRUCTURAL_WEIGHT = 0.0  # weight of a structural-similarity (SSIM) term beside the reconstruction loss (0: none; 1: as much say as the pixel values); the history's reconstruction_loss then includes it
-KL_WARMUP_EPOCHS = 5  # the KL weight rises linearly to 1 over this many epochs (0: no warm-up, as the original)
+KL_WARMUP_EPOCHS = (
+    5  # the KL weight rises linearly to 1 over this many epochs (0: no warm-up, as the original)
+)
 SEED = 123  # seeds the validation split, shuffling, augmentation and initial weights
 VALIDATION_FRACTION = 0.1  # share of the train split held out to choose the best epoch
 CLASS_BALANCED = True  # draw every class equally often, so rare classes are learnt as well as Normal
@@ -56,5 +60,7 @@ facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 parameters = training.train(settings, facts)
 if parameters:
     losses = parameters["final_losses"]["best_epoch"]
-    print(f"done: best epoch {parameters['best_epoch']} of {parameters['epochs_done']}, "
-          f"validation loss {losses.get('val_loss', losses['loss']):.1f}")
+    print(
+        f"done: best epoch {parameters['best_epoch']} of {parameters['epochs_done']}, "
+        f"validation loss {losses.get('val_loss', losses['loss']):.1f}"
+    )

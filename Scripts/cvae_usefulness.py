@@ -62,24 +62,32 @@ settings = configure(globals())
 
 fractions = usefulness.parse_fractions(FRACTIONS)
 if fractions is None:
-    raise UserError(f"--fractions must be shares above 0 and at most 1 separated by commas, "
-                    f"not {FRACTIONS!r}")
+    raise UserError(
+        f"--fractions must be shares above 0 and at most 1 separated by commas, not {FRACTIONS!r}"
+    )
 facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 class_names, size_name = facts["class_names"], size_folder_name(IMAGE_SIZE)
 class_count = len(class_names)
 processed = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
 full_generated_dir = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).directory
 if 1.0 in fractions and not GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).all_images():
-    raise UserError(f"no generated images in {full_generated_dir} for the 100% fraction; run python "
-                    f"Scripts/cvae_inference.py --image_size={IMAGE_SIZE} first, or leave 1.0 out of "
-                    f"--fractions")
+    raise UserError(
+        f"no generated images in {full_generated_dir} for the 100% fraction; run python "
+        f"Scripts/cvae_inference.py --image_size={IMAGE_SIZE} first, or leave 1.0 out of "
+        f"--fractions"
+    )
 # The generator of each fraction is trained like the evaluated model, on that fraction only.
 parameters_path = RunLayout(MODELS_DIR, config.LATENT_TENSORS_DIR, IMAGE_SIZE).parameters
-model_settings = (json.loads(parameters_path.read_text(encoding="utf-8"))["settings"]
-                  if parameters_path.is_file() else {})
-work_root = (MODELS_DIR / "usefulness" / f"{size_name}_{model_settings.get('ARCHITECTURE', 'default')}_"
-             f"{GENERATOR_EPOCHS}full_epochs_{facts['fingerprint'][:12]}")
-output_path = Path(OUTPUT_JSON) if OUTPUT_JSON else GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).usefulness_report
+model_settings = (
+    json.loads(parameters_path.read_text(encoding="utf-8"))["settings"] if parameters_path.is_file() else {}
+)
+work_root = (
+    MODELS_DIR / "usefulness" / f"{size_name}_{model_settings.get('ARCHITECTURE', 'default')}_"
+    f"{GENERATOR_EPOCHS}full_epochs_{facts['fingerprint'][:12]}"
+)
+output_path = (
+    Path(OUTPUT_JSON) if OUTPUT_JSON else GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).usefulness_report
+)
 scripts_dir = Path(__file__).resolve().parent
 training_script = f"cvae_training_{size_name}"
 if not (scripts_dir / f"{training_script}.py").exists():
@@ -89,8 +97,10 @@ if not (scripts_dir / f"{training_script}.py").exists():
 def run_script(name, arguments):
     """Run a pipeline script as a user would; its output streams to ours."""
     sys.stdout.flush()
-    finished = subprocess.run([sys.executable, str(scripts_dir / f"{name}.py"), *arguments],
-                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    finished = subprocess.run(
+        [sys.executable, str(scripts_dir / f"{name}.py"), *arguments],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
     if finished.returncode != 0:
         raise RuntimeError(f"{name}.py {' '.join(arguments)} failed with exit code {finished.returncode}")
 
@@ -115,8 +125,8 @@ def copy_subset(work_dir, subset, fingerprint):
 def generator_for_fraction(work_dir, subset, seed, fraction):
     """Train a CVAE on one fraction of the train split and generate from it; reuse an earlier one."""
     training_arguments, epochs, warmup = usefulness.generator_training_arguments(
-        model_settings, image_size=IMAGE_SIZE, fraction=fraction, full_data_epochs=GENERATOR_EPOCHS,
-        seed=seed)
+        model_settings, image_size=IMAGE_SIZE, fraction=fraction, full_data_epochs=GENERATOR_EPOCHS, seed=seed
+    )
     # Reused only if trained with exactly these settings (a retrained evaluated model may differ).
     done_path = work_dir / "done.json"
     done = json.loads(done_path.read_text(encoding="utf-8")) if done_path.is_file() else {}
@@ -138,8 +148,11 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
         write_json_atomic(started_path, started)
     if (work_dir / "generated").exists():
         shutil.rmtree(work_dir / "generated")
-    folders = [f"--processed_images_dir={fraction_processed}", f"--models_dir={work_dir / 'models'}",
-               f"--latent_tensors_dir={work_dir / 'latents'}"]
+    folders = [
+        f"--processed_images_dir={fraction_processed}",
+        f"--models_dir={work_dir / 'models'}",
+        f"--latent_tensors_dir={work_dir / 'latents'}",
+    ]
     if not RunLayout(work_dir / "models", work_dir / "latents", IMAGE_SIZE).parameters.is_file():
         try:
             run_script(training_script, [*training_arguments, *folders])
@@ -148,11 +161,27 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
             # meeting the same refusal or the same checkpoint again. A kill is not a RuntimeError.
             started_path.unlink()
             raise
-    run_script("cvae_inference", [f"--image_size={IMAGE_SIZE}", f"--images_per_class={SYNTHETIC_PER_CLASS}",
-                                  "--restore_aspect=False", "--figures=False", f"--seed={seed}", *folders,
-                                  f"--generated_images_dir={work_dir / 'generated'}"])
-    write_json_atomic(done_path, {"training_images": int(len(subset)), "epochs": epochs,
-                                  "kl_warmup_epochs": warmup, "training_arguments": training_arguments})
+    run_script(
+        "cvae_inference",
+        [
+            f"--image_size={IMAGE_SIZE}",
+            f"--images_per_class={SYNTHETIC_PER_CLASS}",
+            "--restore_aspect=False",
+            "--figures=False",
+            f"--seed={seed}",
+            *folders,
+            f"--generated_images_dir={work_dir / 'generated'}",
+        ],
+    )
+    write_json_atomic(
+        done_path,
+        {
+            "training_images": int(len(subset)),
+            "epochs": epochs,
+            "kl_warmup_epochs": warmup,
+            "training_arguments": training_arguments,
+        },
+    )
     return work_dir / "generated" / size_name
 
 
@@ -171,12 +200,18 @@ def score_run(fraction, seed, subset, generated_dir):
     real_images, real_labels = train_images[subset], train_labels[subset]
     training_sets = {
         "real_only": (real_images, real_labels),
-        "real_plus_synthetic": (np.concatenate([real_images, synthetic_images]),
-                                np.concatenate([real_labels, synthetic_labels])),
+        "real_plus_synthetic": (
+            np.concatenate([real_images, synthetic_images]),
+            np.concatenate([real_labels, synthetic_labels]),
+        ),
         "synthetic_only": (synthetic_images, synthetic_labels),
     }
-    run = {"seed": seed, "real_images": int(len(subset)), "synthetic_images": int(len(synthetic_labels)),
-           "classifier_repeats": CLASSIFIER_REPEATS}
+    run = {
+        "seed": seed,
+        "real_images": int(len(subset)),
+        "synthetic_images": int(len(synthetic_labels)),
+        "classifier_repeats": CLASSIFIER_REPEATS,
+    }
     largest = max(len(labels) for _, labels in training_sets.values())
     for name, (images, labels) in training_sets.items():
         epochs = max(1, int(round(CLASSIFIER_EPOCHS * largest / len(labels))))
@@ -186,10 +221,13 @@ def score_run(fraction, seed, subset, generated_dir):
             classifier = train_classifier(images, labels, class_count, epochs, seed + 1000 * repeat)
             repeats.append(usefulness.scores(classifier, test_images, test_labels, class_count))
         run[name] = usefulness.combine_repeats(repeats)
-    print(f"usefulness at {fraction:.0%} of the real data, seed {seed}: macro-F1 real only "
-          f"{run['real_only']['macro_f1']:.3f}, "
-          f"real + synthetic {run['real_plus_synthetic']['macro_f1']:.3f}, "
-          f"synthetic only {run['synthetic_only']['macro_f1']:.3f}", flush=True)
+    print(
+        f"usefulness at {fraction:.0%} of the real data, seed {seed}: macro-F1 real only "
+        f"{run['real_only']['macro_f1']:.3f}, "
+        f"real + synthetic {run['real_plus_synthetic']['macro_f1']:.3f}, "
+        f"synthetic only {run['synthetic_only']['macro_f1']:.3f}",
+        flush=True,
+    )
     return run
 
 
@@ -203,14 +241,22 @@ def usefulness_run(fraction, seed):
     # A fraction's scores are kept beside its generator (which clears them when it is trained
     # again): finishing an interrupted experiment then costs only what is left.
     scores_path = work_dir / "scores.json"
-    scores_key = {"classifier_size": CLASSIFIER_SIZE, "classifier_epochs": CLASSIFIER_EPOCHS,
-                  "classifier_repeats": CLASSIFIER_REPEATS, "synthetic_per_class": SYNTHETIC_PER_CLASS,
-                  "real_images": int(len(subset)), "test_images": int(len(test_labels))}
+    scores_key = {
+        "classifier_size": CLASSIFIER_SIZE,
+        "classifier_epochs": CLASSIFIER_EPOCHS,
+        "classifier_repeats": CLASSIFIER_REPEATS,
+        "synthetic_per_class": SYNTHETIC_PER_CLASS,
+        "real_images": int(len(subset)),
+        "test_images": int(len(test_labels)),
+    }
     if scores_path.is_file():
         kept = json.loads(scores_path.read_text(encoding="utf-8"))
         if kept.get("key") == scores_key:
-            print(f"usefulness at {fraction:.0%} of the real data, seed {seed}: scores reused from "
-                  f"{scores_path}", flush=True)
+            print(
+                f"usefulness at {fraction:.0%} of the real data, seed {seed}: scores reused from "
+                f"{scores_path}",
+                flush=True,
+            )
             return kept["run"]
     run = score_run(fraction, seed, subset, generated_dir)
     write_json_atomic(scores_path, {"key": scores_key, "run": run})
@@ -230,12 +276,20 @@ for fraction in fractions:
         runs.append(usefulness_run(fraction, seed))
     results[str(fraction)] = usefulness.summarise_fraction(runs, class_names, CLASSIFIER_REPEATS)
 
-write_json_atomic(output_path, {"usefulness": results, "settings": config.jsonable(settings),
-                                "work_dir": str(work_root),
-                                "seconds": round(time.perf_counter() - started, 1)})
+write_json_atomic(
+    output_path,
+    {
+        "usefulness": results,
+        "settings": config.jsonable(settings),
+        "work_dir": str(work_root),
+        "seconds": round(time.perf_counter() - started, 1),
+    },
+)
 for fraction, result in results.items():
-    print(f"usefulness at {float(fraction):.0%} of the real data: macro-F1 real only "
-          f"{result['real_only_f1']:.3f} +- {result['real_only_f1_std']:.3f}, "
-          f"real + synthetic {result['real_plus_synthetic_f1']:.3f} "
-          f"+- {result['real_plus_synthetic_f1_std']:.3f}, synthetic only {result['synthetic_only_f1']:.3f}")
+    print(
+        f"usefulness at {float(fraction):.0%} of the real data: macro-F1 real only "
+        f"{result['real_only_f1']:.3f} +- {result['real_only_f1_std']:.3f}, "
+        f"real + synthetic {result['real_plus_synthetic_f1']:.3f} "
+        f"+- {result['real_plus_synthetic_f1_std']:.3f}, synthetic only {result['synthetic_only_f1']:.3f}"
+    )
 print(f"usefulness results: {output_path}")

@@ -44,7 +44,10 @@ GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # synthetic images and figur
 settings = configure(globals())
 SCRIPTS_DIR = Path(__file__).resolve().parent
 size_name = size_folder_name(IMAGE_SIZE)
-processed, run = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE), RunLayout(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
+processed, run = (
+    ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE),
+    RunLayout(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE),
+)
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
 processed_dir, model_dir, generated_dir = processed.directory, run.directory, generated.directory
 
@@ -55,8 +58,10 @@ def run_stage(title, script_name, *arguments):
     started = time.perf_counter()
     finished = subprocess.run([sys.executable, str(SCRIPTS_DIR / f"{script_name}.py"), *arguments])
     if finished.returncode != 0:
-        sys.exit(f"error: the demo stopped because {script_name}.py failed (exit code {finished.returncode}); "
-                 f"its message is above")
+        sys.exit(
+            f"error: the demo stopped because {script_name}.py failed (exit code {finished.returncode}); "
+            f"its message is above"
+        )
     print(f"== {title}: done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -65,7 +70,9 @@ def reuse(title, path):
 
 
 def holds_images(folder):
-    return folder.is_dir() and any(path.is_file() and not path.name.startswith(".") for path in folder.rglob("*"))
+    return folder.is_dir() and any(
+        path.is_file() and not path.name.startswith(".") for path in folder.rglob("*")
+    )
 
 
 demo_started = time.perf_counter()
@@ -75,16 +82,26 @@ data_folders = [f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--models_dir
 if holds_images(RAW_IMAGES_DIR):
     print(f"== data: using the images already in {RAW_IMAGES_DIR}")
 else:
-    run_stage("phantom data", "make_phantom_dataset", f"--raw_images_dir={RAW_IMAGES_DIR}",
-              f"--num_images={PHANTOM_IMAGES}")
+    run_stage(
+        "phantom data",
+        "make_phantom_dataset",
+        f"--raw_images_dir={RAW_IMAGES_DIR}",
+        f"--num_images={PHANTOM_IMAGES}",
+    )
 
 # 2. Preprocessing (fast; re-run whenever the raw folder is newer than its output).
 facts_path = processed.facts
 raw_changed = not facts_path.is_file() or any(
-    path.stat().st_mtime > facts_path.stat().st_mtime for path in RAW_IMAGES_DIR.rglob("*"))
+    path.stat().st_mtime > facts_path.stat().st_mtime for path in RAW_IMAGES_DIR.rglob("*")
+)
 if raw_changed:
-    run_stage("preprocessing", "cvae_pre_processing", f"--raw_images_dir={RAW_IMAGES_DIR}",
-              f"--processed_images_dir={PROCESSED_IMAGES_DIR}", f"--image_size={IMAGE_SIZE}")
+    run_stage(
+        "preprocessing",
+        "cvae_pre_processing",
+        f"--raw_images_dir={RAW_IMAGES_DIR}",
+        f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+        f"--image_size={IMAGE_SIZE}",
+    )
 else:
     reuse("preprocessing", processed_dir)
 
@@ -92,44 +109,68 @@ else:
 if run.parameters.is_file():
     reuse("training", model_dir)
 else:
-    run_stage("training", "cvae_training_224x224", f"--image_size={IMAGE_SIZE}", f"--epochs={EPOCHS}",
-              f"--latent_tensors_dir={LATENT_TENSORS_DIR}", *data_folders)
+    run_stage(
+        "training",
+        "cvae_training_224x224",
+        f"--image_size={IMAGE_SIZE}",
+        f"--epochs={EPOCHS}",
+        f"--latent_tensors_dir={LATENT_TENSORS_DIR}",
+        *data_folders,
+    )
 
 # 4. Generation for every class, with the comparison figures.
 if generated.all_images():
     reuse("generation", generated_dir)
 else:
-    run_stage("generation", "cvae_inference", f"--image_size={IMAGE_SIZE}", f"--images_per_class={IMAGES_PER_CLASS}",
-              f"--latent_tensors_dir={LATENT_TENSORS_DIR}", f"--generated_images_dir={GENERATED_IMAGES_DIR}",
-              *data_folders)
+    run_stage(
+        "generation",
+        "cvae_inference",
+        f"--image_size={IMAGE_SIZE}",
+        f"--images_per_class={IMAGES_PER_CLASS}",
+        f"--latent_tensors_dir={LATENT_TENSORS_DIR}",
+        f"--generated_images_dir={GENERATED_IMAGES_DIR}",
+        *data_folders,
+    )
 
 # 5. A quick evaluation: the judge's accuracy, class fidelity and KID.
 report_path = generated.evaluation_report_json
 if report_path.is_file():
     reuse("evaluation", report_path)
 else:
-    run_stage("evaluation", "cvae_evaluate", f"--image_size={IMAGE_SIZE}",
-              f"--images_per_class={EVALUATION_IMAGES_PER_CLASS}", f"--classifier_size={CLASSIFIER_SIZE}",
-              f"--classifier_epochs={CLASSIFIER_EPOCHS}",
-              f"--generated_images_dir={GENERATED_IMAGES_DIR}", *data_folders)
+    run_stage(
+        "evaluation",
+        "cvae_evaluate",
+        f"--image_size={IMAGE_SIZE}",
+        f"--images_per_class={EVALUATION_IMAGES_PER_CLASS}",
+        f"--classifier_size={CLASSIFIER_SIZE}",
+        f"--classifier_epochs={CLASSIFIER_EPOCHS}",
+        f"--generated_images_dir={GENERATED_IMAGES_DIR}",
+        *data_folders,
+    )
 
 report = json.loads(report_path.read_text(encoding="utf-8"))
 parameters = json.loads(run.parameters.read_text(encoding="utf-8"))
 print(f"\nDemo finished in {time.perf_counter() - demo_started:.0f} s.")
-print(f"Trained {parameters['epochs_done']} epochs ({parameters['architecture']} architecture, "
-      f"{parameters['training_images']} training images at {size_name}).")
-print(f"Judge accuracy on real test images {report['real_accuracy']:.1%}; class fidelity of generated images "
-      f"{report['class_fidelity']:.1%}; KID {report['kid']:.4f} (real-vs-real floor {report['kid_floor']:.4f}).")
+print(
+    f"Trained {parameters['epochs_done']} epochs ({parameters['architecture']} architecture, "
+    f"{parameters['training_images']} training images at {size_name})."
+)
+print(
+    f"Judge accuracy on real test images {report['real_accuracy']:.1%}; class fidelity of generated images "
+    f"{report['class_fidelity']:.1%}; KID {report['kid']:.4f} (real-vs-real floor {report['kid_floor']:.4f})."
+)
 print("This is a demo-scale model: see the README for the quality of a full run.\n\nWhere everything is:")
-for label, path in (("raw images", RAW_IMAGES_DIR),
-                    ("processed images + manifest", processed.manifest),
-                    ("trained encoder/decoder", run.decoder),
-                    ("training history / loss plot", run.loss_plot),
-                    ("training samples per epoch", model_dir),
-                    ("latent tensors", run.latent_directory),
-                    ("generated images", generated_dir),
-                    ("real vs generated figure", generated_dir / "image_comparison.png"),
-                    ("latent map", generated_dir / "latent_space.png"),
-                    ("class interpolation", generated_dir / "class_interpolation.png"),
-                    ("evaluation report", generated.evaluation_report_markdown)):
+for label, path in (
+    ("raw images", RAW_IMAGES_DIR),
+    ("processed images + manifest", processed.manifest),
+    ("trained encoder/decoder", run.decoder),
+    ("training history / loss plot", run.loss_plot),
+    ("training samples per epoch", model_dir),
+    ("latent tensors", run.latent_directory),
+    ("generated images", generated_dir),
+    ("real vs generated figure", generated_dir / "image_comparison.png"),
+    ("latent map", generated_dir / "latent_space.png"),
+    ("class interpolation", generated_dir / "class_interpolation.png"),
+    ("evaluation report", generated.evaluation_report_markdown),
+):
     print(f"  {label:<30} {path}{'' if path.exists() else '  (missing!)'}")

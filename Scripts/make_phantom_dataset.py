@@ -39,7 +39,9 @@ NUM_IMAGES = 5210  # phantoms to write, split over the classes in realistic prop
 SEED = 1  # the same seed and settings give byte-identical images
 CLASS_SCHEME = "five"  # "five": Normal, Disarranged, ODA, IDA, CP; "ten": the finer ten-class scheme
 WORKERS = 0  # processes rendering in parallel; 0 uses every core
-RAW_IMAGES_DIR = config.RAW_IMAGES_DIR  # where the class folders go: must hold no images, or only our phantoms
+RAW_IMAGES_DIR = (
+    config.RAW_IMAGES_DIR
+)  # where the class folders go: must hold no images, or only our phantoms
 OVERWRITE_PHANTOMS = False  # replace the phantoms this script wrote there earlier (never any other file)
 PREVIEW_PNG = ""  # if set, also save a grid of examples per class, real crops beside, to this path
 REAL_SAMPLES_DIR = config.REPOSITORY_ROOT.parent / "shared" / "real-tem-samples"  # real crops for the preview
@@ -80,7 +82,9 @@ def is_hidden(relative_path):
 
 
 # 1. Make sure nothing but our own earlier phantoms can be touched.
-existing = sorted(path for path in RAW_IMAGES_DIR.rglob("*") if path.is_file()) if RAW_IMAGES_DIR.is_dir() else []
+existing = (
+    sorted(path for path in RAW_IMAGES_DIR.rglob("*") if path.is_file()) if RAW_IMAGES_DIR.is_dir() else []
+)
 visible = [path for path in existing if not is_hidden(path.relative_to(RAW_IMAGES_DIR))]
 if visible or marker_path.exists():
     if not OVERWRITE_PHANTOMS:
@@ -100,12 +104,16 @@ if visible or marker_path.exists():
         relative = path.relative_to(RAW_IMAGES_DIR)
         key = relative.as_posix()
         # Leftovers of a killed run: a temporary file beside one of the phantoms it was writing.
-        leftover = path.name.startswith(".") and ".partial" in path.name and relative.parent.as_posix() in {
-            Path(name).parent.as_posix() for name in earlier_files
-        }
+        leftover = (
+            path.name.startswith(".")
+            and ".partial" in path.name
+            and relative.parent.as_posix() in {Path(name).parent.as_posix() for name in earlier_files}
+        )
         if path == marker_path or leftover:
             ours.append(path)
-        elif key in earlier_files and (earlier_files[key] is None or earlier_files[key] == sha256_of_file(path)):
+        elif key in earlier_files and (
+            earlier_files[key] is None or earlier_files[key] == sha256_of_file(path)
+        ):
             ours.append(path)
         elif not is_hidden(relative):
             raise UserError(
@@ -128,7 +136,9 @@ write_json_atomic(marker_path, marker_content(planned, complete=False))
 # 3. Render in parallel. Each image has its own random generator, seeded by (seed, class,
 # number), so the files do not depend on the number of workers or the order they finish.
 worker_count = WORKERS or os.cpu_count() or 1
-print(f"writing {NUM_IMAGES} phantoms ({CLASS_SCHEME} classes) to {RAW_IMAGES_DIR} with {worker_count} worker(s)")
+print(
+    f"writing {NUM_IMAGES} phantoms ({CLASS_SCHEME} classes) to {RAW_IMAGES_DIR} with {worker_count} worker(s)"
+)
 started = time.perf_counter()
 results = []
 with tqdm(total=len(tasks), unit="image", smoothing=0.05) as progress:
@@ -138,13 +148,17 @@ with tqdm(total=len(tasks), unit="image", smoothing=0.05) as progress:
             progress.update()
     else:
         # "fork" starts workers without re-running this script (spawn would run it again).
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        context = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        )
         with ProcessPoolExecutor(max_workers=worker_count, mp_context=context) as executor:
             for result in executor.map(phantoms.write_phantom, tasks, chunksize=4):
                 results.append(result)
                 progress.update()
 elapsed = time.perf_counter() - started
-write_json_atomic(marker_path, marker_content({path: digest for path, digest, _, _ in results}, complete=True))
+write_json_atomic(
+    marker_path, marker_content({path: digest for path, digest, _, _ in results}, complete=True)
+)
 
 # 4. What was written.
 widths = [width for _, _, width, _ in results]
@@ -154,7 +168,9 @@ for class_name in class_names:
     print(f"{class_name:<20}{counts[class_name]:>8}{counts[class_name] / NUM_IMAGES:>8.1%}")
 mean_width, mean_height = sum(widths) / len(widths), sum(heights) / len(heights)
 print(f"crop size: mean {mean_width:.0f} x {mean_height:.0f} px (real crops: 524.6 x 508.5)")
-print(f"{len(results)} phantoms in {RAW_IMAGES_DIR} in {elapsed:.1f} s ({len(results) / elapsed:.0f} images/s)")
+print(
+    f"{len(results)} phantoms in {RAW_IMAGES_DIR} in {elapsed:.1f} s ({len(results) / elapsed:.0f} images/s)"
+)
 
 # 5. Optional preview: a few phantoms per class, real crops beside, to judge them by eye.
 if PREVIEW_PNG:
@@ -165,8 +181,21 @@ if PREVIEW_PNG:
     from PIL import Image
 
     columns = 4
-    real_paths = sorted(REAL_SAMPLES_DIR.glob("*.jpg")) + sorted(REAL_SAMPLES_DIR.glob("*.png")) if REAL_SAMPLES_DIR.is_dir() else []
-    rows = [(name, [RAW_IMAGES_DIR / phantoms.phantom_relative_path(name, n) for n in range(1, min(columns, counts[name]) + 1)]) for name in class_names]
+    real_paths = (
+        sorted(REAL_SAMPLES_DIR.glob("*.jpg")) + sorted(REAL_SAMPLES_DIR.glob("*.png"))
+        if REAL_SAMPLES_DIR.is_dir()
+        else []
+    )
+    rows = [
+        (
+            name,
+            [
+                RAW_IMAGES_DIR / phantoms.phantom_relative_path(name, n)
+                for n in range(1, min(columns, counts[name]) + 1)
+            ],
+        )
+        for name in class_names
+    ]
     if real_paths:
         rows.append(("real (Normal)", real_paths[:columns]))
     figure, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.4 * len(rows)), squeeze=False)

@@ -40,11 +40,23 @@ def tiny_trained_model(tmp_path_factory):
     folders = {name: root / name for name in ("raw", "processed", "models", "latents", "generated")}
     steps = [
         ("make_phantom_dataset", f"--raw_images_dir={folders['raw']}", "--num_images=100", "--seed=5"),
-        ("cvae_pre_processing", f"--raw_images_dir={folders['raw']}", f"--processed_images_dir={folders['processed']}",
-         "--image_size=32"),
-        ("cvae_training_224x224", "--image_size=32", "--epochs=1", "--latent_dim=16", "--base_channels=8",
-         "--max_channels=32", f"--processed_images_dir={folders['processed']}", f"--models_dir={folders['models']}",
-         f"--latent_tensors_dir={folders['latents']}"),
+        (
+            "cvae_pre_processing",
+            f"--raw_images_dir={folders['raw']}",
+            f"--processed_images_dir={folders['processed']}",
+            "--image_size=32",
+        ),
+        (
+            "cvae_training_224x224",
+            "--image_size=32",
+            "--epochs=1",
+            "--latent_dim=16",
+            "--base_channels=8",
+            "--max_channels=32",
+            f"--processed_images_dir={folders['processed']}",
+            f"--models_dir={folders['models']}",
+            f"--latent_tensors_dir={folders['latents']}",
+        ),
     ]
     for name, *arguments in steps:
         finished = run_script(name, *arguments)

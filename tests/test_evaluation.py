@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPOSITORY_ROOT, SCRIPTS_DIR, run_script
 from cilia_cvae import metrics
+from conftest import REPOSITORY_ROOT, SCRIPTS_DIR, run_script
 
 HELPERS_DIR = REPOSITORY_ROOT / "tests" / "helpers"
 
@@ -45,7 +45,9 @@ def test_a_feature_dead_on_real_images_counts_but_cannot_explode_kid_or_fid():
     centre, scale = metrics.feature_standardiser(real)
     assert scale[0] > 0.05 and np.allclose(scale[1:], real[:, 1:].std(axis=0))
     kid_real, _ = metrics.kernel_inception_distance((test - centre) / scale, (real - centre) / scale)
-    kid_generated, _ = metrics.kernel_inception_distance((generated - centre) / scale, (real - centre) / scale)
+    kid_generated, _ = metrics.kernel_inception_distance(
+        (generated - centre) / scale, (real - centre) / scale
+    )
     fid_generated = metrics.frechet_distance((generated - centre) / scale, (real - centre) / scale)
     assert abs(kid_real) < 0.05 < kid_generated and np.isfinite(kid_generated)
     # Ten median spreads in one feature: a large but bounded distance (the bare spread made it astronomically large).
@@ -56,7 +58,7 @@ def test_fid_orders_distributions(two_clouds):
     real, same, shifted = two_clouds
     assert metrics.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
     assert metrics.frechet_distance(real, same) < 1.0 < metrics.frechet_distance(real, shifted)
-    assert metrics.frechet_distance(real, shifted) == pytest.approx(16 * 1.5 ** 2, rel=0.15)
+    assert metrics.frechet_distance(real, shifted) == pytest.approx(16 * 1.5**2, rel=0.15)
 
 
 def test_precision_recall_and_coverage(two_clouds):
@@ -119,18 +121,37 @@ def test_evaluation_script_scores_real_images_as_generated_ones_highly(tmp_path)
             (size_dir / split / name).mkdir(parents=True)
             for index in range(count):
                 seed += 1
-                Image.fromarray(_class_image(label, seed)).save(size_dir / split / name / f"{name}_{index}.png")
-    (size_dir / "preprocessing.json").write_text(json.dumps(
-        {"image_size": 32, "resize_mode": "squash", "class_names": class_names, "fingerprint": "abc123", "counts": {}}))
+                Image.fromarray(_class_image(label, seed)).save(
+                    size_dir / split / name / f"{name}_{index}.png"
+                )
+    (size_dir / "preprocessing.json").write_text(
+        json.dumps(
+            {
+                "image_size": 32,
+                "resize_mode": "squash",
+                "class_names": class_names,
+                "fingerprint": "abc123",
+                "counts": {},
+            }
+        )
+    )
     generated = tmp_path / "generated"
     for label, name in enumerate(class_names):
         (generated / "32x32" / name).mkdir(parents=True)
         for index in range(20):
             seed += 1
-            Image.fromarray(_class_image(label, seed)).save(generated / "32x32" / name / f"Synthetic_{name}_{index:05d}.png")
-    arguments = (f"--processed_images_dir={processed}", f"--generated_images_dir={generated}",
-                 f"--models_dir={tmp_path / 'models'}", "--image_size=32", "--classifier_size=32",
-                 "--classifier_epochs=12", "--seed=1")
+            Image.fromarray(_class_image(label, seed)).save(
+                generated / "32x32" / name / f"Synthetic_{name}_{index:05d}.png"
+            )
+    arguments = (
+        f"--processed_images_dir={processed}",
+        f"--generated_images_dir={generated}",
+        f"--models_dir={tmp_path / 'models'}",
+        "--image_size=32",
+        "--classifier_size=32",
+        "--classifier_epochs=12",
+        "--seed=1",
+    )
     finished = run_script("cvae_evaluate", *arguments)
     assert finished.returncode == 0, finished.stderr
     report = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
@@ -161,7 +182,9 @@ def test_evaluation_script_scores_real_images_as_generated_ones_highly(tmp_path)
         (generated / "64x64" / name).mkdir(parents=True)
         for index in range(20):
             seed += 1
-            Image.fromarray(_class_image(label, seed)).save(generated / "64x64" / name / f"Synthetic_{name}_{index:05d}.png")
+            Image.fromarray(_class_image(label, seed)).save(
+                generated / "64x64" / name / f"Synthetic_{name}_{index:05d}.png"
+            )
     finished = run_script("cvae_evaluate", *arguments, "--generated_size=64")
     assert finished.returncode == 0, finished.stderr
     report = json.loads((generated / "64x64" / "evaluation_report.json").read_text())
@@ -172,8 +195,12 @@ def test_missing_generated_images_is_a_clear_error(tmp_path):
     size_dir = tmp_path / "processed" / "32x32"
     size_dir.mkdir(parents=True)
     (size_dir / "preprocessing.json").write_text(json.dumps({"class_names": ["A", "B"], "fingerprint": "x"}))
-    finished = run_script("cvae_evaluate", f"--processed_images_dir={tmp_path / 'processed'}",
-                          f"--generated_images_dir={tmp_path / 'generated'}", "--image_size=32")
+    finished = run_script(
+        "cvae_evaluate",
+        f"--processed_images_dir={tmp_path / 'processed'}",
+        f"--generated_images_dir={tmp_path / 'generated'}",
+        "--image_size=32",
+    )
     assert finished.returncode == 2 and "cvae_inference.py" in finished.stderr
 
 
@@ -205,8 +232,16 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
                 path = processed / split / class_name / f"{class_name}_{index}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("L", (32, 32), 60 + 120 * label).save(path)
-    (processed / "preprocessing.json").write_text(json.dumps(
-        {"image_size": 32, "class_names": class_names, "fingerprint": "0123456789abcdef0123", "counts": {}}))
+    (processed / "preprocessing.json").write_text(
+        json.dumps(
+            {
+                "image_size": 32,
+                "class_names": class_names,
+                "fingerprint": "0123456789abcdef0123",
+                "counts": {},
+            }
+        )
+    )
     (tmp_path / "processed" / "raw_image_statistics.csv").write_text("image,width,height\n")
     models, calls_path = tmp_path / "models", tmp_path / "calls.jsonl"
     work_dir = models / "usefulness" / "32x32_default_2full_epochs_0123456789ab" / "fraction_0.5_seed_0"
@@ -219,15 +254,33 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
         parameters = {"settings": model_settings or default_settings}
         (models / "32x32" / "cvae_parameters.json").write_text(json.dumps(parameters))
         return subprocess.run(
-            [sys.executable, str(scripts / "cvae_usefulness.py"), "--image_size=32", "--fractions=0.5",
-             "--seeds=1", "--classifier_size=32", "--classifier_epochs=1", "--classifier_repeats=1",
-             "--generator_epochs=2", "--synthetic_per_class=4",
-             f"--processed_images_dir={tmp_path / 'processed'}",
-             f"--generated_images_dir={tmp_path / 'generated'}", f"--models_dir={models}",
-             f"--output_json={tmp_path / 'usefulness.json'}"],
-            capture_output=True, text=True, timeout=300,
-            env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2",
-                     STAND_IN_TRAINING=training, STAND_IN_CALLS=str(calls_path)))
+            [
+                sys.executable,
+                str(scripts / "cvae_usefulness.py"),
+                "--image_size=32",
+                "--fractions=0.5",
+                "--seeds=1",
+                "--classifier_size=32",
+                "--classifier_epochs=1",
+                "--classifier_repeats=1",
+                "--generator_epochs=2",
+                "--synthetic_per_class=4",
+                f"--processed_images_dir={tmp_path / 'processed'}",
+                f"--generated_images_dir={tmp_path / 'generated'}",
+                f"--models_dir={models}",
+                f"--output_json={tmp_path / 'usefulness.json'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(
+                os.environ,
+                PYTHONPATH=str(SCRIPTS_DIR),
+                TF_CPP_MIN_LOG_LEVEL="2",
+                STAND_IN_TRAINING=training,
+                STAND_IN_CALLS=str(calls_path),
+            ),
+        )
 
     def calls():
         lines = calls_path.read_text().splitlines() if calls_path.is_file() else []
@@ -238,11 +291,15 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
     finished = run_usefulness("finish")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert calls()[1]["checkpoint"] == "epochs 1-3", "the killed run's checkpoint was kept for it to resume"
-    assert [call["script"] for call in calls()] == \
-        ["cvae_training_224x224", "cvae_training_224x224", "cvae_inference"]
+    assert [call["script"] for call in calls()] == [
+        "cvae_training_224x224",
+        "cvae_training_224x224",
+        "cvae_inference",
+    ]
     subset = stratified_subset(np.repeat([0, 1], 4), 0.5, 0)
-    assert sorted(path.name for path in (work_dir / "processed" / "32x32" / "train" / "ODA").iterdir()) == \
-        sorted(f"ODA_{index - 4}.png" for index in subset if index >= 4)
+    assert sorted(
+        path.name for path in (work_dir / "processed" / "32x32" / "train" / "ODA").iterdir()
+    ) == sorted(f"ODA_{index - 4}.png" for index in subset if index >= 4)
     results = json.loads((tmp_path / "usefulness.json").read_text())
     assert results["usefulness"]["0.5"]["runs"][0]["synthetic_images"] == 8, "the fraction's generated images"
     # Finished: reused without training or generating again; spelling out the default loss changes nothing.
@@ -257,8 +314,9 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
     checkpoint.write_text("a run with the old settings")
     killed = run_usefulness("kill", {**default_settings, "RECONSTRUCTION_LOSS": "sum_squared_error"})
     assert killed.returncode == 130, killed.stderr[-3000:]
-    assert [call["checkpoint"] for call in calls() if call["behaviour"] == "kill"] == [None, None], \
+    assert [call["checkpoint"] for call in calls() if call["behaviour"] == "kill"] == [None, None], (
         "the run with other settings was cleared before training"
+    )
     assert not (work_dir / "models" / "32x32" / "cvae_parameters.json").exists()
     # A run the training script refuses (exit code 2) is not resumed by the next attempt.
     refused = run_usefulness("refuse")
@@ -267,26 +325,51 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
 
 
 def test_usefulness_fractions_outside_zero_to_one_are_refused_in_one_line(tmp_path):
-    finished = run_script("cvae_evaluate", "--usefulness=True", "--usefulness_fractions=0,0.5",
-                          f"--processed_images_dir={tmp_path}", f"--generated_images_dir={tmp_path}")
+    finished = run_script(
+        "cvae_evaluate",
+        "--usefulness=True",
+        "--usefulness_fractions=0,0.5",
+        f"--processed_images_dir={tmp_path}",
+        f"--generated_images_dir={tmp_path}",
+    )
     assert finished.returncode == 2 and "Traceback" not in finished.stderr
-    assert "--usefulness_fractions must be shares above 0 and at most 1" in finished.stderr.strip().splitlines()[-1]
+    assert (
+        "--usefulness_fractions must be shares above 0 and at most 1"
+        in finished.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tiny_trained_model, tmp_path):
     folders = tiny_trained_model
     generated = tmp_path / "generated"
-    finished = run_script("cvae_inference", "--image_size=32", "--images_per_class=12", "--figures=False",
-                          f"--processed_images_dir={folders['processed']}", f"--models_dir={folders['models']}",
-                          f"--latent_tensors_dir={folders['latents']}", f"--generated_images_dir={generated}")
+    finished = run_script(
+        "cvae_inference",
+        "--image_size=32",
+        "--images_per_class=12",
+        "--figures=False",
+        f"--processed_images_dir={folders['processed']}",
+        f"--models_dir={folders['models']}",
+        f"--latent_tensors_dir={folders['latents']}",
+        f"--generated_images_dir={generated}",
+    )
     assert finished.returncode == 0, finished.stderr
     models = tmp_path / "models"
     shutil.copytree(folders["models"], models)
-    evaluation = ["cvae_evaluate", "--image_size=32", "--quick=True", "--usefulness=True", "--usefulness_seeds=1",
-                  "--usefulness_classifier_size=32", "--usefulness_classifier_epochs=1", "--usefulness_classifier_repeats=2",
-                  "--usefulness_generator_epochs=4", "--synthetic_per_class=12",
-                  f"--processed_images_dir={folders['processed']}", f"--generated_images_dir={generated}",
-                  f"--models_dir={models}"]
+    evaluation = [
+        "cvae_evaluate",
+        "--image_size=32",
+        "--quick=True",
+        "--usefulness=True",
+        "--usefulness_seeds=1",
+        "--usefulness_classifier_size=32",
+        "--usefulness_classifier_epochs=1",
+        "--usefulness_classifier_repeats=2",
+        "--usefulness_generator_epochs=4",
+        "--synthetic_per_class=12",
+        f"--processed_images_dir={folders['processed']}",
+        f"--generated_images_dir={generated}",
+        f"--models_dir={models}",
+    ]
     finished = run_script(*evaluation, "--usefulness_fractions=0.8,1.0")
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads((generated / "32x32" / "evaluation_report.json").read_text())
@@ -298,13 +381,19 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
         # Two classifiers per run, differing only in initialisation; the run scores their mean.
         for variant in ("real_only", "real_plus_synthetic", "synthetic_only"):
             per_repeat = result["runs"][0][variant]["macro_f1_per_repeat"]
-            assert len(per_repeat) == 2 and result["runs"][0][variant]["macro_f1"] == pytest.approx(np.mean(per_repeat))
-        assert np.mean(result["gain_per_seed"]) == pytest.approx(result["real_plus_synthetic_f1"] - result["real_only_f1"])
+            assert len(per_repeat) == 2 and result["runs"][0][variant]["macro_f1"] == pytest.approx(
+                np.mean(per_repeat)
+            )
+        assert np.mean(result["gain_per_seed"]) == pytest.approx(
+            result["real_plus_synthetic_f1"] - result["real_only_f1"]
+        )
         assert len(result["gain_per_seed"]) == len(result["runs"])
     assert result["runs"][0]["real_images"] > report["usefulness"]["0.8"]["runs"][0]["real_images"]
     fraction_runs = list((models / "usefulness").glob("*/fraction_0.8_seed_0"))
     assert len(fraction_runs) == 1, "the 80% generator was trained in its own work folder"
-    fraction_parameters = json.loads((fraction_runs[0] / "models" / "32x32" / "cvae_parameters.json").read_text())
+    fraction_parameters = json.loads(
+        (fraction_runs[0] / "models" / "32x32" / "cvae_parameters.json").read_text()
+    )
     assert fraction_parameters["training_images"] == report["usefulness"]["0.8"]["runs"][0]["real_images"]
     # On 80% of the data, 5 epochs: the same number of steps as 4 epochs on all of it.
     assert fraction_parameters["epochs_done"] == 5
@@ -324,16 +413,37 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
 
     folders, work = tiny_trained_model, tmp_path / "comparison"
     output, figure = tmp_path / "evaluation_32.json", tmp_path / "picture.png"
-    arguments = ["--image_size=32", "--epochs=1", "--contenders=default,original,low_temperature", "--images_per_class=6",
-                 "--quick=True", f"--work_dir={work}", f"--processed_images_dir={folders['processed']}",
-                 f"--output_json={output}", f"--figure={figure}", f"--contenders_figure={tmp_path / 'contenders.png'}"]
+    arguments = [
+        "--image_size=32",
+        "--epochs=1",
+        "--contenders=default,original,low_temperature",
+        "--images_per_class=6",
+        "--quick=True",
+        f"--work_dir={work}",
+        f"--processed_images_dir={folders['processed']}",
+        f"--output_json={output}",
+        f"--figure={figure}",
+        f"--contenders_figure={tmp_path / 'contenders.png'}",
+    ]
     finished = run_script("cvae_compare", *arguments, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:] + finished.stdout[-2000:]
     comparison = json.loads(output.read_text())
     assert set(comparison["candidates"]) == {"low_temperature"} and comparison["epochs"] == 1
-    for result in (comparison["default"], comparison["original"], comparison["candidates"]["low_temperature"]):
-        for key in ("real_accuracy", "class_fidelity", "class_fidelity_per_class", "fid", "kid", "kid_floor",
-                    "memorisation_ratio", "usefulness"):
+    for result in (
+        comparison["default"],
+        comparison["original"],
+        comparison["candidates"]["low_temperature"],
+    ):
+        for key in (
+            "real_accuracy",
+            "class_fidelity",
+            "class_fidelity_per_class",
+            "fid",
+            "kid",
+            "kid_floor",
+            "memorisation_ratio",
+            "usefulness",
+        ):
             assert key in result, key
         assert set(result["class_fidelity_per_class"]) == {"CP", "Disarranged", "IDA", "Normal", "ODA"}
     assert comparison["original"]["training"]["architecture"] == "original"
@@ -343,7 +453,10 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
     assert (work / "low_temperature" / "generated" / "32x32" / "evaluation_report.json").is_file()
     assert figure.is_file()
     assert (tmp_path / "contenders.png").is_file(), "every contender's first images side by side"
-    assert comparison["commands"] == [comparison["command"]] and "--contenders=default,original" in comparison["command"]
+    assert (
+        comparison["commands"] == [comparison["command"]]
+        and "--contenders=default,original" in comparison["command"]
+    )
     table = readme_tables.evaluation_table(output)
     assert "| original |" in table and "| low_temperature |" in table and "`--temperature=0.5`" in table
     # A second run reuses everything: nothing is trained, generated or judged again.

@@ -11,9 +11,14 @@ from conftest import run_script
 
 def generate(folders, *arguments, generated=None):
     return run_script(
-        "cvae_inference", "--image_size=32", f"--processed_images_dir={folders['processed']}",
-        f"--models_dir={folders['models']}", f"--latent_tensors_dir={folders['latents']}",
-        f"--generated_images_dir={generated or folders['generated']}", *arguments)
+        "cvae_inference",
+        "--image_size=32",
+        f"--processed_images_dir={folders['processed']}",
+        f"--models_dir={folders['models']}",
+        f"--latent_tensors_dir={folders['latents']}",
+        f"--generated_images_dir={generated or folders['generated']}",
+        *arguments,
+    )
 
 
 def pixels(path):
@@ -23,7 +28,9 @@ def pixels(path):
 
 def test_counts_names_manifest_figures_and_numbering(tiny_trained_model, tmp_path):
     folders, output = tiny_trained_model, tmp_path / "generated"
-    finished = generate(folders, "--classes=ODA,IDA", "--images_per_class=7", "--batch_size=4", generated=output)
+    finished = generate(
+        folders, "--classes=ODA,IDA", "--images_per_class=7", "--batch_size=4", generated=output
+    )
     assert finished.returncode == 0, finished.stderr
     size_dir = output / "32x32"
     for class_name in ("ODA", "IDA"):
@@ -34,16 +41,32 @@ def test_counts_names_manifest_figures_and_numbering(tiny_trained_model, tmp_pat
         assert (size_dir / figure).stat().st_size > 1000
     manifest = pd.read_csv(size_dir / "generation_manifest.csv")
     assert len(manifest) == 14 and set(manifest["class"]) == {"ODA", "IDA"}
-    assert set(manifest.columns) >= {"file", "class", "sampling", "temperature", "seed", "source_latent_index",
-                                     "aspect_ratio", "model_fingerprint"}
+    assert set(manifest.columns) >= {
+        "file",
+        "class",
+        "sampling",
+        "temperature",
+        "seed",
+        "source_latent_index",
+        "aspect_ratio",
+        "model_fingerprint",
+    }
     with Image.open(size_dir / manifest["file"][0]) as image:
         width, height = image.size
-    assert abs(width / height - manifest["aspect_ratio"][0]) < 0.1, "the aspect ratio restored is the one recorded"
+    assert abs(width / height - manifest["aspect_ratio"][0]) < 0.1, (
+        "the aspect ratio restored is the one recorded"
+    )
 
     # A second run continues the numbering and, with the same seed, makes the same images.
     first_run = {path.name: pixels(path) for path in (size_dir / "ODA").glob("*.png")}
-    finished = generate(folders, "--classes=ODA", "--images_per_class=7", "--batch_size=3", "--figures=False",
-                        generated=output)
+    finished = generate(
+        folders,
+        "--classes=ODA",
+        "--images_per_class=7",
+        "--batch_size=3",
+        "--figures=False",
+        generated=output,
+    )
     assert finished.returncode == 0, finished.stderr
     names = sorted(path.name for path in (size_dir / "ODA").glob("*.png"))
     assert names == [f"Synthetic_ODA_{number:05d}.png" for number in range(1, 15)], "nothing overwritten"
@@ -56,8 +79,15 @@ def test_counts_names_manifest_figures_and_numbering(tiny_trained_model, tmp_pat
 def test_every_sampling_mode_runs_and_square_output_when_asked(tiny_trained_model, tmp_path):
     for sampling in ("prior", "class_density"):
         output = tmp_path / sampling
-        finished = generate(tiny_trained_model, f"--sampling={sampling}", "--images_per_class=3",
-                            "--restore_aspect=False", "--figures=False", "--temperature=0.8", generated=output)
+        finished = generate(
+            tiny_trained_model,
+            f"--sampling={sampling}",
+            "--images_per_class=3",
+            "--restore_aspect=False",
+            "--figures=False",
+            "--temperature=0.8",
+            generated=output,
+        )
         assert finished.returncode == 0, finished.stderr
         written = sorted((output / "32x32").glob("*/*.png"))
         assert len(written) == 15
@@ -102,11 +132,24 @@ def start_generation(folders, output, *arguments):
 
     from conftest import REPOSITORY_ROOT, SCRIPTS_DIR
 
-    command = [sys.executable, str(SCRIPTS_DIR / "cvae_inference.py"), "--image_size=32", "--figures=False",
-               f"--processed_images_dir={folders['processed']}", f"--models_dir={folders['models']}",
-               f"--latent_tensors_dir={folders['latents']}", f"--generated_images_dir={output}", *arguments]
-    return subprocess.Popen(command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    command = [
+        sys.executable,
+        str(SCRIPTS_DIR / "cvae_inference.py"),
+        "--image_size=32",
+        "--figures=False",
+        f"--processed_images_dir={folders['processed']}",
+        f"--models_dir={folders['models']}",
+        f"--latent_tensors_dir={folders['latents']}",
+        f"--generated_images_dir={output}",
+        *arguments,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPOSITORY_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
 
 
 def wait_for_images(folder, count, process, seconds=120):
@@ -125,7 +168,9 @@ def test_a_second_generation_into_the_same_folder_is_refused_naming_the_first(ti
     first = start_generation(tiny_trained_model, output, "--images_per_class=200000", "--seed=1")
     try:
         assert wait_for_images(output / "32x32", 1, first), "the first generation never started writing"
-        second = generate(tiny_trained_model, "--images_per_class=5", "--seed=2", "--figures=False", generated=output)
+        second = generate(
+            tiny_trained_model, "--images_per_class=5", "--seed=2", "--figures=False", generated=output
+        )
         assert second.returncode == 2 and "Traceback" not in second.stderr
         last_line = second.stderr.strip().splitlines()[-1]
         assert f"is being written by process {first.pid}" in last_line and "cvae_inference.py" in last_line
@@ -144,10 +189,14 @@ def test_a_killed_generation_leaves_nothing_unrecorded_for_the_next_run(tiny_tra
     first.wait()
     size_dir = output / "32x32"
     # The next run into the folder is not blocked by the dead run's lock, and reconciles what it left.
-    finished = generate(tiny_trained_model, "--images_per_class=2", "--seed=2", "--figures=False", generated=output)
+    finished = generate(
+        tiny_trained_model, "--images_per_class=2", "--seed=2", "--figures=False", generated=output
+    )
     assert finished.returncode == 0, finished.stderr[-2000:]
     on_disk = {f"{path.parent.name}/{path.name}" for path in size_dir.glob("*/*.png")}
-    assert not [path for path in size_dir.rglob(".*") if path.name != ".32x32.lock"], "hidden partial files remain"
+    assert not [path for path in size_dir.rglob(".*") if path.name != ".32x32.lock"], (
+        "hidden partial files remain"
+    )
     manifest = pd.read_csv(size_dir / "generation_manifest.csv")
     assert set(manifest["file"]) == on_disk and len(manifest) == len(on_disk)
     # Rows recovered from the images themselves carry what the killed run wrote, not placeholders.
@@ -163,7 +212,9 @@ def copied_run(folders, tmp_path):
 
 
 def refusal(folders, tmp_path, *arguments):
-    finished = generate(folders, "--images_per_class=2", "--figures=False", *arguments, generated=tmp_path / "g")
+    finished = generate(
+        folders, "--images_per_class=2", "--figures=False", *arguments, generated=tmp_path / "g"
+    )
     assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr[-2000:]
     return finished.stderr.strip().splitlines()[-1]
 
@@ -198,26 +249,40 @@ def test_damaged_or_foreign_files_are_one_line_naming_the_file(tiny_trained_mode
 def test_non_finite_settings_are_refused_at_the_door(tiny_trained_model, tmp_path):
     for argument in ("--temperature=1e999", "--temperature=-1e999"):
         assert "--temperature must be a finite number" in refusal(tiny_trained_model, tmp_path, argument)
-    assert "--temperature takes a value of type float" in refusal(tiny_trained_model, tmp_path, "--temperature=nan")
+    assert "--temperature takes a value of type float" in refusal(
+        tiny_trained_model, tmp_path, "--temperature=nan"
+    )
 
 
 def test_bad_values_are_one_line_before_anything_is_written(tiny_trained_model, tmp_path):
-    for argument, words in (("--batch_size=1000000000", "--batch_size must be between 1 and 4096"),
-                            ("--seed=-1", "--seed must be at least 0"),
-                            ("--images_per_class=1000000000000", "ask for fewer with --images_per_class")):
+    for argument, words in (
+        ("--batch_size=1000000000", "--batch_size must be between 1 and 4096"),
+        ("--seed=-1", "--seed must be at least 0"),
+        ("--images_per_class=1000000000000", "ask for fewer with --images_per_class"),
+    ):
         assert words in refusal(tiny_trained_model, tmp_path, argument)
     assert not list((tmp_path / "g").glob("*/*/*.png")), "nothing generated after a refusal"
 
 
 def test_bad_values_of_the_other_stages_are_one_line(tmp_path):
-    cases = (("cvae_pre_processing", "--workers=-1", "--workers must be at least 0"),
-             ("cvae_pre_processing", "--seed=-1", "--seed must be at least 0"),
-             ("cvae_pre_processing", "--image_size=99999992", "multiple of 8 between 16 and 4096"),
-             ("cvae_training_224x224", "--image_size=33", "multiple of 8 between 16 and 4096"),
-             ("cvae_training_224x224", "--learning_rate=1e999", "--learning_rate must be a finite number"))
+    cases = (
+        ("cvae_pre_processing", "--workers=-1", "--workers must be at least 0"),
+        ("cvae_pre_processing", "--seed=-1", "--seed must be at least 0"),
+        ("cvae_pre_processing", "--image_size=99999992", "multiple of 8 between 16 and 4096"),
+        ("cvae_training_224x224", "--image_size=33", "multiple of 8 between 16 and 4096"),
+        ("cvae_training_224x224", "--learning_rate=1e999", "--learning_rate must be a finite number"),
+    )
     for script, argument, words in cases:
-        finished = run_script(script, argument, f"--processed_images_dir={tmp_path / 'processed'}",
-                              f"--raw_images_dir={tmp_path / 'raw'}" if script == "cvae_pre_processing"
-                              else f"--models_dir={tmp_path / 'models'}")
-        assert finished.returncode == 2 and "Traceback" not in finished.stderr, (argument, finished.stderr[-2000:])
+        finished = run_script(
+            script,
+            argument,
+            f"--processed_images_dir={tmp_path / 'processed'}",
+            f"--raw_images_dir={tmp_path / 'raw'}"
+            if script == "cvae_pre_processing"
+            else f"--models_dir={tmp_path / 'models'}",
+        )
+        assert finished.returncode == 2 and "Traceback" not in finished.stderr, (
+            argument,
+            finished.stderr[-2000:],
+        )
         assert words in finished.stderr.strip().splitlines()[-1], (argument, finished.stderr[-500:])

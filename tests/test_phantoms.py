@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import SCRIPTS_DIR
 from cilia_cvae import phantoms
+from conftest import SCRIPTS_DIR
 
 FIVE_CLASSES = ["Normal", "Disarranged", "ODA", "IDA", "CP"]
 MARKER_NAME = ".phantom_dataset.json"
@@ -21,7 +21,10 @@ MARKER_NAME = ".phantom_dataset.json"
 def tree_snapshot(folder):
     """Every file's relative path, content digest and modification time: to prove a folder untouched."""
     return {
-        path.relative_to(folder).as_posix(): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        path.relative_to(folder).as_posix(): (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            path.stat().st_mtime_ns,
+        )
         for path in sorted(Path(folder).rglob("*"))
         if path.is_file()
     }
@@ -34,14 +37,22 @@ def contents(folder):
 def test_same_seed_gives_identical_files_and_a_second_run_is_refused(tmp_path, script):
     first, second = tmp_path / "first", tmp_path / "second"
     for folder, workers in ((first, 2), (second, 1)):
-        finished = script("make_phantom_dataset", f"--raw_images_dir={folder}", "--num_images=60", "--seed=1", f"--workers={workers}")
+        finished = script(
+            "make_phantom_dataset",
+            f"--raw_images_dir={folder}",
+            "--num_images=60",
+            "--seed=1",
+            f"--workers={workers}",
+        )
         assert finished.returncode == 0, finished.stderr
 
     expected_counts = phantoms.class_counts(60, "five")
     assert sorted(path.name for path in first.iterdir() if path.is_dir()) == sorted(FIVE_CLASSES)
     for class_name in FIVE_CLASSES:
         files = sorted((first / class_name).iterdir())
-        assert [path.name for path in files] == [f"{class_name}_{n:04d}.png" for n in range(1, expected_counts[class_name] + 1)]
+        assert [path.name for path in files] == [
+            f"{class_name}_{n:04d}.png" for n in range(1, expected_counts[class_name] + 1)
+        ]
         with Image.open(files[0]) as image:
             assert image.mode == "L"
     assert expected_counts["Normal"] == max(expected_counts.values())
@@ -57,7 +68,13 @@ def test_same_seed_gives_identical_files_and_a_second_run_is_refused(tmp_path, s
     assert tree_snapshot(first) == before
 
     # With permission, phantoms it wrote itself are replaced, and the same settings give the same folder.
-    replaced = script("make_phantom_dataset", f"--raw_images_dir={first}", "--num_images=60", "--seed=1", "--overwrite_phantoms=True")
+    replaced = script(
+        "make_phantom_dataset",
+        f"--raw_images_dir={first}",
+        "--num_images=60",
+        "--seed=1",
+        "--overwrite_phantoms=True",
+    )
     assert replaced.returncode == 0, replaced.stderr
     assert contents(first) == contents(second)
 
@@ -77,12 +94,16 @@ def test_never_mixes_with_or_replaces_other_images(tmp_path, script):
     assert script("make_phantom_dataset", f"--raw_images_dir={mixed}", "--num_images=5").returncode == 0
     Image.new("L", (40, 30), 128).save(mixed / "ODA" / "patient 2.png")
     before = tree_snapshot(mixed)
-    refused = script("make_phantom_dataset", f"--raw_images_dir={mixed}", "--num_images=5", "--overwrite_phantoms=True")
+    refused = script(
+        "make_phantom_dataset", f"--raw_images_dir={mixed}", "--num_images=5", "--overwrite_phantoms=True"
+    )
     assert refused.returncode == 2 and "patient 2.png" in refused.stderr
     assert tree_snapshot(mixed) == before
     (mixed / "ODA" / "patient 2.png").unlink()
     Image.new("L", (40, 30), 0).save(mixed / "Normal" / "Normal_0001.png")
-    refused = script("make_phantom_dataset", f"--raw_images_dir={mixed}", "--num_images=5", "--overwrite_phantoms=True")
+    refused = script(
+        "make_phantom_dataset", f"--raw_images_dir={mixed}", "--num_images=5", "--overwrite_phantoms=True"
+    )
     assert refused.returncode == 2 and "Normal_0001.png" in refused.stderr
 
     # Hidden system files do not count as images: the folder is still free for phantoms.
@@ -94,7 +115,10 @@ def test_never_mixes_with_or_replaces_other_images(tmp_path, script):
 
 def test_written_sizes_follow_the_plan_and_match_the_real_crop_statistics(tmp_path, script):
     folder = tmp_path / "phantoms"
-    assert script("make_phantom_dataset", f"--raw_images_dir={folder}", "--num_images=20", "--seed=3").returncode == 0
+    assert (
+        script("make_phantom_dataset", f"--raw_images_dir={folder}", "--num_images=20", "--seed=3").returncode
+        == 0
+    )
     for class_name, count in phantoms.class_counts(20, "five").items():
         for number in range(1, count + 1):
             _, _, width, height = phantoms.plan_phantom(3, "five", class_name, number)
@@ -102,11 +126,14 @@ def test_written_sizes_follow_the_plan_and_match_the_real_crop_statistics(tmp_pa
                 assert image.size == (width, height)
 
     # The plan of 400 images (sizes are drawn before any rendering), against the real statistics.
-    sizes = np.array([
-        phantoms.plan_phantom(5, "five", class_name, number)[2:]
-        for class_name, count in phantoms.class_counts(400, "five").items()
-        for number in range(1, count + 1)
-    ], dtype=float)
+    sizes = np.array(
+        [
+            phantoms.plan_phantom(5, "five", class_name, number)[2:]
+            for class_name, count in phantoms.class_counts(400, "five").items()
+            for number in range(1, count + 1)
+        ],
+        dtype=float,
+    )
     widths, heights = sizes[:, 0], sizes[:, 1]
     aspects = widths / heights
     assert abs(widths.mean() - 524.6) < 35 and abs(widths.std() - 174.4) < 30
@@ -129,8 +156,16 @@ def density_at(density, view, point):
 def arm_counts(cilium):
     """How many doublets show a dense outer arm and a visible inner arm, read from the pixels."""
     density, view = clean_density(cilium)
-    outer = sum(density_at(density, view, d.place(phantoms.OUTER_ARM_PATH[2:3])[0]) > 0.75 for d in cilium.doublets if d.present)
-    inner = sum(density_at(density, view, d.place(phantoms.INNER_ARM_PATH[2:3])[0]) > 0.55 for d in cilium.doublets if d.present)
+    outer = sum(
+        density_at(density, view, d.place(phantoms.OUTER_ARM_PATH[2:3])[0]) > 0.75
+        for d in cilium.doublets
+        if d.present
+    )
+    inner = sum(
+        density_at(density, view, d.place(phantoms.INNER_ARM_PATH[2:3])[0]) > 0.55
+        for d in cilium.doublets
+        if d.present
+    )
     return outer, inner
 
 
@@ -145,7 +180,9 @@ def test_each_class_draws_its_defining_structure():
 
         normal, central = plan["Normal"], plan["CP"]
         assert len(normal.central_tubules) == 2 and normal.transposed_doublet is None
-        pair_offset = np.linalg.norm(sum(central.central_tubules) / 2) if len(central.central_tubules) == 2 else 0.0
+        pair_offset = (
+            np.linalg.norm(sum(central.central_tubules) / 2) if len(central.central_tubules) == 2 else 0.0
+        )
         assert len(central.central_tubules) != 2 or pair_offset >= 20.0
         if central.transposed_doublet is not None:
             assert sum(d.present for d in central.doublets) == 8
@@ -159,7 +196,10 @@ def test_outer_arms_point_clockwise_from_base_to_tip_and_mirror_flips_them():
     for mirror, expected_turn in ((False, 1.0), (True, -1.0)):
         view = phantoms.make_view(1.0, 0.7, 1.0, 0.0, mirror, (0.0, 0.0))
         for doublet in cilium.doublets:
-            base, tip = (np.array(view.to_canvas(point[None, :])) for point in doublet.place(phantoms.OUTER_ARM_PATH[[0, -1]]))
+            base, tip = (
+                np.array(view.to_canvas(point[None, :]))
+                for point in doublet.place(phantoms.OUTER_ARM_PATH[[0, -1]])
+            )
             # In screen coordinates (y down), a positive cross product turns clockwise.
             turn = base[0] * tip[1] - base[1] * tip[0]
             assert math.copysign(1.0, turn) == expected_turn
@@ -167,6 +207,11 @@ def test_outer_arms_point_clockwise_from_base_to_tip_and_mirror_flips_them():
 
 def test_the_generator_does_not_import_tensorflow():
     helper = Path(__file__).resolve().parent / "helpers" / "phantom_imports.py"
-    finished = subprocess.run([sys.executable, str(helper)], capture_output=True, text=True, check=True,
-                              env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR)))
+    finished = subprocess.run(
+        [sys.executable, str(helper)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR)),
+    )
     assert finished.stdout.strip() == "False"

@@ -11,24 +11,32 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REAL_SAMPLES_DIR, run_script
 from cilia_cvae.config import UserError, configure, parse_value
-from cilia_cvae.images import make_square, read_grayscale, UnreadableImage
+from cilia_cvae.images import UnreadableImage, make_square, read_grayscale
+from conftest import REAL_SAMPLES_DIR, run_script
 
 
 def textured_image(seed, width=120, height=100):
     """A distinct grayscale image per seed, so no two test images are accidental duplicates."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    pixels = 128 + 60 * np.sin(x / (5 + seed % 7)) * np.cos(y / (4 + seed % 5)) + rng.normal(0, 10, (height, width))
+    pixels = (
+        128
+        + 60 * np.sin(x / (5 + seed % 7)) * np.cos(y / (4 + seed % 5))
+        + rng.normal(0, 10, (height, width))
+    )
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def tree_snapshot(folder):
     """Every file's relative path, bytes digest and modification time: to prove a folder untouched."""
     return {
-        path.relative_to(folder).as_posix(): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
-        for path in sorted(Path(folder).rglob("*")) if path.is_file()
+        path.relative_to(folder).as_posix(): (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            path.stat().st_mtime_ns,
+        )
+        for path in sorted(Path(folder).rglob("*"))
+        if path.is_file()
     }
 
 
@@ -56,7 +64,7 @@ def build_messy_raw_folder(raw):
     Image.fromarray(textured_image(11)).convert("LA").save(oda / "gray_alpha.png")
     palette_frames = [Image.fromarray(textured_image(40 + frame)).convert("P") for frame in range(2)]
     palette_frames[0].save(oda / "animated.gif", save_all=True, append_images=palette_frames[1:])
-    sixteen_bit = (textured_image(14).astype(np.uint16) * 257)
+    sixteen_bit = textured_image(14).astype(np.uint16) * 257
     Image.fromarray(sixteen_bit).save(oda / "sixteen_bit.png")
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -84,8 +92,16 @@ def build_messy_raw_folder(raw):
     Image.fromarray(textured_image(32)).save(raw / "loose_in_root.png")
     (normal / "deeper").mkdir()
     Image.fromarray(textured_image(33)).save(normal / "deeper" / "nested.png")
-    for name in ("Normal/truncated.png", "Normal/empty.png", "Normal/notes.txt", "Normal/.DS_Store",
-                 "ODA/Thumbs.db", "ODA/tiny.png", "loose_in_root.png", "Normal/deeper/nested.png"):
+    for name in (
+        "Normal/truncated.png",
+        "Normal/empty.png",
+        "Normal/notes.txt",
+        "Normal/.DS_Store",
+        "ODA/Thumbs.db",
+        "ODA/tiny.png",
+        "loose_in_root.png",
+        "Normal/deeper/nested.png",
+    ):
         expected[name] = "rejected"
     return expected
 
@@ -95,8 +111,12 @@ def test_messy_raw_folder_gives_a_defined_outcome_for_every_file(tmp_path):
     expected = build_messy_raw_folder(raw)
     before = tree_snapshot(raw)
 
-    finished = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={processed}",
-                          "--image_size=64")
+    finished = run_script(
+        "cvae_pre_processing",
+        f"--raw_images_dir={raw}",
+        f"--processed_images_dir={processed}",
+        "--image_size=64",
+    )
     assert finished.returncode == 0, finished.stderr
     assert tree_snapshot(raw) == before, "the raw folder must never be modified"
 
@@ -112,12 +132,17 @@ def test_messy_raw_folder_gives_a_defined_outcome_for_every_file(tmp_path):
     left_out = manifest[~manifest["outcome"].isin(["train", "test"])]
     assert (left_out["reason"].str.len() > 0).all(), "every file left out has a reason"
 
-    written = sorted(path.relative_to(processed / "64x64").as_posix()
-                     for path in (processed / "64x64").glob("*/*/*.png"))
+    written = sorted(
+        path.relative_to(processed / "64x64").as_posix() for path in (processed / "64x64").glob("*/*/*.png")
+    )
     kept = manifest[manifest["outcome"].isin(["train", "test"])]
     assert written == sorted(kept["processed_path"])
-    processed_name = {source: path.rsplit("/", 1)[-1] for source, path in zip(kept["source_path"], kept["processed_path"])}
-    assert processed_name["Normal/twin.bmp"] == "twin.png", "the first file of a stem (in name order) keeps it"
+    processed_name = {
+        source: path.rsplit("/", 1)[-1] for source, path in zip(kept["source_path"], kept["processed_path"])
+    }
+    assert processed_name["Normal/twin.bmp"] == "twin.png", (
+        "the first file of a stem (in name order) keeps it"
+    )
     assert processed_name["Normal/twin.png"] == "twin_png.png", "the second gets <stem>_<ext>.png"
     for path in (processed / "64x64").glob("*/*/*.png"):
         with Image.open(path) as image:
@@ -126,10 +151,18 @@ def test_messy_raw_folder_gives_a_defined_outcome_for_every_file(tmp_path):
     facts = json.loads((processed / "64x64" / "preprocessing.json").read_text())
     assert facts["class_names"] == ["CP défaut", "Normal", "ODA"], "an empty class folder is not a class"
     statistics = pd.read_csv(processed / "raw_image_statistics.csv")
-    assert list(statistics.columns) == ["width_mean", "width_std", "height_mean", "height_std",
-                                        "aspect_ratio_mean", "aspect_ratio_std"]
+    assert list(statistics.columns) == [
+        "width_mean",
+        "width_std",
+        "height_mean",
+        "height_std",
+        "aspect_ratio_mean",
+        "aspect_ratio_std",
+    ]
     assert len(statistics) == 1
-    assert "rejected" in finished.stdout and "conflict" in finished.stdout, "the summary names what was left out"
+    assert "rejected" in finished.stdout and "conflict" in finished.stdout, (
+        "the summary names what was left out"
+    )
 
 
 def test_sixteen_bit_is_scaled_from_the_full_range_not_clipped(tmp_path):
@@ -177,7 +210,9 @@ def test_pad_keeps_aspect_without_a_hard_border():
     assert squashed.shape == (64, 64)
 
 
-@pytest.mark.skipif(not REAL_SAMPLES_DIR.is_dir(), reason="../shared/real-tem-samples is not beside this checkout")
+@pytest.mark.skipif(
+    not REAL_SAMPLES_DIR.is_dir(), reason="../shared/real-tem-samples is not beside this checkout"
+)
 @pytest.mark.parametrize("resize_mode", ["squash", "pad"])
 def test_real_samples_in_both_resize_modes(tmp_path, resize_mode):
     raw = tmp_path / "raw"
@@ -186,8 +221,13 @@ def test_real_samples_in_both_resize_modes(tmp_path, resize_mode):
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sample, folder / sample.name)
     processed = tmp_path / "processed"
-    finished = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={processed}",
-                          "--image_size=64", f"--resize_mode={resize_mode}")
+    finished = run_script(
+        "cvae_pre_processing",
+        f"--raw_images_dir={raw}",
+        f"--processed_images_dir={processed}",
+        "--image_size=64",
+        f"--resize_mode={resize_mode}",
+    )
     assert finished.returncode == 0, finished.stderr
     outputs = sorted((processed / "64x64").glob("*/*/*.png"))
     assert len(outputs) == 4
@@ -204,24 +244,38 @@ def test_split_is_stratified_and_the_same_on_every_rerun(tmp_path):
         (raw / class_name).mkdir(parents=True)
         for index in range(count):
             seed += 1
-            Image.fromarray(textured_image(seed, 24, 24)).save(raw / class_name / f"{class_name}_{index:03d}.png")
+            Image.fromarray(textured_image(seed, 24, 24)).save(
+                raw / class_name / f"{class_name}_{index:03d}.png"
+            )
     splits = []
     for run in range(2):
         processed = tmp_path / f"processed{run}"
-        finished = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={processed}",
-                              "--image_size=16", "--workers=1" if run else "--workers=2")
+        finished = run_script(
+            "cvae_pre_processing",
+            f"--raw_images_dir={raw}",
+            f"--processed_images_dir={processed}",
+            "--image_size=16",
+            "--workers=1" if run else "--workers=2",
+        )
         assert finished.returncode == 0, finished.stderr
         manifest = pd.read_csv(processed / "16x16" / "manifest.csv", keep_default_na=False)
         splits.append(dict(zip(manifest["source_path"], manifest["outcome"])))
     assert splits[0] == splits[1], "same seed, same split, whatever the worker count"
-    counts = pd.Series(splits[0]).groupby(lambda source: source.split("/")[0]).value_counts().unstack(fill_value=0)
+    counts = (
+        pd.Series(splits[0]).groupby(lambda source: source.split("/")[0]).value_counts().unstack(fill_value=0)
+    )
     assert counts.loc["Normal", "test"] == 8 and counts.loc["ODA", "test"] == 2
     assert counts.loc["IDA", "test"] == 1 and counts.loc["IDA", "train"] == 1, "2 images: one in each split"
     assert counts.loc["Rare", "train"] == 1 and counts.loc["Rare"].get("test", 0) == 0
 
     other_seed = tmp_path / "other_seed"
-    run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={other_seed}",
-               "--image_size=16", "--seed=7")
+    run_script(
+        "cvae_pre_processing",
+        f"--raw_images_dir={raw}",
+        f"--processed_images_dir={other_seed}",
+        "--image_size=16",
+        "--seed=7",
+    )
     manifest = pd.read_csv(other_seed / "16x16" / "manifest.csv", keep_default_na=False)
     assert dict(zip(manifest["source_path"], manifest["outcome"])) != splits[0], "the seed chooses the split"
 
@@ -231,7 +285,9 @@ def test_rerun_replaces_the_previous_output_for_that_size(tmp_path):
     for class_name in ("A", "B"):
         (raw / class_name).mkdir(parents=True)
         for index in range(3):
-            Image.fromarray(textured_image(index + (10 if class_name == "B" else 0))).save(raw / class_name / f"{index}.png")
+            Image.fromarray(textured_image(index + (10 if class_name == "B" else 0))).save(
+                raw / class_name / f"{index}.png"
+            )
     arguments = (f"--raw_images_dir={raw}", f"--processed_images_dir={processed}", "--image_size=32")
     assert run_script("cvae_pre_processing", *arguments).returncode == 0
     (raw / "A" / "0.png").unlink()
@@ -240,17 +296,23 @@ def test_rerun_replaces_the_previous_output_for_that_size(tmp_path):
         (processed / leftover).mkdir(parents=True)
     (processed / ".32x32.partial-killed" / "staging" / "x.png").write_bytes(b"")
     assert run_script("cvae_pre_processing", *arguments).returncode == 0
-    assert not list((processed / "32x32").glob("*/A/0.png")), "a file gone from the raw folder is gone from the output"
+    assert not list((processed / "32x32").glob("*/A/0.png")), (
+        "a file gone from the raw folder is gone from the output"
+    )
     # Only the lock file stays (a lock nobody holds, which blocks nobody).
-    assert not [path for path in processed.iterdir() if path.name.startswith(".") and path.name != ".32x32.lock"], \
-        "no temporary folders left"
+    assert not [
+        path for path in processed.iterdir() if path.name.startswith(".") and path.name != ".32x32.lock"
+    ], "no temporary folders left"
 
 
-@pytest.mark.parametrize("layout, words", [
-    ("missing", "does not exist"),
-    ("empty", "no images in class sub-folders"),
-    ("one_class", "at least two class folders"),
-])
+@pytest.mark.parametrize(
+    "layout, words",
+    [
+        ("missing", "does not exist"),
+        ("empty", "no images in class sub-folders"),
+        ("one_class", "at least two class folders"),
+    ],
+)
 def test_unusable_raw_folder_is_one_line_and_exit_code_2(tmp_path, layout, words):
     raw = tmp_path / "raw"
     if layout != "missing":
@@ -258,19 +320,24 @@ def test_unusable_raw_folder_is_one_line_and_exit_code_2(tmp_path, layout, words
     if layout == "one_class":
         (raw / "Normal").mkdir()
         Image.fromarray(textured_image(1)).save(raw / "Normal" / "a.png")
-    finished = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={tmp_path / 'p'}")
+    finished = run_script(
+        "cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={tmp_path / 'p'}"
+    )
     assert finished.returncode == 2
     assert words in finished.stderr and "Traceback" not in finished.stderr
     assert len(finished.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argument, words", [
-    ("--no_such_setting=1", "unknown setting --no_such_setting"),
-    ("--image_size=big", "takes a value of type int"),
-    ("--resize_mode=crop", "is not one of"),
-    ("--image_size=100", "multiple of 8"),
-    ("image_size=64", "look like --name=value"),
-])
+@pytest.mark.parametrize(
+    "argument, words",
+    [
+        ("--no_such_setting=1", "unknown setting --no_such_setting"),
+        ("--image_size=big", "takes a value of type int"),
+        ("--resize_mode=crop", "is not one of"),
+        ("--image_size=100", "multiple of 8"),
+        ("image_size=64", "look like --name=value"),
+    ],
+)
 def test_bad_flags_are_one_line_and_exit_code_2(argument, words):
     finished = run_script("cvae_pre_processing", argument)
     assert finished.returncode == 2
@@ -280,8 +347,16 @@ def test_bad_flags_are_one_line_and_exit_code_2(argument, words):
 def test_help_lists_every_constant_and_works_from_any_directory(tmp_path):
     finished = run_script("cvae_pre_processing", "--help", cwd=tmp_path)
     assert finished.returncode == 0
-    for name in ("image_size", "resize_mode", "test_fraction", "seed", "stretch_16bit", "workers",
-                 "raw_images_dir", "processed_images_dir"):
+    for name in (
+        "image_size",
+        "resize_mode",
+        "test_fraction",
+        "seed",
+        "stretch_16bit",
+        "workers",
+        "raw_images_dir",
+        "processed_images_dir",
+    ):
         assert f"--{name}" in finished.stdout
     assert "Processed Input Images" in finished.stdout, "folder defaults resolve from the repository root"
 
@@ -312,7 +387,9 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     from cilia_cvae.files import FILE_MODE, write_text_atomic
 
     write_text_atomic(tmp_path / "out.txt", "hello")
-    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == FILE_MODE, "0666 less the umask, not mkstemp's 0600"
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == FILE_MODE, (
+        "0666 less the umask, not mkstemp's 0600"
+    )
 
 
 def test_odd_raw_entries_each_get_a_row_with_what_happened(tmp_path):
@@ -320,7 +397,11 @@ def test_odd_raw_entries_each_get_a_row_with_what_happened(tmp_path):
 
     import pandas as pd
 
-    raw, processed, elsewhere = tmp_path / "raw", tmp_path / "processed", tmp_path / "elsewhere" / "IDA images"
+    raw, processed, elsewhere = (
+        tmp_path / "raw",
+        tmp_path / "processed",
+        tmp_path / "elsewhere" / "IDA images",
+    )
     for folder in (raw / "Normal", raw / "ODA", elsewhere):
         folder.mkdir(parents=True)
     for index in range(3):
@@ -333,11 +414,18 @@ def test_odd_raw_entries_each_get_a_row_with_what_happened(tmp_path):
     unreadable = raw / "Normal" / "locked.png"
     Image.fromarray(textured_image(90)).save(unreadable)
     unreadable.chmod(0)
-    result = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={processed}",
-                        "--image_size=32", timeout=120)
+    result = run_script(
+        "cvae_pre_processing",
+        f"--raw_images_dir={raw}",
+        f"--processed_images_dir={processed}",
+        "--image_size=32",
+        timeout=120,
+    )
     unreadable.chmod(0o644)
     assert result.returncode == 0, result.stderr[-2000:]
-    manifest = pd.read_csv(processed / "32x32" / "manifest.csv", keep_default_na=False).set_index("source_path")
+    manifest = pd.read_csv(processed / "32x32" / "manifest.csv", keep_default_na=False).set_index(
+        "source_path"
+    )
     assert {f"IDA/{index}.png" for index in range(3)} <= set(manifest.index)
     assert set(manifest.loc[[f"IDA/{index}.png" for index in range(3)], "outcome"]) <= {"train", "test"}
     assert "symbolic link to a folder" in manifest.loc["ODA/linked folder", "reason"]
@@ -352,7 +440,9 @@ def test_a_full_disk_is_one_line_naming_it(tmp_path):
 
     full = tmp_path / "small disk"
     full.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True
+    ).returncode:
         pytest.skip("this machine cannot mount a small file system for the test")
     try:
         raw = tmp_path / "raw"
@@ -360,9 +450,15 @@ def test_a_full_disk_is_one_line_naming_it(tmp_path):
             (raw / class_name).mkdir(parents=True)
             for index in range(40):
                 Image.fromarray(textured_image(index + (100 if class_name == "B" else 0))).save(
-                    raw / class_name / f"{index}.png")
-        result = run_script("cvae_pre_processing", f"--raw_images_dir={raw}", f"--processed_images_dir={full}",
-                            "--image_size=64", "--workers=1")
+                    raw / class_name / f"{index}.png"
+                )
+        result = run_script(
+            "cvae_pre_processing",
+            f"--raw_images_dir={raw}",
+            f"--processed_images_dir={full}",
+            "--image_size=64",
+            "--workers=1",
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert "is full; free some space" in result.stderr.strip().splitlines()[-1]
         assert len(list(raw.rglob("*.png"))) == 80, "the raw folder is untouched"

@@ -19,8 +19,14 @@ def run_as_user(name, *arguments, environment=None):
     """Run `python Scripts/<name>.py` with the user's environment: no TF_CPP_MIN_LOG_LEVEL unless given."""
     user_environment = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     user_environment.update(environment or {})
-    return subprocess.run([sys.executable, str(SCRIPTS_DIR / f"{name}.py"), *arguments], cwd=REPOSITORY_ROOT,
-                          capture_output=True, text=True, timeout=1200, env=user_environment)
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS_DIR / f"{name}.py"), *arguments],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=user_environment,
+    )
 
 
 def notice_lines(stderr):
@@ -37,8 +43,12 @@ def test_a_script_importing_tensorflow_shows_its_error_and_no_notice(tmp_path):
 
 def test_the_users_own_log_level_wins(tmp_path):
     # Level 0 asks for every notice; seeing them also shows that the run above did start TensorFlow.
-    finished = run_as_user("cvae_inference", "--image_size=32", f"--models_dir={tmp_path / 'no_models'}",
-                           environment={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    finished = run_as_user(
+        "cvae_inference",
+        "--image_size=32",
+        f"--models_dir={tmp_path / 'no_models'}",
+        environment={"TF_CPP_MIN_LOG_LEVEL": "0"},
+    )
     assert finished.returncode == 2, finished.stderr
     assert "oneDNN" in finished.stderr and "error:" in finished.stderr, finished.stderr
 
@@ -56,6 +66,10 @@ def test_fid_of_a_singular_covariance_is_unchanged_and_silent():
         root = np.real(linalg.sqrtm(covariance_a @ covariance_b))
     assert any("singular" in str(warning.message) for warning in caught)  # the case the test is about
     assert not [warning for warning in caught if warning.filename.endswith("metrics.py")]
-    expected = (np.sum((features_a.mean(axis=0) - features_b.mean(axis=0)) ** 2) + np.trace(covariance_a)
-                + np.trace(covariance_b) - 2 * np.trace(root))
+    expected = (
+        np.sum((features_a.mean(axis=0) - features_b.mean(axis=0)) ** 2)
+        + np.trace(covariance_a)
+        + np.trace(covariance_b)
+        - 2 * np.trace(root)
+    )
     assert distance == expected

@@ -13,14 +13,22 @@ def test_generated_tables_match_the_scripts_and_the_measurements(document):
     current = document.read_text(encoding="utf-8")
     name = document.relative_to(REPOSITORY_ROOT)
     assert readme_tables.updated_document(current) == current, (
-        f"{name} is out of date with the scripts or docs/*.json: {REGENERATE}")
+        f"{name} is out of date with the scripts or docs/*.json: {REGENERATE}"
+    )
 
 
 def test_every_script_has_a_settings_table():
     settings = readme_tables.SETTINGS.read_text(encoding="utf-8")
-    scripts = ("cvae_pre_processing", "make_phantom_dataset", "cvae_training_224x224",
-               "cvae_training_448x448", "cvae_inference", "cvae_evaluate", "cvae_compare",
-               *readme_tables.SETTINGS_SCRIPTS)
+    scripts = (
+        "cvae_pre_processing",
+        "make_phantom_dataset",
+        "cvae_training_224x224",
+        "cvae_training_448x448",
+        "cvae_inference",
+        "cvae_evaluate",
+        "cvae_compare",
+        *readme_tables.SETTINGS_SCRIPTS,
+    )
     for script in scripts:
         assert f"<!-- constants:{script} -->" in settings, script
 

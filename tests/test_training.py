@@ -23,8 +23,15 @@ HELPERS_DIR = REPOSITORY_ROOT / "tests" / "helpers"
 
 CLASS_NAMES = ["Central pair", "Normal", "ODA"]
 SIZE = 32
-TINY_MODEL = [f"--image_size={SIZE}", "--base_channels=4", "--max_channels=8", "--latent_map_channels=2", "--batch_size=8",
-              "--sample_every=1", "--kl_warmup_epochs=2"]
+TINY_MODEL = [
+    f"--image_size={SIZE}",
+    "--base_channels=4",
+    "--max_channels=8",
+    "--latent_map_channels=2",
+    "--batch_size=8",
+    "--sample_every=1",
+    "--kl_warmup_epochs=2",
+]
 # The distributed runs must agree with one device to float32 round-off of summed gradients;
 # after a few SGD steps every weight agrees to this absolute tolerance.
 DISTRIBUTED_TOLERANCE = 1e-5
@@ -44,17 +51,27 @@ def write_processed_split(root, images_per_class=20, test_images_per_class=2):
                 ring = np.abs(np.hypot(x, y) - 0.3) < 0.05
                 blob = np.hypot(x - 0.15 * (label - 1) * np.cos(angle), y - 0.15 * np.sin(angle)) < 0.08
                 pixels = 200 - 120 * ring - 80 * blob + rng.normal(0, 8, (SIZE, SIZE))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"image {index:03d}.png")
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                    folder / f"image {index:03d}.png"
+                )
             counts[split][class_name] = count
-    facts = {"image_size": SIZE, "resize_mode": "squash", "class_names": CLASS_NAMES, "counts": counts,
-             "fingerprint": "0123abcd"}
+    facts = {
+        "image_size": SIZE,
+        "resize_mode": "squash",
+        "class_names": CLASS_NAMES,
+        "counts": counts,
+        "fingerprint": "0123abcd",
+    }
     (root / f"{SIZE}x{SIZE}" / "preprocessing.json").write_text(json.dumps(facts))
     return root
 
 
 def folders(base):
-    return [f"--processed_images_dir={base / 'processed'}", f"--models_dir={base / 'models'}",
-            f"--latent_tensors_dir={base / 'latents'}"]
+    return [
+        f"--processed_images_dir={base / 'processed'}",
+        f"--models_dir={base / 'models'}",
+        f"--latent_tensors_dir={base / 'latents'}",
+    ]
 
 
 def train(base, *arguments, **keywords):
@@ -77,8 +94,15 @@ def finished_run(tmp_path_factory):
 
 def test_one_epoch_run_writes_every_file(finished_run):
     model_dir, latent_dir = finished_run / "models" / "32x32", finished_run / "latents" / "32x32"
-    for name in ("cvae_encoder.keras", "cvae_decoder.keras", "cvae_parameters.json", "training_history.csv",
-                 "loss_plot.png", "samples_epoch_1.png", "best_epoch_1.npz"):
+    for name in (
+        "cvae_encoder.keras",
+        "cvae_decoder.keras",
+        "cvae_parameters.json",
+        "training_history.csv",
+        "loss_plot.png",
+        "samples_epoch_1.png",
+        "best_epoch_1.npz",
+    ):
         assert (model_dir / name).is_file(), name
     assert list((model_dir / "logs").glob("events.out.tfevents.*"))
     assert history_epochs(model_dir / "training_history.csv") == [1]
@@ -87,7 +111,9 @@ def test_one_epoch_run_writes_every_file(finished_run):
         assert term in header and f"val_{term}" in header
     parameters = json.loads((model_dir / "cvae_parameters.json").read_text())
     assert parameters["class_names"] == CLASS_NAMES
-    assert parameters["image_size"] == SIZE and parameters["latent_dim"] == 4 * 4 * 2  # a 4 x 4 latent map (stride 8), 2 deep
+    assert (
+        parameters["image_size"] == SIZE and parameters["latent_dim"] == 4 * 4 * 2
+    )  # a 4 x 4 latent map (stride 8), 2 deep
     assert parameters["resize_mode"] == "squash" and parameters["data_fingerprint"] == "0123abcd"
     assert parameters["epochs_done"] == 1 and parameters["architecture"] == "default"
     assert parameters["settings"]["EPOCHS"] == 1 and "tensorflow" in parameters["library_versions"]
@@ -99,9 +125,17 @@ def test_one_epoch_run_writes_every_file(finished_run):
 
 def test_saved_models_reload_identically_in_a_fresh_process(finished_run):
     result = subprocess.run(
-        [sys.executable, str(HELPERS_DIR / "reload_check.py"), str(finished_run / "models" / "32x32"),
-         str(finished_run / "latents" / "32x32"), str(finished_run / "processed")],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2"),
+        [
+            sys.executable,
+            str(HELPERS_DIR / "reload_check.py"),
+            str(finished_run / "models" / "32x32"),
+            str(finished_run / "latents" / "32x32"),
+            str(finished_run / "processed"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2"),
     )
     assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-3000:]
 
@@ -114,6 +148,7 @@ def test_refuses_an_existing_run_without_fresh(finished_run):
 
 def test_fresh_moves_the_old_run_aside(finished_run, tmp_path):
     import shutil
+
     for name in ("processed", "models", "latents"):
         shutil.copytree(finished_run / name, tmp_path / name)
     old_parameters = (tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text()
@@ -128,6 +163,7 @@ def test_fresh_moves_the_old_run_aside(finished_run, tmp_path):
 
 def test_a_finished_run_continues_with_more_epochs_even_after_the_project_moved(tmp_path):
     import shutil
+
     write_processed_split(tmp_path / "first" / "processed")
     assert train(tmp_path / "first", "--epochs=1").returncode == 0
     # A run is its settings and data, not its folders: the whole project moved elsewhere continues there.
@@ -139,14 +175,18 @@ def test_a_finished_run_continues_with_more_epochs_even_after_the_project_moved(
     facts = facts_path.read_text()
     other_data = json.dumps(dict(json.loads(facts), fingerprint="another"))
     # Nothing to continue for: the epochs asked for are done; other settings; other data in the same folder.
-    for arguments, expected, facts_text in ((["--epochs=1"], "--epochs above 1", facts),
-                                            (["--epochs=2", "--learning_rate=0.01"], "(--learning_rate)", facts),
-                                            (["--epochs=2"], "(the preprocessed images (another data fingerprint))", other_data)):
+    for arguments, expected, facts_text in (
+        (["--epochs=1"], "--epochs above 1", facts),
+        (["--epochs=2", "--learning_rate=0.01"], "(--learning_rate)", facts),
+        (["--epochs=2"], "(the preprocessed images (another data fingerprint))", other_data),
+    ):
         facts_path.write_text(facts_text)
         result = train(base, *arguments, "--continue_finished=True")
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert expected in result.stderr.strip().splitlines()[-1]
-        assert json.loads((model_dir / "cvae_parameters.json").read_text()) == first  # left finished, untouched
+        assert (
+            json.loads((model_dir / "cvae_parameters.json").read_text()) == first
+        )  # left finished, untouched
     facts_path.write_text(facts)
     result = train(base, "--epochs=2", "--continue_finished=True")
     assert result.returncode == 0, result.stderr
@@ -161,25 +201,44 @@ def test_a_finished_run_continues_with_more_epochs_even_after_the_project_moved(
 
 def test_a_run_recorded_before_data_fingerprints_compares_its_data_folder():
     from cilia_cvae.runs import changed_settings, comparable_settings
+
     settings = {"ARCHITECTURE": "default", "EPOCHS": 3, "PROCESSED_IMAGES_DIR": "/data/a", "MODELS_DIR": "/m"}
     comparable = comparable_settings(settings, "abc")
     old_record = {"ARCHITECTURE": "default", "PROCESSED_IMAGES_DIR": "/data/a", "MODELS_DIR": "/elsewhere"}
     assert changed_settings(old_record, comparable, settings) == ""
-    assert changed_settings(old_record, comparable, dict(settings, PROCESSED_IMAGES_DIR="/data/b")) == "--processed_images_dir"
-    assert changed_settings(comparable, comparable_settings(dict(settings, PROCESSED_IMAGES_DIR="/data/b"), "abc"), settings) == ""
+    assert (
+        changed_settings(old_record, comparable, dict(settings, PROCESSED_IMAGES_DIR="/data/b"))
+        == "--processed_images_dir"
+    )
+    assert (
+        changed_settings(
+            comparable, comparable_settings(dict(settings, PROCESSED_IMAGES_DIR="/data/b"), "abc"), settings
+        )
+        == ""
+    )
 
 
 def test_refuses_a_size_that_was_not_preprocessed(finished_run):
     result = run_script("cvae_training_224x224", *TINY_MODEL, *folders(finished_run), "--image_size=64")
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error:") and "cvae_pre_processing.py" in last_line and "Traceback" not in result.stderr
+    assert (
+        last_line.startswith("error:")
+        and "cvae_pre_processing.py" in last_line
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_no_bad_checkpoint(finished_run, tmp_path):
-    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=2", "--learning_rate=1e12",
-                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
-                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    result = run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        "--epochs=2",
+        "--learning_rate=1e12",
+        f"--processed_images_dir={finished_run / 'processed'}",
+        f"--models_dir={tmp_path / 'models'}",
+        f"--latent_tensors_dir={tmp_path / 'latents'}",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: the training loss became") and "--learning_rate" in last_line
@@ -188,43 +247,71 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_bad_checkpoint(finishe
 
 def test_a_time_budget_stops_between_epochs_and_still_saves_a_model(finished_run, tmp_path):
     # A budget of 0.6 s is over after the first epoch (building the model alone takes longer).
-    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=4", "--max_minutes=0.01",
-                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
-                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    result = run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        "--epochs=4",
+        "--max_minutes=0.01",
+        f"--processed_images_dir={finished_run / 'processed'}",
+        f"--models_dir={tmp_path / 'models'}",
+        f"--latent_tensors_dir={tmp_path / 'latents'}",
+    )
     assert result.returncode == 0, result.stderr
     assert "stopped after epoch 1: another epoch would pass --max_minutes=0.01" in result.stdout
     parameters = json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())
     assert parameters["epochs_done"] == 1
     assert (tmp_path / "models" / "32x32" / "cvae_decoder.keras").is_file()
     # A budget that is not reached changes nothing: every epoch runs.
-    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=2", "--max_minutes=60",
-                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'roomy'}",
-                        f"--latent_tensors_dir={tmp_path / 'roomy_latents'}")
+    result = run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        "--epochs=2",
+        "--max_minutes=60",
+        f"--processed_images_dir={finished_run / 'processed'}",
+        f"--models_dir={tmp_path / 'roomy'}",
+        f"--latent_tensors_dir={tmp_path / 'roomy_latents'}",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "roomy" / "32x32" / "cvae_parameters.json").read_text())["epochs_done"] == 2
     assert "another epoch would pass" not in result.stdout
 
 
 def test_fixed_variance_loss_is_a_choice_and_recorded(finished_run, tmp_path):
-    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=1", "--reconstruction_loss=sum_squared_error",
-                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
-                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    result = run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        "--epochs=1",
+        "--reconstruction_loss=sum_squared_error",
+        f"--processed_images_dir={finished_run / 'processed'}",
+        f"--models_dir={tmp_path / 'models'}",
+        f"--latent_tensors_dir={tmp_path / 'latents'}",
+    )
     assert result.returncode == 0, result.stderr
     parameters = json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())
     assert parameters["reconstruction_loss"] == "sum_squared_error"
     # The sum of squared errors is positive; the calibrated Gaussian's log-variance term is not.
     assert parameters["final_losses"]["last_epoch"]["reconstruction_loss"] > 0
-    assert json.loads((finished_run / "models" / "32x32" / "cvae_parameters.json").read_text())[
-        "reconstruction_loss"] == "calibrated_gaussian"
-    result = run_script("cvae_training_224x224", *TINY_MODEL, "--reconstruction_loss=l1",
-                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'other'}",
-                        f"--latent_tensors_dir={tmp_path / 'other_latents'}")
+    assert (
+        json.loads((finished_run / "models" / "32x32" / "cvae_parameters.json").read_text())[
+            "reconstruction_loss"
+        ]
+        == "calibrated_gaussian"
+    )
+    result = run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        "--reconstruction_loss=l1",
+        f"--processed_images_dir={finished_run / 'processed'}",
+        f"--models_dir={tmp_path / 'other'}",
+        f"--latent_tensors_dir={tmp_path / 'other_latents'}",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--reconstruction_loss" in result.stderr.strip().splitlines()[-1]
 
 
 def test_structural_similarity_matches_tensorflow_and_its_term_trains(finished_run, tmp_path):
     import tensorflow as tf
+
     from cilia_cvae import models
     from cilia_cvae.model_config import ModelConfig
 
@@ -235,27 +322,49 @@ def test_structural_similarity_matches_tensorflow_and_its_term_trains(finished_r
     assert ours == pytest.approx(tf.image.ssim(images, noisy, max_val=1.0).numpy(), abs=1e-5)
     assert np.asarray(models.structural_similarity(images, images)) == pytest.approx(1.0)
     # The term adds exactly D/2 log(1 - SSIM) of each image and its reconstruction to the loss.
-    encoder, decoder = models.build_encoder_and_decoder(ModelConfig(image_size=40, num_classes=2, base_channels=4,
-                                                                    max_channels=8, latent_map_channels=2))
+    encoder, decoder = models.build_encoder_and_decoder(
+        ModelConfig(image_size=40, num_classes=2, base_channels=4, max_channels=8, latent_map_channels=2)
+    )
     assert encoder.outputs[0].shape[-1] == 5 * 5 * 2
     images, labels = tf.constant(images), tf.constant(np.eye(2, dtype="float32")[[0, 1, 0]])
-    losses = {weight: models.CVAE(encoder, decoder, sample_posterior=False, structural_weight=weight)
-              .per_example_losses(images, labels, training=False) for weight in (0.0, 1.0)}
+    losses = {
+        weight: models.CVAE(
+            encoder, decoder, sample_posterior=False, structural_weight=weight
+        ).per_example_losses(images, labels, training=False)
+        for weight in (0.0, 1.0)
+    }
     reconstructions = np.asarray(decoder([encoder([images, labels])[0], labels]))
     expected = 0.5 * 40 * 40 * np.log(1 - np.asarray(models.structural_similarity(images, reconstructions)))
-    assert np.asarray(losses[1.0]["reconstruction_loss"] - losses[0.0]["reconstruction_loss"]) == pytest.approx(
-        expected, rel=1e-3)
-    result = run_script("cvae_training_224x224", *TINY_MODEL, "--epochs=1", "--structural_weight=1",
-                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'models'}",
-                        f"--latent_tensors_dir={tmp_path / 'latents'}")
+    assert np.asarray(
+        losses[1.0]["reconstruction_loss"] - losses[0.0]["reconstruction_loss"]
+    ) == pytest.approx(expected, rel=1e-3)
+    result = run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        "--epochs=1",
+        "--structural_weight=1",
+        f"--processed_images_dir={finished_run / 'processed'}",
+        f"--models_dir={tmp_path / 'models'}",
+        f"--latent_tensors_dir={tmp_path / 'latents'}",
+    )
     assert result.returncode == 0, result.stderr
     parameters = json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())
     assert parameters["structural_weight"] == 1.0
     assert np.isfinite(parameters["final_losses"]["last_epoch"]["reconstruction_loss"])
-    assert json.loads((finished_run / "models" / "32x32" / "cvae_parameters.json").read_text())["structural_weight"] == 0.0
-    result = run_script("cvae_training_224x224", *TINY_MODEL, "--structural_weight=-1",
-                        f"--processed_images_dir={finished_run / 'processed'}", f"--models_dir={tmp_path / 'other'}",
-                        f"--latent_tensors_dir={tmp_path / 'other_latents'}")
+    assert (
+        json.loads((finished_run / "models" / "32x32" / "cvae_parameters.json").read_text())[
+            "structural_weight"
+        ]
+        == 0.0
+    )
+    result = run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        "--structural_weight=-1",
+        f"--processed_images_dir={finished_run / 'processed'}",
+        f"--models_dir={tmp_path / 'other'}",
+        f"--latent_tensors_dir={tmp_path / 'other_latents'}",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--structural_weight must be 0 or more" in result.stderr.strip().splitlines()[-1]
 
@@ -265,19 +374,35 @@ def test_settings_of_old_runs_and_spelled_out_defaults_compare_as_the_run_they_a
 
     # run_settings.json of a run started before these settings existed.
     old = resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40})
-    assert old == resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "RECONSTRUCTION_LOSS": "calibrated_gaussian",
-                                     "STRUCTURAL_WEIGHT": 0})
-    assert old != resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "RECONSTRUCTION_LOSS": "sum_squared_error"})
+    assert old == resolved_settings(
+        {
+            "ARCHITECTURE": "default",
+            "EPOCHS": 40,
+            "RECONSTRUCTION_LOSS": "calibrated_gaussian",
+            "STRUCTURAL_WEIGHT": 0,
+        }
+    )
+    assert old != resolved_settings(
+        {"ARCHITECTURE": "default", "EPOCHS": 40, "RECONSTRUCTION_LOSS": "sum_squared_error"}
+    )
     assert old != resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "STRUCTURAL_WEIGHT": 1})
     assert resolved_settings({"ARCHITECTURE": "original"})["RECONSTRUCTION_LOSS"] == "sum_squared_error"
 
 
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=40)
-    command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path), "--epochs=5"]
+    command = [
+        sys.executable,
+        str(SCRIPTS_DIR / "cvae_training_224x224.py"),
+        *TINY_MODEL,
+        *folders(tmp_path),
+        "--epochs=5",
+    ]
     history = tmp_path / "models" / "32x32" / "training_history.csv"
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+    process = subprocess.Popen(
+        command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment
+    )
     deadline = time.time() + 120
     while len(history_epochs(history)) < 2 and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -321,7 +446,9 @@ def test_a_kill_between_the_checkpoint_and_the_history_row_records_the_epoch_onc
 def run_distributed(mode, processed_dir, output, environment=None):
     return subprocess.Popen(
         [sys.executable, str(HELPERS_DIR / "distributed_steps.py"), mode, str(processed_dir), str(output)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=dict(os.environ, PYTHONPATH=str(SCRIPTS_DIR), TF_CPP_MIN_LOG_LEVEL="2", **(environment or {})),
     )
 
@@ -343,8 +470,16 @@ def distributed_weights(finished_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = [run_distributed("local", finished_run / "processed", folder / "local.npz")] + [
-        run_distributed("workers", finished_run / "processed", folder / "workers.npz", {
-            "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})})
+        run_distributed(
+            "workers",
+            finished_run / "processed",
+            folder / "workers.npz",
+            {
+                "TF_CONFIG": json.dumps(
+                    {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+                )
+            },
+        )
         for index in range(2)
     ]
     for process in processes:
@@ -365,7 +500,10 @@ def test_mirrored_strategy_on_two_devices_makes_the_same_update_as_one(distribut
 
 def test_mixed_precision_recipe_trains_on_the_cpu(distributed_weights):
     assert np.isfinite(distributed_weights["mixed_precision_loss"][0])
-    assert distributed_weights["mixed_precision_loss_scaled"][0] and distributed_weights["mixed_precision_output_float32"][0]
+    assert (
+        distributed_weights["mixed_precision_loss_scaled"][0]
+        and distributed_weights["mixed_precision_output_float32"][0]
+    )
 
 
 def test_two_workers_train_to_the_same_weights_as_one(distributed_weights):
@@ -409,20 +547,34 @@ def test_model_config_derives_the_latent_shape_and_refuses_impossible_sizes():
     assert (ModelConfig().map_side, ModelConfig().latent_length) == (28, 28 * 28 * 4)
     assert ModelConfig(latent_map_stride=0).latent_length == 128
     assert ModelConfig(architecture="original", latent_map_stride=8).map_side == 0
-    assert ModelConfig(reconstruction_loss="auto", architecture="original").reconstruction == "sum_squared_error"
-    for wrong, message in (({"image_size": 33}, "3, 4, 5 or 7 times a power of two"),
-                           ({"latent_map_stride": 3}, "needs a stride among"),
-                           ({"architecture": "transformer"}, "is not one of 'default', 'original'")):
+    assert (
+        ModelConfig(reconstruction_loss="auto", architecture="original").reconstruction == "sum_squared_error"
+    )
+    for wrong, message in (
+        ({"image_size": 33}, "3, 4, 5 or 7 times a power of two"),
+        ({"latent_map_stride": 3}, "needs a stride among"),
+        ({"architecture": "transformer"}, "is not one of 'default', 'original'"),
+    ):
         with pytest.raises(ValueError, match=message):
             ModelConfig(**wrong)
 
 
 def test_a_second_training_into_a_running_one_is_refused_naming_it(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=20)
-    command = [sys.executable, str(SCRIPTS_DIR / "cvae_training_224x224.py"), *TINY_MODEL, *folders(tmp_path),
-               "--epochs=200"]
-    first = subprocess.Popen(command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    command = [
+        sys.executable,
+        str(SCRIPTS_DIR / "cvae_training_224x224.py"),
+        *TINY_MODEL,
+        *folders(tmp_path),
+        "--epochs=200",
+    ]
+    first = subprocess.Popen(
+        command,
+        cwd=REPOSITORY_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
     try:
         checkpoint = tmp_path / "models" / "32x32" / "checkpoints" / "ckpt-1.index"
         deadline = time.time() + 120
@@ -432,7 +584,10 @@ def test_a_second_training_into_a_running_one_is_refused_naming_it(tmp_path):
         second = train(tmp_path, "--epochs=200")
         assert second.returncode == 2 and "Traceback" not in second.stderr
         last_line = second.stderr.strip().splitlines()[-1]
-        assert f"is being written by process {first.pid}" in last_line and "cvae_training_224x224.py" in last_line
+        assert (
+            f"is being written by process {first.pid}" in last_line
+            and "cvae_training_224x224.py" in last_line
+        )
         assert "resuming" not in second.stdout
     finally:
         first.kill()

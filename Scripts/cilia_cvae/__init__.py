@@ -40,8 +40,9 @@ def run_with_startup_notices_filtered(action):
     read_end, write_end = os.pipe()
     try:
         # A separate process, so that what it has read is still written if this one dies in C++.
-        startup_filter = subprocess.Popen([sys.executable, "-I", "-S", "-c", STARTUP_FILTER_PROGRAM],
-                                          stdin=read_end, stderr=original_stderr)
+        startup_filter = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", STARTUP_FILTER_PROGRAM], stdin=read_end, stderr=original_stderr
+        )
     except OSError:
         for descriptor in (read_end, write_end, original_stderr):
             os.close(descriptor)

@@ -26,8 +26,9 @@ def list_images(folder, class_names, limit_per_class=None):
     paths, labels = [], []
     for label, class_name in enumerate(class_names):
         # Hidden files are the temporary names of writes in progress (or of a killed run), never images.
-        class_paths = sorted(path for path in (Path(folder) / class_name).glob("*.png")
-                             if is_visible(path))[:limit_per_class]
+        class_paths = sorted(path for path in (Path(folder) / class_name).glob("*.png") if is_visible(path))[
+            :limit_per_class
+        ]
         paths.extend(class_paths)
         labels.extend([label] * len(class_paths))
     return paths, np.array(labels, dtype=np.int64)
@@ -70,8 +71,11 @@ def build_classifier(image_size, class_count, width=16, steps=None, learning_rat
     outputs = layers.Dense(class_count, activation="softmax", name="class_scores")(x)
     model = keras.Model(inputs, outputs, name="cilia_classifier")
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps) if steps else learning_rate
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     return model
 
 
@@ -84,10 +88,19 @@ def train_classifier(images, labels, class_count, epochs, seed, batch_size=32, v
     steps = epochs * int(np.ceil(len(labels) / batch_size))
     model = build_classifier(images.shape[1], class_count, steps=steps)
     counts = np.bincount(labels, minlength=class_count).astype(np.float64)
-    weights = {label: (len(labels) / (class_count * count)) if count else 0.0 for label, count in enumerate(counts)}
-    model.fit(images[..., None], labels, epochs=epochs, batch_size=batch_size, class_weight=weights,
-              shuffle=True, verbose=verbose,
-              validation_data=None if validation is None else (validation[0][..., None], validation[1]))
+    weights = {
+        label: (len(labels) / (class_count * count)) if count else 0.0 for label, count in enumerate(counts)
+    }
+    model.fit(
+        images[..., None],
+        labels,
+        epochs=epochs,
+        batch_size=batch_size,
+        class_weight=weights,
+        shuffle=True,
+        verbose=verbose,
+        validation_data=None if validation is None else (validation[0][..., None], validation[1]),
+    )
     return model
 
 
@@ -97,8 +110,10 @@ def predict(model, images, batch_size=128):
     # Called batch by batch rather than through Keras' predict: its compiled step is traced anew for
     # every feature model and every batch shape, which made TensorFlow warn about retracing, and it is
     # no faster here.
-    batches = [feature_model(images[start:start + batch_size, ..., None], training=False)
-               for start in range(0, len(images), batch_size)]
+    batches = [
+        feature_model(images[start : start + batch_size, ..., None], training=False)
+        for start in range(0, len(images), batch_size)
+    ]
     if not batches:
         return np.zeros((0, model.output.shape[-1]), np.float32), np.zeros((0, FEATURE_LAYER_WIDTH))
     scores = np.concatenate([keras.ops.convert_to_numpy(batch_scores) for batch_scores, _ in batches])
@@ -119,6 +134,13 @@ def cached_domain_classifier(cache_dir, fingerprint, train_images, train_labels,
     model = train_classifier(train_images, train_labels, class_count, epochs, seed, verbose=2)
     with atomic_path(model_path) as temporary:
         model.save(temporary)
-    write_json_atomic(model_path.with_suffix(".json"), {"fingerprint": fingerprint, "epochs": epochs, "seed": seed,
-                                                       "image_size": int(train_images.shape[1])})
+    write_json_atomic(
+        model_path.with_suffix(".json"),
+        {
+            "fingerprint": fingerprint,
+            "epochs": epochs,
+            "seed": seed,
+            "image_size": int(train_images.shape[1]),
+        },
+    )
     return model, False

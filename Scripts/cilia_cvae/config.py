@@ -45,8 +45,12 @@ def _print_user_errors_as_one_line(exception_type, exception, traceback):
     if issubclass(exception_type, OSError) and exception.errno == errno.ENOSPC:
         sys.stdout.flush()
         where = f" holding {exception.filename}" if exception.filename else ""
-        print(f"error: the disk{where} is full; free some space (or point the output folder elsewhere) and run "
-              f"again: a killed or interrupted run resumes", file=sys.stderr, flush=True)
+        print(
+            f"error: the disk{where} is full; free some space (or point the output folder elsewhere) and run "
+            f"again: a killed or interrupted run resumes",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(USER_ERROR_EXIT_CODE)
     if issubclass(exception_type, KeyboardInterrupt):
         print("\ninterrupted", file=sys.stderr, flush=True)
@@ -104,8 +108,7 @@ def parse_value(name, text, default):
     if default is None or type(value) is type(default):
         return value
     raise UserError(
-        f"--{name.lower()} takes a value of type {type(default).__name__} "
-        f"(default {default!r}), not {text!r}"
+        f"--{name.lower()} takes a value of type {type(default).__name__} (default {default!r}), not {text!r}"
     )
 
 

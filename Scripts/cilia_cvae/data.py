@@ -68,7 +68,9 @@ def hold_out_per_class(paths, labels, validation_fraction, seed, class_names=Non
         members = np.flatnonzero(labels == label)
         if len(members) < 2:
             name = class_names[label] if class_names else label
-            print(f"note: class {name} has a single training image; it trains without validation images of its own")
+            print(
+                f"note: class {name} has a single training image; it trains without validation images of its own"
+            )
             continue
         count = min(len(members) - 1, max(1, round(len(members) * validation_fraction)))
         validation[rng.choice(members, count, replace=False)] = True
@@ -88,7 +90,9 @@ def _to_model_inputs(images, labels, num_classes):
 
 def _decoded_and_cached(paths, labels, image_size):
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    dataset = dataset.map(lambda path, label: (decode_png(path, image_size), label), num_parallel_calls=AUTOTUNE)
+    dataset = dataset.map(
+        lambda path, label: (decode_png(path, image_size), label), num_parallel_calls=AUTOTUNE
+    )
     return dataset.cache()
 
 
@@ -96,14 +100,27 @@ def augmentation(seed):
     """Label-preserving changes: any rotation and both flips (the phantoms and real cilia
     come in either handedness and at any angle). Reflection fills the rotated corners with
     texture like the background rather than with black."""
-    return keras.Sequential([
-        keras.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
-        keras.layers.RandomFlip("horizontal_and_vertical", seed=seed + 1),
-    ], name="augmentation")
+    return keras.Sequential(
+        [
+            keras.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
+            keras.layers.RandomFlip("horizontal_and_vertical", seed=seed + 1),
+        ],
+        name="augmentation",
+    )
 
 
-def training_dataset(paths, labels, num_classes, image_size, batch_size, seed, augment, class_balanced,
-                     pipeline_index=0, pipeline_count=1):
+def training_dataset(
+    paths,
+    labels,
+    num_classes,
+    image_size,
+    batch_size,
+    seed,
+    augment,
+    class_balanced,
+    pipeline_index=0,
+    pipeline_count=1,
+):
     """An endless stream of full, shuffled (optionally class-balanced and augmented) batches.
 
     Endless and full because an epoch is a fixed number of steps: every step then has the same
@@ -116,7 +133,8 @@ def training_dataset(paths, labels, num_classes, image_size, batch_size, seed, a
         # a rare class is seen as often as Normal (its images repeat more, under augmentation).
         streams = [
             _decoded_and_cached(paths[labels == label], labels[labels == label], image_size)
-            .shuffle(int(np.sum(labels == label)), seed=seed + label).repeat()
+            .shuffle(int(np.sum(labels == label)), seed=seed + label)
+            .repeat()
             for label in np.unique(labels)
         ]
         dataset = tf.data.Dataset.sample_from_datasets(streams, seed=seed)
@@ -125,9 +143,12 @@ def training_dataset(paths, labels, num_classes, image_size, batch_size, seed, a
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if augment:
         augmenter = augmentation(seed)
-        dataset = dataset.map(lambda images, labels: (augmenter(images, training=True), labels),
-                              num_parallel_calls=AUTOTUNE)
-    dataset = dataset.map(lambda images, labels: _to_model_inputs(images, labels, num_classes), num_parallel_calls=AUTOTUNE)
+        dataset = dataset.map(
+            lambda images, labels: (augmenter(images, training=True), labels), num_parallel_calls=AUTOTUNE
+        )
+    dataset = dataset.map(
+        lambda images, labels: _to_model_inputs(images, labels, num_classes), num_parallel_calls=AUTOTUNE
+    )
     return dataset.prefetch(AUTOTUNE)
 
 
@@ -137,8 +158,16 @@ def padded_length(example_count, batch_size, pipeline_count, replicas_per_pipeli
     return max(1, math.ceil(example_count / pipeline_count / step)) * step
 
 
-def evaluation_dataset(paths, labels, num_classes, image_size, batch_size,
-                       pipeline_index=0, pipeline_count=1, replicas_per_pipeline=1):
+def evaluation_dataset(
+    paths,
+    labels,
+    num_classes,
+    image_size,
+    batch_size,
+    pipeline_index=0,
+    pipeline_count=1,
+    replicas_per_pipeline=1,
+):
     """Every image once, in order, un-augmented: this pipeline's share, padded with weight-0 copies."""
     length = padded_length(len(paths), batch_size, pipeline_count, replicas_per_pipeline)
     share = np.arange(pipeline_index, len(paths), pipeline_count)
@@ -147,8 +176,11 @@ def evaluation_dataset(paths, labels, num_classes, image_size, batch_size,
     weights = (np.arange(length) < len(share)).astype(np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((paths[indices], labels[indices], weights))
     dataset = dataset.map(
-        lambda path, label, weight: (tf.cast(decode_png(path, image_size), tf.float32) / 255.0,
-                                     tf.one_hot(label, num_classes), weight),
+        lambda path, label, weight: (
+            tf.cast(decode_png(path, image_size), tf.float32) / 255.0,
+            tf.one_hot(label, num_classes),
+            weight,
+        ),
         num_parallel_calls=AUTOTUNE,
     )
     return dataset.cache().batch(batch_size).prefetch(AUTOTUNE)
@@ -158,7 +190,10 @@ def images_in_order(paths, labels, num_classes, image_size, batch_size):
     """Every image once, in the given order, un-augmented: what the latents are computed from."""
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     dataset = dataset.map(
-        lambda path, label: (tf.cast(decode_png(path, image_size), tf.float32) / 255.0, tf.one_hot(label, num_classes)),
+        lambda path, label: (
+            tf.cast(decode_png(path, image_size), tf.float32) / 255.0,
+            tf.one_hot(label, num_classes),
+        ),
         num_parallel_calls=AUTOTUNE,
     )
     return dataset.batch(batch_size).prefetch(AUTOTUNE)

@@ -17,7 +17,9 @@ from cilia_cvae.files import atomic_path, write_json_atomic, write_text_atomic  
 def quality_metrics(features, labels, predictions, class_names, seed):
     """Every feature-space measure of one generated set; `features` etc. are dicts by split name."""
     generated, test, train = features["generated"], features["test"], features["train"]
-    fidelity, fidelity_per_class = metrics.class_fidelity(predictions["generated"], labels["generated"], len(class_names))
+    fidelity, fidelity_per_class = metrics.class_fidelity(
+        predictions["generated"], labels["generated"], len(class_names)
+    )
     kid, kid_std = metrics.kernel_inception_distance(generated, test, seed=seed)
     kid_floor, kid_floor_std = metrics.kernel_inception_distance(train, test, seed=seed)
     precision, recall = metrics.precision_recall(test, generated, k=3)
@@ -27,8 +29,14 @@ def quality_metrics(features, labels, predictions, class_names, seed):
         "class_fidelity_per_class": dict(zip(class_names, fidelity_per_class)),
         "fid": metrics.frechet_distance(generated, test),
         "fid_floor": metrics.frechet_distance(train, test),
-        "kid": kid, "kid_std": kid_std, "kid_floor": kid_floor, "kid_floor_std": kid_floor_std,
-        "precision": precision, "recall": recall, "density": density, "coverage": coverage,
+        "kid": kid,
+        "kid_std": kid_std,
+        "kid_floor": kid_floor,
+        "kid_floor_std": kid_floor_std,
+        "precision": precision,
+        "recall": recall,
+        "density": density,
+        "coverage": coverage,
         **metrics.memorisation(train, test, generated),
     }
     per_class = {}
@@ -36,30 +44,54 @@ def quality_metrics(features, labels, predictions, class_names, seed):
         mask = {split: labels[split] == label for split in ("generated", "test", "train")}
         if mask["generated"].sum() < 2 or mask["test"].sum() < 2:
             continue
-        class_kid, class_kid_std = metrics.kernel_inception_distance(generated[mask["generated"]], test[mask["test"]], seed=seed)
-        class_floor, _ = metrics.kernel_inception_distance(train[mask["train"]], test[mask["test"]], seed=seed)
+        class_kid, class_kid_std = metrics.kernel_inception_distance(
+            generated[mask["generated"]], test[mask["test"]], seed=seed
+        )
+        class_floor, _ = metrics.kernel_inception_distance(
+            train[mask["train"]], test[mask["test"]], seed=seed
+        )
         per_class[class_name] = {
             "generated_images": int(mask["generated"].sum()),
             "class_fidelity": fidelity_per_class[label],
-            "kid": class_kid, "kid_std": class_kid_std, "kid_floor": class_floor,
+            "kid": class_kid,
+            "kid_std": class_kid_std,
+            "kid_floor": class_floor,
         }
     report["per_class"] = per_class
     return report
 
 
-def evaluate_generated(processed_dir, generated_dir, class_names, fingerprint, classifier_cache_dir,
-                       classifier_size, classifier_epochs, images_per_class, seed):
+def evaluate_generated(
+    processed_dir,
+    generated_dir,
+    class_names,
+    fingerprint,
+    classifier_cache_dir,
+    classifier_size,
+    classifier_epochs,
+    images_per_class,
+    seed,
+):
     """Train or load the judge, embed real and generated images, and compute every measure."""
     paths, labels = {}, {}
     for split in ("train", "test"):
         paths[split], labels[split] = list_images(Path(processed_dir) / split, class_names)
     paths["generated"], labels["generated"] = list_images(generated_dir, class_names, images_per_class)
-    unknown = sorted({path.name for path in Path(generated_dir).iterdir() if path.is_dir()} - set(class_names))
+    unknown = sorted(
+        {path.name for path in Path(generated_dir).iterdir() if path.is_dir()} - set(class_names)
+    )
     if unknown:
         raise UserError(f"generated folders {unknown} are not classes of the processed data {class_names}")
     images = {split: load_images(paths[split], classifier_size) for split in paths}
-    judge, reused = cached_domain_classifier(classifier_cache_dir, fingerprint, images["train"], labels["train"],
-                                             len(class_names), classifier_epochs, seed)
+    judge, reused = cached_domain_classifier(
+        classifier_cache_dir,
+        fingerprint,
+        images["train"],
+        labels["train"],
+        len(class_names),
+        classifier_epochs,
+        seed,
+    )
     scores, features, predictions = {}, {}, {}
     for split in images:
         scores[split], features[split] = predict(judge, images[split])
@@ -71,16 +103,21 @@ def evaluate_generated(processed_dir, generated_dir, class_names, fingerprint, c
         "real_accuracy": float(np.mean(predictions["test"] == labels["test"])),
         "real_accuracy_per_class": {
             name: float(np.mean(predictions["test"][labels["test"] == label] == label))
-            for label, name in enumerate(class_names) if (labels["test"] == label).any()
+            for label, name in enumerate(class_names)
+            if (labels["test"] == label).any()
         },
         "judge_reused_from_cache": reused,
         "classifier_size": classifier_size,
         "classifier_epochs": classifier_epochs,
-        "counts": {split: {name: int((labels[split] == label).sum()) for label, name in enumerate(class_names)}
-                   for split in labels},
+        "counts": {
+            split: {name: int((labels[split] == label).sum()) for label, name in enumerate(class_names)}
+            for split in labels
+        },
         **quality_metrics(features, labels, predictions, class_names, seed),
     }
-    report["confusion"] = confusion_matrix(labels["generated"], predictions["generated"], len(class_names)).tolist()
+    report["confusion"] = confusion_matrix(
+        labels["generated"], predictions["generated"], len(class_names)
+    ).tolist()
     report["class_names"] = list(class_names)
     return report
 
@@ -96,7 +133,12 @@ def _plot_report(report, path):
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     shares = [report["class_fidelity_per_class"][name] for name in class_names]
     left.bar(class_names, shares, color="#4a7ab0")
-    left.axhline(report["class_fidelity"], color="black", linestyle="--", label=f"overall {report['class_fidelity']:.0%}")
+    left.axhline(
+        report["class_fidelity"],
+        color="black",
+        linestyle="--",
+        label=f"overall {report['class_fidelity']:.0%}",
+    )
     left.set_ylim(0, 1)
     left.set_ylabel("share classified as the requested class")
     left.set_title("Class fidelity of generated images")
@@ -111,8 +153,15 @@ def _plot_report(report, path):
     right.set_title("Generated images: requested vs judged class")
     for row in range(len(class_names)):
         for column in range(len(class_names)):
-            right.text(column, row, f"{rows[row, column]:.2f}", ha="center", va="center",
-                       color="white" if rows[row, column] > 0.5 else "black", fontsize=8)
+            right.text(
+                column,
+                row,
+                f"{rows[row, column]:.2f}",
+                ha="center",
+                va="center",
+                color="white" if rows[row, column] > 0.5 else "black",
+                fontsize=8,
+            )
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=110, format="png")
@@ -122,10 +171,13 @@ def _plot_report(report, path):
 def markdown_report(report):
     class_names = report["class_names"]
     lines = [
-        "# Evaluation report", "",
+        "# Evaluation report",
+        "",
         f"Judge: a CNN at {report['classifier_size']} px trained {report['classifier_epochs']} epochs on the real "
-        f"training split; accuracy on the real test split **{report['real_accuracy']:.1%}**.", "",
-        "| measure | generated | real-vs-real floor |", "| --- | --- | --- |",
+        f"training split; accuracy on the real test split **{report['real_accuracy']:.1%}**.",
+        "",
+        "| measure | generated | real-vs-real floor |",
+        "| --- | --- | --- |",
         f"| class fidelity | {report['class_fidelity']:.1%} | {report['real_accuracy']:.1%} (judge accuracy) |",
         f"| KID (x1000, +- spread over subsets) | {1000 * report['kid']:.2f} +- {1000 * report['kid_std']:.2f} "
         f"| {1000 * report['kid_floor']:.2f} +- {1000 * report['kid_floor_std']:.2f} |",
@@ -134,36 +186,53 @@ def markdown_report(report):
         f"| density / coverage (k=5) | {report['density']:.2f} / {report['coverage']:.2f} | |",
         f"| memorisation ratio (median nearest-train distance, generated / test) | {report['memorisation_ratio']:.2f} | 1.00 |",
         f"| near-copies of training images | {report['near_copy_share']:.1%} | |",
-        "", "## Per class", "",
+        "",
+        "## Per class",
+        "",
         "| class | generated | fidelity | KID x1000 | floor x1000 | judge accuracy on real test |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in class_names:
         row = report["per_class"].get(name)
         if row:
-            lines.append(f"| {name} | {row['generated_images']} | {row['class_fidelity']:.1%} | {1000 * row['kid']:.2f} "
-                         f"| {1000 * row['kid_floor']:.2f} | {report['real_accuracy_per_class'].get(name, float('nan')):.1%} |")
+            lines.append(
+                f"| {name} | {row['generated_images']} | {row['class_fidelity']:.1%} | {1000 * row['kid']:.2f} "
+                f"| {1000 * row['kid_floor']:.2f} | {report['real_accuracy_per_class'].get(name, float('nan')):.1%} |"
+            )
     lines += ["", "![class fidelity](evaluation_fidelity.png)", ""]
     if report.get("usefulness"):
-        lines += ["## Usefulness: a classifier trained on real vs real + synthetic data", "",
-                  "Macro-F1 on the real test split, mean +- standard deviation over seeds (each seed's score the "
-                  "mean of its classifier repeats); the generator used at a fraction was trained on that fraction "
-                  "only. The gain is real + synthetic minus real only, seed by seed.", "",
-                  "| share of real training data | real only | real + synthetic | synthetic only | gain per seed |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Usefulness: a classifier trained on real vs real + synthetic data",
+            "",
+            "Macro-F1 on the real test split, mean +- standard deviation over seeds (each seed's score the "
+            "mean of its classifier repeats); the generator used at a fraction was trained on that fraction "
+            "only. The gain is real + synthetic minus real only, seed by seed.",
+            "",
+            "| share of real training data | real only | real + synthetic | synthetic only | gain per seed |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for fraction, result in report["usefulness"].items():
-            cells = [f"{result[f'{name}_f1']:.3f} +- {result[f'{name}_f1_std']:.3f}"
-                     for name in ("real_only", "real_plus_synthetic", "synthetic_only")]
+            cells = [
+                f"{result[f'{name}_f1']:.3f} +- {result[f'{name}_f1_std']:.3f}"
+                for name in ("real_only", "real_plus_synthetic", "synthetic_only")
+            ]
             cells.append(", ".join(f"{gain:+.3f}" for gain in result.get("gain_per_seed", [])))
             lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells) + " |")
-        lines += ["", "Recall per class (mean over seeds):", "",
-                  "| share | variant | " + " | ".join(class_names) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in class_names) + " |"]
+        lines += [
+            "",
+            "Recall per class (mean over seeds):",
+            "",
+            "| share | variant | " + " | ".join(class_names) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in class_names) + " |",
+        ]
         for fraction, result in report["usefulness"].items():
             for name in ("real_only", "real_plus_synthetic", "synthetic_only"):
                 recalls = result[f"{name}_recall_per_class"]
-                lines.append(f"| {float(fraction):.0%} | {name.replace('_', ' ')} | "
-                             + " | ".join(f"{recalls[class_name]:.2f}" for class_name in class_names) + " |")
+                lines.append(
+                    f"| {float(fraction):.0%} | {name.replace('_', ' ')} | "
+                    + " | ".join(f"{recalls[class_name]:.2f}" for class_name in class_names)
+                    + " |"
+                )
         lines.append("")
     return "\n".join(lines)
 

@@ -29,7 +29,9 @@ def _show(axis, image, title=None):
 def image_grid(rows, row_labels, column_titles, path, title):
     """A grid of grayscale images: one row per class, the titles above the first row."""
     row_count, column_count = len(rows), max(len(row) for row in rows)
-    figure, axes = plt.subplots(row_count, column_count, figsize=(1.6 * column_count, 1.7 * row_count), squeeze=False)
+    figure, axes = plt.subplots(
+        row_count, column_count, figsize=(1.6 * column_count, 1.7 * row_count), squeeze=False
+    )
     for row_index, row in enumerate(rows):
         for column_index in range(column_count):
             axis = axes[row_index][column_index]
@@ -51,12 +53,20 @@ def image_comparison(real_paths, generated_paths, class_names, path, examples=4)
         generated = [Image.open(item).convert("L") for item in generated_paths.get(class_name, [])[:examples]]
         real += [None] * (examples - len(real))
         rows.append(real + generated)
-    titles = [f"real {index + 1}" for index in range(examples)] + [f"generated {index + 1}" for index in range(examples)]
+    titles = [f"real {index + 1}" for index in range(examples)] + [
+        f"generated {index + 1}" for index in range(examples)
+    ]
     image_grid(rows, class_names, titles, path, "Real training images (left) beside generated ones (right)")
 
 
-def cross_resolution(real_paths, generated_by_size, class_names, path, examples=2,
-                     title="Real images beside generated ones at each resolution"):
+def cross_resolution(
+    real_paths,
+    generated_by_size,
+    class_names,
+    path,
+    examples=2,
+    title="Real images beside generated ones at each resolution",
+):
     """A row per class: real examples, then generated ones of each source (resolution or model),
     as the original's Image Comparison did for resolutions."""
     rows, titles = [], [f"real {index + 1}" for index in range(examples)]
@@ -78,13 +88,22 @@ def latent_space(latents_by_class, path):
 
     class_names = list(latents_by_class)
     stacked = np.concatenate([latents_by_class[name] for name in class_names])
-    points = PCA(n_components=2, random_state=0).fit_transform(stacked) if len(stacked) > 2 else np.zeros((len(stacked), 2))
+    points = (
+        PCA(n_components=2, random_state=0).fit_transform(stacked)
+        if len(stacked) > 2
+        else np.zeros((len(stacked), 2))
+    )
     figure, axis = plt.subplots(figsize=(6.5, 5.5))
     start = 0
     for class_name in class_names:
         count = len(latents_by_class[class_name])
-        axis.scatter(points[start:start + count, 0], points[start:start + count, 1], s=6, alpha=0.6,
-                     label=f"{class_name} ({count})")
+        axis.scatter(
+            points[start : start + count, 0],
+            points[start : start + count, 1],
+            s=6,
+            alpha=0.6,
+            label=f"{class_name} ({count})",
+        )
         start += count
     axis.set_xlabel("principal component 1")
     axis.set_ylabel("principal component 2")
@@ -93,7 +112,9 @@ def latent_space(latents_by_class, path):
     save_figure(figure, path)
 
 
-def class_interpolation(decode, latent_dim, class_names, reference_class, reference_latent, defect_latents, path, steps=6):
+def class_interpolation(
+    decode, latent_dim, class_names, reference_class, reference_latent, defect_latents, path, steps=6
+):
     """Top row: one latent decoded under every class label. Below: morphs from the reference class to each defect.
 
     `decode(latents, label_vectors)` returns uint8 images; label vectors may blend two classes.
@@ -107,13 +128,17 @@ def class_interpolation(decode, latent_dim, class_names, reference_class, refere
     morph_rows = []
     for defect in defects:
         target = class_names.index(defect)
-        latents = np.array([(1 - t) * reference_latent + t * defect_latents[defect] for t in fractions], np.float32)
+        latents = np.array(
+            [(1 - t) * reference_latent + t * defect_latents[defect] for t in fractions], np.float32
+        )
         labels = np.zeros((steps, count), np.float32)
         labels[:, reference] = 1 - fractions
         labels[:, target] = fractions
         morph_rows.append(decode(latents, labels))
     columns = max(count, steps)
-    figure, axes = plt.subplots(1 + len(defects), columns, figsize=(1.6 * columns, 1.75 * (1 + len(defects))), squeeze=False)
+    figure, axes = plt.subplots(
+        1 + len(defects), columns, figsize=(1.6 * columns, 1.75 * (1 + len(defects))), squeeze=False
+    )
     for column in range(columns):
         if column < count:
             _show(axes[0][column], top_row[column], f"as {class_names[column]}")
@@ -127,7 +152,9 @@ def class_interpolation(decode, latent_dim, class_names, reference_class, refere
             else:
                 axes[row][column].axis("off")
         axes[row][0].set_ylabel(f"{reference_class}\n-> {defect}", fontsize=9)
-    figure.suptitle("One latent under each class label (top); morphs towards each defect (below)", fontsize=11)
+    figure.suptitle(
+        "One latent under each class label (top); morphs towards each defect (below)", fontsize=11
+    )
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -147,13 +174,24 @@ def real_phantom_generated(real_tem_paths, phantom_paths, generated_paths, class
     if real_tem_paths:
         # Real crops are not square: shown squashed to the model's square, as preprocessing does.
         side = Image.open(phantom_paths[class_names[0]][0]).size[0]
-        rows.append([Image.open(item).convert("L").resize((side, side)) for item in real_tem_paths[:2 * examples]])
+        rows.append(
+            [Image.open(item).convert("L").resize((side, side)) for item in real_tem_paths[: 2 * examples]]
+        )
         labels.append("real TEM")
-    titles = [f"phantom {index + 1}" for index in range(examples)] + [f"generated {index + 1}" for index in range(examples)]
-    image_grid(rows, labels, titles, path, "Phantoms (left) and generated images (right) per class; real TEM crops below, when given")
+    titles = [f"phantom {index + 1}" for index in range(examples)] + [
+        f"generated {index + 1}" for index in range(examples)
+    ]
+    image_grid(
+        rows,
+        labels,
+        titles,
+        path,
+        "Phantoms (left) and generated images (right) per class; real TEM crops below, when given",
+    )
 
 
 # Training progress: the sample grid of every epoch and the loss curves.
+
 
 def sample_grid(model, latents, labels, references, num_classes, *, posterior_draws=False):
     """A uint8 mosaic, one row per class: a reference image, its reconstruction, then the
@@ -166,8 +204,10 @@ def sample_grid(model, latents, labels, references, num_classes, *, posterior_dr
     reconstructions = model.decoder([z_mean.numpy(), reference_labels], training=False).numpy()
     if posterior_draws:
         columns = len(latents) // num_classes
-        latents = (np.repeat(z_mean.numpy(), columns, axis=0)
-                   + np.repeat(np.exp(0.5 * z_log_var.numpy()), columns, axis=0) * latents)
+        latents = (
+            np.repeat(z_mean.numpy(), columns, axis=0)
+            + np.repeat(np.exp(0.5 * z_log_var.numpy()), columns, axis=0) * latents
+        )
     samples = model.decoder([latents, labels], training=False).numpy()
     size = reference.shape[1]
     rows = samples.reshape(num_classes, -1, size, size)
@@ -179,7 +219,9 @@ def sample_grid(model, latents, labels, references, num_classes, *, posterior_dr
 def save_sample_figure(path, grid, class_names, epoch, posterior_draws=False):
     """The training sample grid with its rows named by class and its first two columns explained."""
     row_height = grid.shape[0] / len(class_names)
-    figure, axis = plt.subplots(figsize=(grid.shape[1] / row_height * 1.6 + 2.0, len(class_names) * 1.6 + 0.8))
+    figure, axis = plt.subplots(
+        figsize=(grid.shape[1] / row_height * 1.6 + 2.0, len(class_names) * 1.6 + 0.8)
+    )
     axis.imshow(grid, cmap="gray", vmin=0, vmax=255)
     axis.set_yticks([(row + 0.5) * row_height for row in range(len(class_names))], class_names)
     axis.set_xticks([(column + 0.5) * row_height for column in range(2)], ["real", "reconstructed"])

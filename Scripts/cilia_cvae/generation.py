@@ -14,22 +14,29 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 import keras
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
-from cilia_cvae import models,F401  (registers the custom layers the saved models use)
+from cilia_cvae import models  # noqa: F401  (registers the custom layers the saved models use)
 from cilia_cvae.config import UserError
 from cilia_cvae.files import sha256_of_file, write_png_atomic
-from cilia_cvae.layout import GeneratedLayout, RunLayout
+from cilia_cvae.layout import RunLayout
 
 SAMPLING_MODES = ("posterior", "prior", "class_density")
-MANIFEST_COLUMNS = ["file", "class", "sampling", "temperature", "seed", "source_latent_index",
-                    "aspect_ratio", "model_fingerprint", "image_size"]
+MANIFEST_COLUMNS = [
+    "file",
+    "class",
+    "sampling",
+    "temperature",
+    "seed",
+    "source_latent_index",
+    "aspect_ratio",
+    "model_fingerprint",
+    "image_size",
+]
 # The tEXt key under which each generated PNG carries its own manifest row.
 MANIFEST_ROW_KEY = "cilia_cvae_manifest_row"
 FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
@@ -44,14 +51,18 @@ def training_script_for(image_size):
 def read_parameters(layout, image_size):
     """A finished run's cvae_parameters.json, or one line saying what is wrong with it."""
     if not layout.parameters.is_file() or not layout.decoder.is_file():
-        raise UserError(f"no trained model in {layout.directory}; run {training_script_for(image_size)} first")
+        raise UserError(
+            f"no trained model in {layout.directory}; run {training_script_for(image_size)} first"
+        )
     try:
         parameters = json.loads(layout.parameters.read_text(encoding="utf-8"))
         for key in ("class_names", "latent_dim", "image_size"):
             parameters[key]
     except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{layout.parameters} is damaged ({type(error).__name__}: {error}); "
-                        f"train again with {training_script_for(image_size)} --fresh=True") from None
+        raise UserError(
+            f"{layout.parameters} is damaged ({type(error).__name__}: {error}); "
+            f"train again with {training_script_for(image_size)} --fresh=True"
+        ) from None
     return parameters
 
 
@@ -59,13 +70,19 @@ def load_decoder(layout, image_size, latent_dim):
     """The saved decoder in safe mode; a damaged file is one line naming it."""
     try:
         decoder = keras.models.load_model(layout.decoder, safe_mode=True, compile=False)
-    except Exception as error:  # Keras raises several kinds (ValueError, OSError, zipfile errors) for one fault
-        raise UserError(f"{layout.decoder} cannot be loaded ({type(error).__name__}); it is damaged or "
-                        f"incomplete: copy it again or train again with --fresh=True") from None
+    except (
+        Exception
+    ) as error:  # Keras raises several kinds (ValueError, OSError, zipfile errors) for one fault
+        raise UserError(
+            f"{layout.decoder} cannot be loaded ({type(error).__name__}); it is damaged or "
+            f"incomplete: copy it again or train again with --fresh=True"
+        ) from None
     decoder_latent_dim = int(decoder.inputs[0].shape[-1])
     if decoder_latent_dim != latent_dim:
-        raise UserError(f"the decoder in {layout.directory} takes {decoder_latent_dim} latent values but its "
-                        f"cvae_parameters.json says {latent_dim}; train again with --fresh=True")
+        raise UserError(
+            f"the decoder in {layout.directory} takes {decoder_latent_dim} latent values but its "
+            f"cvae_parameters.json says {latent_dim}; train again with --fresh=True"
+        )
     return decoder
 
 
@@ -76,15 +93,19 @@ def check_provenance(layout, parameters, decoder_fingerprint, image_size):
     if run_fingerprint is None:
         return None
     if decoder_fingerprint != run_fingerprint:
-        raise UserError(f"{layout.decoder} is not the decoder its cvae_parameters.json was written with "
-                        f"(another run's file?); copy the whole run folder again or train again with --fresh=True")
+        raise UserError(
+            f"{layout.decoder} is not the decoder its cvae_parameters.json was written with "
+            f"(another run's file?); copy the whole run folder again or train again with --fresh=True"
+        )
     try:
         record = json.loads(layout.latent_record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         record = {}
     if record.get("run_fingerprint") != run_fingerprint:
-        raise UserError(f"the latent tensors in {layout.latent_directory} belong to another model than "
-                        f"{layout.directory}; run {training_script_for(image_size)} --fresh=True to write both again")
+        raise UserError(
+            f"the latent tensors in {layout.latent_directory} belong to another model than "
+            f"{layout.directory}; run {training_script_for(image_size)} --fresh=True to write both again"
+        )
     return record.get("sha256", {})
 
 
@@ -94,15 +115,23 @@ def load_latents(path, latent_dim, expected_hash):
     try:
         values = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as error:
-        raise UserError(f"{path} is not a plain latent array ({error}); it was not written by training") from None
+        raise UserError(
+            f"{path} is not a plain latent array ({error}); it was not written by training"
+        ) from None
     if values.ndim != 2 or values.shape[1] != latent_dim:
-        raise UserError(f"latent tensors in {path} have shape {values.shape}, but the decoder takes "
-                        f"{latent_dim} latent values; they belong to another model")
+        raise UserError(
+            f"latent tensors in {path} have shape {values.shape}, but the decoder takes "
+            f"{latent_dim} latent values; they belong to another model"
+        )
     if not np.issubdtype(values.dtype, np.floating) or not np.all(np.isfinite(values)):
-        raise UserError(f"{path} holds values that are not finite numbers; run the training again with --fresh=True")
+        raise UserError(
+            f"{path} holds values that are not finite numbers; run the training again with --fresh=True"
+        )
     if expected_hash is not None and expected_hash != sha256_of_file(path):
-        raise UserError(f"latent tensors in {path} belong to another model or were changed after training "
-                        f"(the hash differs from latents.json); run the training again with --fresh=True")
+        raise UserError(
+            f"latent tensors in {path} belong to another model or were changed after training "
+            f"(the hash differs from latents.json); run the training again with --fresh=True"
+        )
     return values.astype(np.float32)
 
 
@@ -119,16 +148,27 @@ def load_trained_generator(models_dir, latent_tensors_dir, image_size):
         paths = [layout.latent(name, class_name) for name in ("z_mean", "z_log_var")]
         missing = [path.name for path in paths if not path.is_file()]
         if missing:
-            raise UserError(f"latent tensors {', '.join(missing)} missing in {layout.latent_directory}; "
-                            f"run {training_script_for(image_size)} again to write them")
-        z_mean, z_log_var = (load_latents(path, latent_dim, None if hashes is None else hashes.get(path.name))
-                             for path in paths)
+            raise UserError(
+                f"latent tensors {', '.join(missing)} missing in {layout.latent_directory}; "
+                f"run {training_script_for(image_size)} again to write them"
+            )
+        z_mean, z_log_var = (
+            load_latents(path, latent_dim, None if hashes is None else hashes.get(path.name))
+            for path in paths
+        )
         if z_mean.shape != z_log_var.shape:
-            raise UserError(f"z_mean and z_log_var of {class_name} in {layout.latent_directory} differ in shape; "
-                            f"they belong to different runs")
+            raise UserError(
+                f"z_mean and z_log_var of {class_name} in {layout.latent_directory} differ in shape; "
+                f"they belong to different runs"
+            )
         latents[class_name] = (z_mean, z_log_var)
-    return {"parameters": parameters, "decoder": decoder, "latents": latents,
-            "fingerprint": fingerprint, "model_dir": layout.directory}
+    return {
+        "parameters": parameters,
+        "decoder": decoder,
+        "latents": latents,
+        "fingerprint": fingerprint,
+        "model_dir": layout.directory,
+    }
 
 
 # A generated micrograph is noisy, so PNG barely compresses it: about one byte per pixel, plus headers.
@@ -142,11 +182,15 @@ def check_room_for(output_dir, image_count, image_size):
     needed = image_count * (image_size * image_size * BYTES_PER_PIXEL_ESTIMATE + 400)
     free = shutil.disk_usage(output_dir).free
     if needed > free:
-        raise UserError(f"{image_count:,} images of {image_size} px need about {needed / 1e9:,.1f} GB, but the disk "
-                        f"holding {output_dir} has {free / 1e9:,.1f} GB free; ask for fewer with --images_per_class")
+        raise UserError(
+            f"{image_count:,} images of {image_size} px need about {needed / 1e9:,.1f} GB, but the disk "
+            f"holding {output_dir} has {free / 1e9:,.1f} GB free; ask for fewer with --images_per_class"
+        )
     if image_count > ANNOUNCE_ABOVE_IMAGES:
-        print(f"generating {image_count:,} images: about {needed / 1e9:,.1f} GB in {output_dir} "
-              f"({free / 1e9:,.1f} GB free); at a few hundred images/s on 2 cores this takes hours")
+        print(
+            f"generating {image_count:,} images: about {needed / 1e9:,.1f} GB in {output_dir} "
+            f"({free / 1e9:,.1f} GB free); at a few hundred images/s on 2 cores this takes hours"
+        )
 
 
 def fit_class_density(z_mean, seed):
@@ -208,14 +252,19 @@ def restore_aspect(image, aspect_ratio, resize_mode):
 
 def next_file_number(generated_layout, class_name):
     """One past the highest Synthetic_<Class>_<N>.png already there, so nothing is overwritten."""
-    numbers = [int(match.group(1)) for path in generated_layout.images(class_name)
-               if (match := FILE_NUMBER_PATTERN.match(path.name))]
+    numbers = [
+        int(match.group(1))
+        for path in generated_layout.images(class_name)
+        if (match := FILE_NUMBER_PATTERN.match(path.name))
+    ]
     return max(numbers, default=0) + 1
 
 
 def make_decode_function(decoder, batch_size, latent_dim, num_classes):
     """A compiled decode of fixed batch shape (the last batch is padded), so it is traced once."""
-    decode = tf.function(lambda latents, labels: decoder([latents, labels], training=False), reduce_retracing=True)
+    decode = tf.function(
+        lambda latents, labels: decoder([latents, labels], training=False), reduce_retracing=True
+    )
 
     def decode_batch(latents, label):
         count = len(latents)
@@ -233,7 +282,9 @@ def decode_mixed(decoder, latents, label_vectors, batch_size=64):
     """Decode any latents under any (possibly blended) label vectors; for figures."""
     outputs = []
     for start in range(0, len(latents), batch_size):
-        images = decoder([latents[start:start + batch_size], label_vectors[start:start + batch_size]], training=False)
+        images = decoder(
+            [latents[start : start + batch_size], label_vectors[start : start + batch_size]], training=False
+        )
         outputs.append(np.asarray(images)[..., 0])
     return np.clip(np.rint(np.concatenate(outputs) * 255.0), 0, 255).astype(np.uint8)
 
@@ -256,7 +307,9 @@ def read_manifest_files(manifest_path):
         if reader.fieldnames is None:
             return set()
         if "file" not in reader.fieldnames:
-            raise UserError(f"{manifest_path} does not start with its header row; move it aside and run again")
+            raise UserError(
+                f"{manifest_path} does not start with its header row; move it aside and run again"
+            )
         return {row["file"] for row in reader}
 
 
@@ -275,11 +328,16 @@ def reconcile_with_disk(generated_layout, class_names):
                 continue
             with Image.open(path) as image:
                 stored = image.text.get(MANIFEST_ROW_KEY) if hasattr(image, "text") else None
-            recovered.append(json.loads(stored) if stored else
-                             {"file": f"{class_name}/{path.name}", "class": class_name, "sampling": "unknown"})
+            recovered.append(
+                json.loads(stored)
+                if stored
+                else {"file": f"{class_name}/{path.name}", "class": class_name, "sampling": "unknown"}
+            )
     if recovered:
         append_manifest_rows(manifest_path, recovered)
-        print(f"recorded {len(recovered)} image(s) a killed run wrote without manifest rows in {manifest_path}")
+        print(
+            f"recorded {len(recovered)} image(s) a killed run wrote without manifest rows in {manifest_path}"
+        )
     return len(recovered)
 
 
@@ -304,8 +362,20 @@ def finish_batch(pending, manifest, manifest_file, progress):
     progress.update(len(rows))
 
 
-def generate(generator, generated_layout, *, class_names, images_per_class, sampling, temperature, seed,
-             restore_aspect_ratio, raw_statistics, batch_size, progress):
+def generate(
+    generator,
+    generated_layout,
+    *,
+    class_names,
+    images_per_class,
+    sampling,
+    temperature,
+    seed,
+    restore_aspect_ratio,
+    raw_statistics,
+    batch_size,
+    progress,
+):
     """Decode and write images class by class, a batch at a time; append a manifest row per image."""
     parameters = generator["parameters"]
     all_classes = list(parameters["class_names"])
@@ -315,8 +385,10 @@ def generate(generator, generated_layout, *, class_names, images_per_class, samp
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     new_manifest = not manifest_path.exists()
     written = {}
-    with open(manifest_path, "a", newline="", encoding="utf-8") as manifest_file, \
-            ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers:
+    with (
+        open(manifest_path, "a", newline="", encoding="utf-8") as manifest_file,
+        ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers,
+    ):
         manifest = csv.DictWriter(manifest_file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         if new_manifest:
             manifest.writeheader()
@@ -326,27 +398,42 @@ def generate(generator, generated_layout, *, class_names, images_per_class, samp
             # other classes are asked for in the same run.
             rng = np.random.default_rng([seed, label])
             z_mean, z_log_var = generator["latents"][class_name]
-            latents, sources = draw_latents(sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed)
-            aspects = (draw_aspect_ratios(images_per_class, raw_statistics, rng) if restore_aspect_ratio
-                       else np.ones(images_per_class))
+            latents, sources = draw_latents(
+                sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed
+            )
+            aspects = (
+                draw_aspect_ratios(images_per_class, raw_statistics, rng)
+                if restore_aspect_ratio
+                else np.ones(images_per_class)
+            )
             class_dir = generated_layout.class_folder(class_name)
             class_dir.mkdir(parents=True, exist_ok=True)
             first_number = next_file_number(generated_layout, class_name)
             paths = []
             pending = None  # the previous batch's writes, finishing while this batch decodes
             for start in range(0, images_per_class, batch_size):
-                images = decode_batch(latents[start:start + batch_size], label)
+                images = decode_batch(latents[start : start + batch_size], label)
                 rows, jobs = [], []
                 for offset, pixels in enumerate(images):
                     index = start + offset
                     path = generated_layout.image(class_name, first_number + index)
                     aspect = aspects[index] if restore_aspect_ratio else None
-                    row = {"file": f"{class_name}/{path.name}", "class": class_name, "sampling": sampling,
-                           "temperature": temperature, "seed": seed, "source_latent_index": int(sources[index]),
-                           "aspect_ratio": round(float(aspects[index]), 4),
-                           "model_fingerprint": generator["fingerprint"], "image_size": image_size}
-                    jobs.append(writers.submit(save_generated, path, pixels, aspect,
-                                               parameters.get("resize_mode", "squash"), row))
+                    row = {
+                        "file": f"{class_name}/{path.name}",
+                        "class": class_name,
+                        "sampling": sampling,
+                        "temperature": temperature,
+                        "seed": seed,
+                        "source_latent_index": int(sources[index]),
+                        "aspect_ratio": round(float(aspects[index]), 4),
+                        "model_fingerprint": generator["fingerprint"],
+                        "image_size": image_size,
+                    }
+                    jobs.append(
+                        writers.submit(
+                            save_generated, path, pixels, aspect, parameters.get("resize_mode", "squash"), row
+                        )
+                    )
                     paths.append(path)
                     rows.append(row)
                 finish_batch(pending, manifest, manifest_file, progress)

@@ -96,7 +96,9 @@ def read_grayscale(path, stretch_percentiles=None):
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image file Pillow can read") from None
     except PermissionError:
-        raise UnreadableImage("permission denied: this user may not read the file (check its permissions)") from None
+        raise UnreadableImage(
+            "permission denied: this user may not read the file (check its permissions)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage("image larger than Pillow's safety limit (a decompression bomb?)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -121,7 +123,10 @@ def make_square(pixels, size, resize_mode):
         extra_rows, extra_columns = side - height, side - width
         pixels = np.pad(
             pixels,
-            ((extra_rows // 2, extra_rows - extra_rows // 2), (extra_columns // 2, extra_columns - extra_columns // 2)),
+            (
+                (extra_rows // 2, extra_rows - extra_rows // 2),
+                (extra_columns // 2, extra_columns - extra_columns // 2),
+            ),
             mode="symmetric",
         )
     elif resize_mode != "squash":

@@ -32,8 +32,9 @@ def folder_lock(folder):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise UserError(f"{folder} is being written by {holder}; wait for it to finish (or stop it), "
-                            f"then run again") from None
+            raise UserError(
+                f"{folder} is being written by {holder}; wait for it to finish (or stop it), then run again"
+            ) from None
         command = shlex.join([Path(sys.executable).name, *sys.argv])
         handle.seek(0)
         handle.truncate()

@@ -14,7 +14,9 @@ from scipy import linalg
 from sklearn.metrics import pairwise_distances
 
 SQUARE_ROOT_TOLERANCE = 1e-3  # relative error of a matrix square root above which FID's is not trusted
-COPY_DISTANCE_FRACTION = 0.2  # nearer to a training image than this share of the typical test-to-train distance is a near-copy
+COPY_DISTANCE_FRACTION = (
+    0.2  # nearer to a training image than this share of the typical test-to-train distance is a near-copy
+)
 
 
 def feature_standardiser(real_features, floor_fraction=0.1):
@@ -72,11 +74,16 @@ def frechet_distance(features_a, features_b):
         offset = np.eye(covariance_a.shape[0]) * 1e-6
         root, error = checked_square_root((covariance_a + offset) @ (covariance_b + offset))
         if error > SQUARE_ROOT_TOLERANCE:
-            warnings.warn(f"FID is inexact (its matrix square root is off by {error:.1%}); judge more "
-                          f"images per class than the judge's {covariance_a.shape[0]} features", stacklevel=2)
+            warnings.warn(
+                f"FID is inexact (its matrix square root is off by {error:.1%}); judge more "
+                f"images per class than the judge's {covariance_a.shape[0]} features",
+                stacklevel=2,
+            )
     # The product of two covariances has real, non-negative eigenvalues; an imaginary part is round-off.
     root = np.real(root)
-    return float(np.sum((mean_a - mean_b) ** 2) + np.trace(covariance_a) + np.trace(covariance_b) - 2 * np.trace(root))
+    return float(
+        np.sum((mean_a - mean_b) ** 2) + np.trace(covariance_a) + np.trace(covariance_b) - 2 * np.trace(root)
+    )
 
 
 def kernel_inception_distance(features_a, features_b, subset_count=50, subset_size=200, seed=0):
@@ -98,9 +105,11 @@ def kernel_inception_distance(features_a, features_b, subset_count=50, subset_si
         kernel_yy = (y @ y.T / dimension + 1) ** 3
         kernel_xy = (x @ y.T / dimension + 1) ** 3
         off_diagonal = size * (size - 1)
-        estimate = ((kernel_xx.sum() - np.trace(kernel_xx)) / off_diagonal
-                    + (kernel_yy.sum() - np.trace(kernel_yy)) / off_diagonal
-                    - 2 * kernel_xy.mean())
+        estimate = (
+            (kernel_xx.sum() - np.trace(kernel_xx)) / off_diagonal
+            + (kernel_yy.sum() - np.trace(kernel_yy)) / off_diagonal
+            - 2 * kernel_xy.mean()
+        )
         estimates.append(estimate)
     return float(np.mean(estimates)), float(np.std(estimates))
 

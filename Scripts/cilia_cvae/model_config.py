@@ -26,8 +26,10 @@ def smallest_map_size(image_size):
         quotient = image_size // side
         if image_size % side == 0 and quotient & (quotient - 1) == 0 and quotient >= 4:
             return side
-    raise ValueError(f"image size {image_size} must be 3, 4, 5 or 7 times a power of two, at least 4 times "
-                     f"(e.g. 32, 64, 128, 224, 448)")
+    raise ValueError(
+        f"image size {image_size} must be 3, 4, 5 or 7 times a power of two, at least 4 times "
+        f"(e.g. 32, 64, 128, 224, 448)"
+    )
 
 
 def latent_map_side(image_size, stride):
@@ -68,14 +70,18 @@ class ModelConfig:
     structural_weight: float = 0.0
 
     def __post_init__(self):
-        for name, value, choices in (("architecture", self.architecture, ARCHITECTURES),
-                                     ("reconstruction_loss", self.reconstruction_loss, RECONSTRUCTION_LOSSES)):
+        for name, value, choices in (
+            ("architecture", self.architecture, ARCHITECTURES),
+            ("reconstruction_loss", self.reconstruction_loss, RECONSTRUCTION_LOSSES),
+        ):
             if value not in choices:
                 listed = ", ".join(repr(choice) for choice in choices)
                 raise ValueError(f"--{name}={value!r} is not one of {listed}")
         if self.architecture == "original" and self.image_size % 8:
-            raise ValueError(f"the original decoder upsamples three times, so the image size must be a "
-                             f"multiple of 8, not {self.image_size}")
+            raise ValueError(
+                f"the original decoder upsamples three times, so the image size must be a "
+                f"multiple of 8, not {self.image_size}"
+            )
         if self.architecture == "default":
             smallest_map_size(self.image_size)
             latent_map_side(self.image_size, self.latent_map_stride)
@@ -138,6 +144,10 @@ PRESETS = {
     224: Preset(model=ModelConfig(image_size=224), batch_size=32),
     # One level deeper than the 224 model, with twice its latent and low-resolution width; the
     # map stays 28 x 28, so each cell covers the same tissue as at 224.
-    448: Preset(model=ModelConfig(image_size=448, latent_dim=256, max_channels=256, latent_map_stride=16,
-                                  latent_map_channels=8), batch_size=16),
+    448: Preset(
+        model=ModelConfig(
+            image_size=448, latent_dim=256, max_channels=256, latent_map_stride=16, latent_map_channels=8
+        ),
+        batch_size=16,
+    ),
 }

@@ -47,7 +47,9 @@ class LabelChannels(layers.Layer):
     def call(self, inputs):
         images, labels = inputs
         height, width = ops.shape(images)[1], ops.shape(images)[2]
-        planes = ops.broadcast_to(labels[:, None, None, :], (ops.shape(images)[0], height, width, ops.shape(labels)[-1]))
+        planes = ops.broadcast_to(
+            labels[:, None, None, :], (ops.shape(images)[0], height, width, ops.shape(labels)[-1])
+        )
         return ops.concatenate([images, ops.cast(planes, images.dtype)], axis=-1)
 
     def compute_output_shape(self, input_shapes):
@@ -122,25 +124,34 @@ def _residual_block(x, labels, name):
 # latent map at 1/8 of the image side (28 x 28 x 4 at 224) lets each cell describe its own
 # patch, and the same model draws doublets, dynein arms and the central pair.
 
+
 def _levels_to(image_size, side):
     """How many stride-2 steps after the stem lead from image_size / 2 down to a map of this side."""
     return int(round(math.log2(image_size // 2 // side)))
 
 
 def build_default_encoder(model_config):
-    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
+    image_size, num_classes, latent_dim = (
+        model_config.image_size,
+        model_config.num_classes,
+        model_config.latent_length,
+    )
     channels = model_config.channels
     side = model_config.map_side
     if side:
         # A spatial latent stops the encoder at that resolution.
-        channels = channels[:_levels_to(image_size, side) + 1]
+        channels = channels[: _levels_to(image_size, side) + 1]
     images = keras.Input((image_size, image_size, 1), name="images")
     labels = keras.Input((num_classes,), name="labels")
     x = LabelChannels(name="label_channels")([images, labels])
     x = layers.Conv2D(channels[0], 4, strides=2, padding="same", name="stem")(x)
     for level, width in enumerate(channels[1:], start=1):
         # No normalisation at half resolution: it costs more time there than it brings.
-        x = _normalise_and_activate(x, f"down{level}") if level > 1 else layers.Activation("swish", name="stem_swish")(x)
+        x = (
+            _normalise_and_activate(x, f"down{level}")
+            if level > 1
+            else layers.Activation("swish", name="stem_swish")(x)
+        )
         x = layers.Conv2D(width, 3, strides=2, padding="same", name=f"down{level}_conv")(x)
     x = _residual_block(x, labels=None, name="encoder_block")
     x = _normalise_and_activate(x, "head")
@@ -149,9 +160,11 @@ def build_default_encoder(model_config):
         # can draw locally, instead of one global code the decoder must map onto positions.
         map_channels = latent_dim // (side * side)
         z_mean = layers.Flatten(dtype="float32", name="z_mean")(
-            layers.Conv2D(map_channels, 1, dtype="float32", name="z_mean_map")(x))
+            layers.Conv2D(map_channels, 1, dtype="float32", name="z_mean_map")(x)
+        )
         z_log_var = layers.Flatten(dtype="float32", name="z_log_var")(
-            layers.Conv2D(map_channels, 1, dtype="float32", name="z_log_var_map")(x))
+            layers.Conv2D(map_channels, 1, dtype="float32", name="z_log_var_map")(x)
+        )
         return keras.Model([images, labels], [z_mean, z_log_var], name="encoder")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Concatenate(name="with_label")([x, labels])
@@ -161,11 +174,15 @@ def build_default_encoder(model_config):
 
 
 def build_default_decoder(model_config):
-    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
+    image_size, num_classes, latent_dim = (
+        model_config.image_size,
+        model_config.num_classes,
+        model_config.latent_length,
+    )
     channels = model_config.channels
     side = map_side = model_config.map_side
     if side:
-        channels = channels[:_levels_to(image_size, side) + 1]
+        channels = channels[: _levels_to(image_size, side) + 1]
     else:
         side = smallest_map_size(image_size)
     channels = channels[::-1]
@@ -188,7 +205,9 @@ def build_default_decoder(model_config):
         x = layers.Activation("swish", name=f"up{level}_swish")(x)
     x = _residual_block(x, labels, name="decoder_block_half_resolution")
     x = layers.Activation("swish", name="head_swish")(x)
-    outputs = layers.Conv2DTranspose(1, 4, strides=2, padding="same", activation="sigmoid", dtype="float32", name="image")(x)
+    outputs = layers.Conv2DTranspose(
+        1, 4, strides=2, padding="same", activation="sigmoid", dtype="float32", name="image"
+    )(x)
     return keras.Model([latents, labels], outputs, name="decoder")
 
 
@@ -200,7 +219,11 @@ def _original_encoder_pools(image_size):
 
 
 def build_original_encoder(model_config):
-    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
+    image_size, num_classes, latent_dim = (
+        model_config.image_size,
+        model_config.num_classes,
+        model_config.latent_length,
+    )
     images = keras.Input((image_size, image_size, 1), name="images")
     labels = keras.Input((num_classes,), name="labels")
     x = images
@@ -220,7 +243,11 @@ def build_original_encoder(model_config):
 
 
 def build_original_decoder(model_config):
-    image_size, num_classes, latent_dim = model_config.image_size, model_config.num_classes, model_config.latent_length
+    image_size, num_classes, latent_dim = (
+        model_config.image_size,
+        model_config.num_classes,
+        model_config.latent_length,
+    )
     side = image_size // 8
     latents = keras.Input((latent_dim,), name="z")
     labels = keras.Input((num_classes,), name="labels")
@@ -251,7 +278,9 @@ def structural_similarity(images, reconstructions):
     profile = ops.exp(-ops.square(offsets) / (2 * SSIM_SIGMA**2))
     profile = profile / ops.sum(profile)
     channels = images.shape[-1]
-    window = ops.tile(ops.reshape(ops.outer(profile, profile), (SSIM_WINDOW, SSIM_WINDOW, 1, 1)), (1, 1, channels, 1))
+    window = ops.tile(
+        ops.reshape(ops.outer(profile, profile), (SSIM_WINDOW, SSIM_WINDOW, 1, 1)), (1, 1, channels, 1)
+    )
 
     def local_mean(values):
         return ops.depthwise_conv(values, window, padding="valid")
@@ -260,8 +289,11 @@ def structural_similarity(images, reconstructions):
     variance_x = local_mean(ops.square(images)) - ops.square(mean_x)
     variance_y = local_mean(ops.square(reconstructions)) - ops.square(mean_y)
     covariance = local_mean(images * reconstructions) - mean_x * mean_y
-    similarity = ((2 * mean_x * mean_y + SSIM_C1) * (2 * covariance + SSIM_C2)
-                  / ((ops.square(mean_x) + ops.square(mean_y) + SSIM_C1) * (variance_x + variance_y + SSIM_C2)))
+    similarity = (
+        (2 * mean_x * mean_y + SSIM_C1)
+        * (2 * covariance + SSIM_C2)
+        / ((ops.square(mean_x) + ops.square(mean_y) + SSIM_C1) * (variance_x + variance_y + SSIM_C2))
+    )
     return ops.mean(similarity, axis=(1, 2, 3))
 
 
@@ -277,8 +309,16 @@ class CVAE(keras.Model):
     update equals that of one device seeing the whole batch.
     """
 
-    def __init__(self, encoder, decoder, reconstruction="calibrated_gaussian", sample_posterior=True, seed=None,
-                 structural_weight=0.0, **kwargs):
+    def __init__(
+        self,
+        encoder,
+        decoder,
+        reconstruction="calibrated_gaussian",
+        sample_posterior=True,
+        seed=None,
+        structural_weight=0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if reconstruction not in ("calibrated_gaussian", "sum_squared_error"):
             raise ValueError(f"unknown reconstruction loss {reconstruction!r}")
@@ -330,11 +370,21 @@ class CVAE(keras.Model):
             # Gaussian, D/2 log(1 - SSIM): its pull does not fade as reconstructions improve,
             # and a weight of 1 gives structure as much say as the pixel values.
             dissimilarity = 1.0 - structural_similarity(ops.cast(images, "float32"), reconstructions)
-            reconstruction_loss = reconstruction_loss + self.structural_weight * 0.5 * self.pixel_count * ops.log(
-                ops.maximum(dissimilarity, MINIMUM_STRUCTURAL_DISSIMILARITY))
+            reconstruction_loss = (
+                reconstruction_loss
+                + self.structural_weight
+                * 0.5
+                * self.pixel_count
+                * ops.log(ops.maximum(dissimilarity, MINIMUM_STRUCTURAL_DISSIMILARITY))
+            )
         kl_loss = -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1)
         loss = reconstruction_loss + self.kl_weight * kl_loss
-        return {"loss": loss, "reconstruction_loss": reconstruction_loss, "kl_loss": kl_loss, "squared_error": squared_error}
+        return {
+            "loss": loss,
+            "reconstruction_loss": reconstruction_loss,
+            "kl_loss": kl_loss,
+            "squared_error": squared_error,
+        }
 
     def _update_trackers(self, losses, weights):
         for name, tracker in self.trackers.items():

@@ -203,7 +203,10 @@ def sample_normal_cilium(rng):
         membrane_thickness=rng.uniform(7.0, 8.0),
         membrane_harmonics=harmonics,
         doublets=doublets,
-        central_tubules=[centre + CENTRAL_PAIR_HALF_DISTANCE * axis, centre - CENTRAL_PAIR_HALF_DISTANCE * axis],
+        central_tubules=[
+            centre + CENTRAL_PAIR_HALF_DISTANCE * axis,
+            centre - CENTRAL_PAIR_HALF_DISTANCE * axis,
+        ],
         central_angle=central_angle,
         sheath_centre=centre.copy(),
     )
@@ -402,7 +405,7 @@ def make_view(pixels_per_nm, rotation, stretch, stretch_angle, mirror, offset):
     return View(matrix=matrix, offset=np.asarray(offset, dtype=float))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unit_circle(count):
     turns = np.linspace(0.0, 2 * math.pi, count, endpoint=False)
     return np.stack([np.cos(turns), np.sin(turns)], axis=1)
@@ -493,7 +496,10 @@ def draw_cilium(draw, cilium, view):
         a_centre = doublet.a_tubule_centre()
         head = a_centre - SPOKE_HEAD_INSET * outward
         polygon(segment(a_centre - 10.0 * outward, head, 1.9), DENSITY["spoke"])
-        polygon(ellipse(head, 6.0, count=20, minor_radius=3.8, angle=doublet.angle + math.pi / 2), DENSITY["spoke_head"])
+        polygon(
+            ellipse(head, 6.0, count=20, minor_radius=3.8, angle=doublet.angle + math.pi / 2),
+            DENSITY["spoke_head"],
+        )
 
     # Nexin links join each A tubule to the next doublet's B tubule, clockwise.
     for index, doublet in enumerate(doublets):
@@ -529,10 +535,15 @@ def draw_central_pair(polygon, cilium):
                 away = (centre - pair_centre) / np.linalg.norm(centre - pair_centre)
                 for turn, length in ((1.15, 23.0), (-1.15, 20.0), (0.0, 17.0)):
                     direction = rotation_matrix(turn) @ away
-                    polygon(segment(centre + 10.0 * direction, centre + length * direction, 2.4), DENSITY["projection"])
+                    polygon(
+                        segment(centre + 10.0 * direction, centre + length * direction, 2.4),
+                        DENSITY["projection"],
+                    )
         if cilium.central_bridge:
             for side in (-4.5, 4.5):
-                polygon(segment(tubules[0] + side * across, tubules[1] + side * across, 1.5), DENSITY["bridge"])
+                polygon(
+                    segment(tubules[0] + side * across, tubules[1] + side * across, 1.5), DENSITY["bridge"]
+                )
     for centre in tubules:
         polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS), DENSITY["tubule_wall"])
         polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS - TUBULE_WALL), DENSITY["central_lumen"])
@@ -586,7 +597,9 @@ def compose_section(rng, cilium, width, height):
     slack = (1.0 - fill) * 0.4 * np.array([width, height])
     centre = (np.array([width, height]) / 2 + rng.uniform(-1, 1, size=2) * slack) * supersample
     mirror = bool(rng.random() < 0.5)
-    view = make_view(canvas_per_nm, rng.uniform(0, 2 * math.pi), stretch, rng.uniform(0, math.pi), mirror, centre)
+    view = make_view(
+        canvas_per_nm, rng.uniform(0, 2 * math.pi), stretch, rng.uniform(0, math.pi), mirror, centre
+    )
 
     main_extent = outer_extent(cilium, stretch)
     neighbours = []
@@ -598,9 +611,16 @@ def compose_section(rng, cilium, width, height):
         position = centre + canvas_per_nm * distance * np.array([math.cos(direction), math.sin(direction)])
         # Neighbours in one section share the orientation of the epithelium, so the handedness too.
         neighbour_view = make_view(
-            canvas_per_nm, rng.uniform(0, 2 * math.pi), neighbour_stretch, rng.uniform(0, math.pi), mirror, position
+            canvas_per_nm,
+            rng.uniform(0, 2 * math.pi),
+            neighbour_stretch,
+            rng.uniform(0, math.pi),
+            mirror,
+            position,
         )
-        neighbours.append((neighbour, neighbour_view, canvas_per_nm * outer_extent(neighbour, neighbour_stretch)))
+        neighbours.append(
+            (neighbour, neighbour_view, canvas_per_nm * outer_extent(neighbour, neighbour_stretch))
+        )
     microvilli = []
     for _ in range(rng.choice(5, p=[0.45, 0.25, 0.15, 0.1, 0.05])):
         radius = rng.uniform(35.0, 55.0)
@@ -646,7 +666,9 @@ def apply_microscope(rng, density, pixels_per_nm):
     density = ndimage.gaussian_filter(density, rng.uniform(1.5, 3.2) * pixels_per_nm, truncate=3.0)
     intensity = np.exp(-ABSORPTION * density)
     # Uneven section thickness and illumination: a few broad, faint patches.
-    intensity *= 1.0 + rng.uniform(0.02, 0.07) * upsampled_noise(rng, shape, max(shape) / rng.uniform(2.0, 5.0))
+    intensity *= 1.0 + rng.uniform(0.02, 0.07) * upsampled_noise(
+        rng, shape, max(shape) / rng.uniform(2.0, 5.0)
+    )
     # Shot noise: few electrons per pixel make dark areas noisier in relative terms; the
     # detector's point spread correlates neighbouring pixels a little, which reads as grain.
     grain = rng.standard_normal(shape, dtype=np.float32)

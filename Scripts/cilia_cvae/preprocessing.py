@@ -22,15 +22,31 @@ from tqdm import tqdm
 from cilia_cvae.config import UserError
 from cilia_cvae.files import write_csv_atomic, write_json_atomic
 from cilia_cvae.images import UnreadableImage, make_square, read_grayscale
-from cilia_cvae.locks import folder_lock
 from cilia_cvae.layout import FACTS_FILE_NAME, MANIFEST_FILE_NAME, SPLITS, ProcessedLayout, size_folder_name
+from cilia_cvae.locks import folder_lock
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"}
 SYSTEM_FILE_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
-STATISTICS_COLUMNS = ["width_mean", "width_std", "height_mean", "height_std", "aspect_ratio_mean", "aspect_ratio_std"]
+STATISTICS_COLUMNS = [
+    "width_mean",
+    "width_std",
+    "height_mean",
+    "height_std",
+    "aspect_ratio_mean",
+    "aspect_ratio_std",
+]
 MANIFEST_COLUMNS = [
-    "source_path", "class", "outcome", "reason", "content_hash",
-    "width", "height", "format", "mode", "bit_depth", "processed_path",
+    "source_path",
+    "class",
+    "outcome",
+    "reason",
+    "content_hash",
+    "width",
+    "height",
+    "format",
+    "mode",
+    "bit_depth",
+    "processed_path",
 ]
 
 
@@ -41,8 +57,10 @@ LARGEST_IMAGE_SIZE = 4096
 def check_image_size(image_size):
     """The sizes preprocessing can make: a multiple of 8 (the models halve it 3 times), 16 to 4096."""
     if image_size < 16 or image_size % 8 or image_size > LARGEST_IMAGE_SIZE:
-        raise UserError(f"--image_size must be a multiple of 8 between 16 and {LARGEST_IMAGE_SIZE} (the models "
-                        f"halve it 3 times), not {image_size}")
+        raise UserError(
+            f"--image_size must be a multiple of 8 between 16 and {LARGEST_IMAGE_SIZE} (the models "
+            f"halve it 3 times), not {image_size}"
+        )
 
 
 def read_processed_facts(processed_images_dir, image_size):
@@ -85,16 +103,36 @@ def find_raw_files(raw_images_dir):
         if any(part.startswith(".") for part in parts) or path.name.lower() in SYSTEM_FILE_NAMES:
             found.append((relative, parts[0] if len(parts) > 1 else None, "hidden or operating-system file"))
         elif len(parts) == 1:
-            found.append((relative, None, "file directly in the raw folder; put images in a folder named after their class"))
+            found.append(
+                (
+                    relative,
+                    None,
+                    "file directly in the raw folder; put images in a folder named after their class",
+                )
+            )
         elif len(parts) > 2:
-            found.append((relative, parts[0], f"inside a sub-folder of class {parts[0]}; only files directly in a class folder are used"))
+            found.append(
+                (
+                    relative,
+                    parts[0],
+                    f"inside a sub-folder of class {parts[0]}; only files directly in a class folder are used",
+                )
+            )
         elif path.is_symlink() and path.is_dir():
-            found.append((relative, parts[0], f"a symbolic link to a folder inside class {parts[0]}; only files "
-                                              f"directly in a class folder are used"))
+            found.append(
+                (
+                    relative,
+                    parts[0],
+                    f"a symbolic link to a folder inside class {parts[0]}; only files "
+                    f"directly in a class folder are used",
+                )
+            )
         elif path.is_symlink() and not path.exists():
             found.append((relative, parts[0], "broken link"))
         elif not path.is_file():
-            found.append((relative, parts[0], "not a regular file (a named pipe, socket or device); not read"))
+            found.append(
+                (relative, parts[0], "not a regular file (a named pipe, socket or device); not read")
+            )
         else:
             found.append((relative, parts[0], None))
     return found
@@ -122,13 +160,13 @@ def _process_one(task):
 
 def _split_key(seed, relative_path):
     """A stable pseudo-random rank per file: the same split on every re-run, whatever the file order."""
-    return hashlib.sha256(f"{seed}:{relative_path.as_posix()}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{seed}:{relative_path.as_posix()}".encode()).hexdigest()
 
 
 def assign_splits(kept_by_class, test_fraction, seed):
     """Stratified split: per class, round(n * fraction) test images, at least one of each split when n >= 2."""
     split_of = {}
-    for class_name, relatives in kept_by_class.items():
+    for relatives in kept_by_class.values():
         ranked = sorted(relatives, key=lambda relative: _split_key(seed, relative))
         count = len(ranked)
         test_count = int(round(count * test_fraction))
@@ -166,9 +204,12 @@ def raw_statistics(rows):
     heights = np.array([row["height"] for row in rows], dtype=np.float64)
     aspects = widths / heights
     return {
-        "width_mean": widths.mean(), "width_std": widths.std(),
-        "height_mean": heights.mean(), "height_std": heights.std(),
-        "aspect_ratio_mean": aspects.mean(), "aspect_ratio_std": aspects.std(),
+        "width_mean": widths.mean(),
+        "width_std": widths.std(),
+        "height_mean": heights.mean(),
+        "height_std": heights.std(),
+        "aspect_ratio_mean": aspects.mean(),
+        "aspect_ratio_std": aspects.std(),
     }
 
 
@@ -179,8 +220,10 @@ def manifest_rows_and_candidates(raw_images_dir):
     rows = {}
     for relative, class_name, reason in found:
         rows[relative] = {
-            "source_path": relative.as_posix(), "class": class_name or "",
-            "outcome": "rejected" if reason else "", "reason": reason or "",
+            "source_path": relative.as_posix(),
+            "class": class_name or "",
+            "outcome": "rejected" if reason else "",
+            "reason": reason or "",
         }
     candidates = [relative for relative, _, reason in found if reason is None]
     if not candidates:
@@ -208,16 +251,22 @@ def end_with_parent():
         pass
 
 
-def stage_images(candidates, rows, *, raw_images_dir, staging_dir, image_size, resize_mode, stretch_percentiles,
-                 workers):
+def stage_images(
+    candidates, rows, *, raw_images_dir, staging_dir, image_size, resize_mode, stretch_percentiles, workers
+):
     """Read, square and resize every candidate on every core into staging_dir, named by content hash."""
-    tasks = [(raw_images_dir / relative, staging_dir, image_size, resize_mode, stretch_percentiles)
-             for relative in candidates]
+    tasks = [
+        (raw_images_dir / relative, staging_dir, image_size, resize_mode, stretch_percentiles)
+        for relative in candidates
+    ]
     worker_count = workers or len(os.sched_getaffinity(0))
     with ProcessPoolExecutor(max_workers=worker_count, initializer=end_with_parent) as executor:
-        results = executor.map(_process_one, tasks, chunksize=max(1, min(32, len(tasks) // (4 * worker_count))))
-        for relative, result in tqdm(zip(candidates, results), total=len(tasks), desc="preprocessing",
-                                     unit="image", mininterval=1.0):
+        results = executor.map(
+            _process_one, tasks, chunksize=max(1, min(32, len(tasks) // (4 * worker_count)))
+        )
+        for relative, result in tqdm(
+            zip(candidates, results), total=len(tasks), desc="preprocessing", unit="image", mininterval=1.0
+        ):
             rows[relative].update(result)
             if "content_hash" not in result:
                 rows[relative]["outcome"] = "rejected"
@@ -239,15 +288,22 @@ def keep_distinct_images(candidates, rows, raw_images_dir):
         classes = classes_by_hash[row["content_hash"]]
         if len(classes) > 1:
             others = ", ".join(sorted(classes - {row["class"]}))
-            row.update(outcome="conflict", reason=f"the same image is also labelled {others}; left out of every class")
+            row.update(
+                outcome="conflict",
+                reason=f"the same image is also labelled {others}; left out of every class",
+            )
         elif first_by_hash[row["content_hash"]] != relative:
-            row.update(outcome="duplicate",
-                       reason=f"same pixels as {first_by_hash[row['content_hash']].as_posix()}, kept once")
+            row.update(
+                outcome="duplicate",
+                reason=f"same pixels as {first_by_hash[row['content_hash']].as_posix()}, kept once",
+            )
         else:
             kept_by_class[row["class"]].append(relative)
     if len(kept_by_class) < 2:
         only = ", ".join(sorted(kept_by_class)) or "none"
-        left_out = Counter(row["outcome"] for row in rows.values() if row["outcome"] in ("rejected", "duplicate", "conflict"))
+        left_out = Counter(
+            row["outcome"] for row in rows.values() if row["outcome"] in ("rejected", "duplicate", "conflict")
+        )
         raise UserError(
             f"usable images found in {len(kept_by_class)} class(es) ({only}) in {raw_images_dir}, but a conditional "
             f"model needs at least two class folders with images (files left out: {dict(left_out) or 'none'})"
@@ -264,12 +320,21 @@ def copy_into_splits(work_dir, staging_dir, rows, split_of, names):
         target = work_dir / split / row["class"] / names[relative]
         shutil.copyfile(staging_dir / f"{row['content_hash']}.png", target)
         row.update(outcome=split, processed_path=f"{split}/{row['class']}/{names[relative]}")
-        fingerprint.update(f"{row['processed_path']}:{row['content_hash']}\n".encode("utf-8"))
+        fingerprint.update(f"{row['processed_path']}:{row['content_hash']}\n".encode())
     return fingerprint.hexdigest()
 
 
-def preprocess(*, raw_images_dir, processed_images_dir, image_size, resize_mode, test_fraction, seed,
-               stretch_percentiles=None, workers=0):
+def preprocess(
+    *,
+    raw_images_dir,
+    processed_images_dir,
+    image_size,
+    resize_mode,
+    test_fraction,
+    seed,
+    stretch_percentiles=None,
+    workers=0,
+):
     """Run the whole stage; return the summary dictionary that the script prints."""
     raw_images_dir = Path(raw_images_dir)
     layout = ProcessedLayout(Path(processed_images_dir), image_size)
@@ -277,9 +342,18 @@ def preprocess(*, raw_images_dir, processed_images_dir, image_size, resize_mode,
     layout.root.mkdir(parents=True, exist_ok=True)
     with folder_lock(layout.directory):
         remove_leftovers_of_killed_runs(layout)
-        return build_processed_folder(layout, raw_images_dir, found, rows, candidates, resize_mode=resize_mode,
-                                      test_fraction=test_fraction, seed=seed,
-                                      stretch_percentiles=stretch_percentiles, workers=workers)
+        return build_processed_folder(
+            layout,
+            raw_images_dir,
+            found,
+            rows,
+            candidates,
+            resize_mode=resize_mode,
+            test_fraction=test_fraction,
+            seed=seed,
+            stretch_percentiles=stretch_percentiles,
+            workers=workers,
+        )
 
 
 def remove_leftovers_of_killed_runs(layout):
@@ -289,8 +363,19 @@ def remove_leftovers_of_killed_runs(layout):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def build_processed_folder(layout, raw_images_dir, found, rows, candidates, *, resize_mode, test_fraction, seed,
-                           stretch_percentiles, workers):
+def build_processed_folder(
+    layout,
+    raw_images_dir,
+    found,
+    rows,
+    candidates,
+    *,
+    resize_mode,
+    test_fraction,
+    seed,
+    stretch_percentiles,
+    workers,
+):
     """Process every candidate into a hidden folder, then swap it in place of the previous output."""
     image_size = layout.image_size
     # Built in a hidden folder beside the final one, then swapped in: a killed run leaves the old output.
@@ -298,8 +383,16 @@ def build_processed_folder(layout, raw_images_dir, found, rows, candidates, *, r
     try:
         staging_dir = work_dir / "staging"
         staging_dir.mkdir()
-        stage_images(candidates, rows, raw_images_dir=raw_images_dir, staging_dir=staging_dir, image_size=image_size,
-                     resize_mode=resize_mode, stretch_percentiles=stretch_percentiles, workers=workers)
+        stage_images(
+            candidates,
+            rows,
+            raw_images_dir=raw_images_dir,
+            staging_dir=staging_dir,
+            image_size=image_size,
+            resize_mode=resize_mode,
+            stretch_percentiles=stretch_percentiles,
+            workers=workers,
+        )
         kept_by_class = keep_distinct_images(candidates, rows, raw_images_dir)
         class_names = sorted(kept_by_class)
         split_of = assign_splits(kept_by_class, test_fraction, seed)

@@ -24,16 +24,25 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 if str(REPOSITORY_ROOT / "Scripts") not in sys.path:
     sys.path.insert(0, str(REPOSITORY_ROOT / "Scripts"))
 
-from cilia_cvae import config
-from cilia_cvae.config import constant_comments
+from cilia_cvae import config  # noqa: E402  (after the path is set)
+from cilia_cvae.config import constant_comments  # noqa: E402
 
 README = REPOSITORY_ROOT / "README.md"
 SETTINGS = REPOSITORY_ROOT / "docs" / "settings.md"
 RESULTS = REPOSITORY_ROOT / "docs" / "results.md"
 DOCUMENTS = (README, SETTINGS, RESULTS)
-SETTINGS_SCRIPTS = ("demo", "make_phantom_dataset", "cvae_pre_processing", "cvae_training_224x224",
-                    "cvae_training_448x448", "cvae_inference", "cvae_evaluate", "cvae_usefulness", "cvae_compare",
-                    "cvae_benchmark")
+SETTINGS_SCRIPTS = (
+    "demo",
+    "make_phantom_dataset",
+    "cvae_pre_processing",
+    "cvae_training_224x224",
+    "cvae_training_448x448",
+    "cvae_inference",
+    "cvae_evaluate",
+    "cvae_usefulness",
+    "cvae_compare",
+    "cvae_benchmark",
+)
 
 
 def _block(kind, argument):
@@ -93,8 +102,11 @@ def _percent(value):
 def _contenders(relative_path):
     """The comparison file and its contenders by name: original, default, then the candidates."""
     comparison = json.loads((REPOSITORY_ROOT / relative_path).read_text(encoding="utf-8"))
-    contenders = {"original": comparison.get("original"), "default": comparison.get("default"),
-                  **comparison.get("candidates", {})}
+    contenders = {
+        "original": comparison.get("original"),
+        "default": comparison.get("default"),
+        **comparison.get("candidates", {}),
+    }
     return comparison, {name: result for name, result in contenders.items() if result}
 
 
@@ -111,26 +123,35 @@ def _quality_cells(result):
 
 
 def _budget_sentence(comparison, contenders):
-    return (f"Judge accuracy on the real test split: "
-            f"{100 * contenders[next(iter(contenders))]['real_accuracy']:.1f}%. "
-            f"Budget: {comparison['epochs']} epochs at {comparison['image_size']} px "
-            f"for every trained contender. "
-            f"Machine: {comparison['machine']}. ")
+    return (
+        f"Judge accuracy on the real test split: "
+        f"{100 * contenders[next(iter(contenders))]['real_accuracy']:.1f}%. "
+        f"Budget: {comparison['epochs']} epochs at {comparison['image_size']} px "
+        f"for every trained contender. "
+        f"Machine: {comparison['machine']}. "
+    )
 
 
 def _usefulness_rows(contenders):
     """One row per contender and share of the real data whose usefulness was measured."""
-    rows = ["", ("| contender | share of the real training data | macro-F1 real only | real + synthetic "
-                 "| synthetic only | gain per seed (real + synthetic minus real only) |"),
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "",
+        (
+            "| contender | share of the real training data | macro-F1 real only | real + synthetic "
+            "| synthetic only | gain per seed (real + synthetic minus real only) |"
+        ),
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, result in contenders.items():
         for fraction, values in (result.get("usefulness") or {}).items():
             seeds, repeats = values.get("seeds", "?"), values.get("classifier_repeats", 1)
             runs = f"{seeds} seed{'' if seeds == 1 else 's'}"
             runs += f" x {repeats} classifiers" if repeats > 1 else ""
             gains = ", ".join(f"{gain:+.3f}" for gain in values.get("gain_per_seed", [])) or "not recorded"
-            scores = " | ".join(f"{values[f'{arm}_f1']:.3f} +- {values[f'{arm}_f1_std']:.3f}"
-                                for arm in ("real_only", "real_plus_synthetic", "synthetic_only"))
+            scores = " | ".join(
+                f"{values[f'{arm}_f1']:.3f} +- {values[f'{arm}_f1_std']:.3f}"
+                for arm in ("real_only", "real_plus_synthetic", "synthetic_only")
+            )
             rows.append(f"| {name} | {_percent(float(fraction))} ({runs}) | {scores} | {gains} |")
     return rows if len(rows) > 3 else []
 
@@ -139,10 +160,14 @@ def evaluation_table(relative_path):
     """The comparison of docs/evaluation_<S>.json as markdown: one row per contender, then usefulness."""
     comparison, contenders = _contenders(relative_path)
     original_kid = contenders["original"]["kid"] if "original" in contenders else None
-    rows = [("| contender | change against the default | class fidelity (lowest class) "
-             "| KID +- spread (floor) | KID distance to the floor closed vs original | FID (floor) "
-             "| precision / recall | memorisation ratio (near-copies) | best epoch |"),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        (
+            "| contender | change against the default | class fidelity (lowest class) "
+            "| KID +- spread (floor) | KID distance to the floor closed vs original | FID (floor) "
+            "| precision / recall | memorisation ratio (near-copies) | best epoch |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, result in contenders.items():
         overrides = result["training"]["overrides"] + result["inference"]["overrides"]
         change = " ".join(overrides) or "(the default)"
@@ -150,40 +175,58 @@ def evaluation_table(relative_path):
         if original_kid is not None and name != "original" and original_kid != result["kid_floor"]:
             closed = _percent((original_kid - result["kid"]) / (original_kid - result["kid_floor"]))
         cells = _quality_cells(result)
-        rows.append(f"| {name} | `{change}` | {cells['fidelity']} | {cells['kid']} | {closed} "
-                    f"| {cells['fid']} | {cells['precision_recall']} | {cells['memorisation']} "
-                    f"| {result['training']['best_epoch']} of {result['training']['epochs']} |")
+        rows.append(
+            f"| {name} | `{change}` | {cells['fidelity']} | {cells['kid']} | {closed} "
+            f"| {cells['fid']} | {cells['precision_recall']} | {cells['memorisation']} "
+            f"| {result['training']['best_epoch']} of {result['training']['epochs']} |"
+        )
     rows += _usefulness_rows(contenders)
     commands = comparison.get("commands", [comparison["command"]])
-    introduction = ("Commands (each row's contenders were run by one of them): " if len(commands) > 1
-                    else "Command: ")
-    rows += ["", _budget_sentence(comparison, contenders) + introduction
-             + ", then ".join(f"`{text}`" for text in commands) + "."]
+    introduction = (
+        "Commands (each row's contenders were run by one of them): " if len(commands) > 1 else "Command: "
+    )
+    rows += [
+        "",
+        _budget_sentence(comparison, contenders)
+        + introduction
+        + ", then ".join(f"`{text}`" for text in commands)
+        + ".",
+    ]
     return "\n".join(rows) + "\n"
 
 
 def headline_table(relative_path):
     """The README's summary of a comparison: the original architecture against the default model."""
     comparison, contenders = _contenders(relative_path)
-    rows = [("| model | class fidelity (lowest class) | KID +- spread (floor) | FID (floor) "
-             "| precision / recall | memorisation ratio (near-copies) "
-             "| macro-F1 with 10% of the real data: real + synthetic (real only) |"),
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        (
+            "| model | class fidelity (lowest class) | KID +- spread (floor) | FID (floor) "
+            "| precision / recall | memorisation ratio (near-copies) "
+            "| macro-F1 with 10% of the real data: real + synthetic (real only) |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name in ("original", "default"):
         if name not in contenders:
             continue
         cells = _quality_cells(contenders[name])
         useful = (contenders[name].get("usefulness") or {}).get("0.1")
-        usefulness = (f"{useful['real_plus_synthetic_f1']:.3f} ({useful['real_only_f1']:.3f})" if useful
-                      else "not measured")
-        rows.append(f"| {name} | {cells['fidelity']} | {cells['kid']} | {cells['fid']} "
-                    f"| {cells['precision_recall']} | {cells['memorisation']} | {usefulness} |")
+        usefulness = (
+            f"{useful['real_plus_synthetic_f1']:.3f} ({useful['real_only_f1']:.3f})"
+            if useful
+            else "not measured"
+        )
+        rows.append(
+            f"| {name} | {cells['fidelity']} | {cells['kid']} | {cells['fid']} "
+            f"| {cells['precision_recall']} | {cells['memorisation']} | {usefulness} |"
+        )
     rows += ["", _budget_sentence(comparison, contenders).rstrip()]
     return "\n".join(rows) + "\n"
 
 
 def updated_document(text):
     """The text with every generated block rewritten from the scripts and the comparison files."""
+
     def rewritten(table, argument):
         return lambda match: match.group(1) + table(match.group(argument)) + match.group(4)
 

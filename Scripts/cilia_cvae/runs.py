@@ -29,15 +29,20 @@ def resolved_settings(settings):
     """Settings with "auto" replaced by what it stands for, so that spelling out a default is no change."""
     settings = {**SETTINGS_ADDED_LATER, **settings}
     architecture = settings.get("ARCHITECTURE", "default")
-    return dict(settings,
-                RECONSTRUCTION_LOSS=reconstruction_loss_kind(architecture, settings["RECONSTRUCTION_LOSS"]),
-                STRUCTURAL_WEIGHT=float(settings["STRUCTURAL_WEIGHT"]))
+    return dict(
+        settings,
+        RECONSTRUCTION_LOSS=reconstruction_loss_kind(architecture, settings["RECONSTRUCTION_LOSS"]),
+        STRUCTURAL_WEIGHT=float(settings["STRUCTURAL_WEIGHT"]),
+    )
 
 
 def comparable_settings(settings, data_fingerprint):
     """What must not change within one run: the settings that shape it and the data it learns."""
-    kept = {name: value for name, value in jsonable(settings).items()
-            if name not in SETTINGS_FREE_TO_CHANGE and name not in RUN_LOCATIONS}
+    kept = {
+        name: value
+        for name, value in jsonable(settings).items()
+        if name not in SETTINGS_FREE_TO_CHANGE and name not in RUN_LOCATIONS
+    }
     return resolved_settings(dict(kept, DATA_FINGERPRINT=data_fingerprint))
 
 
@@ -49,10 +54,16 @@ def changed_settings(recorded, comparable, settings):
         # Recorded before fingerprints were: its data folder stands for its data, as it did then.
         del current["DATA_FINGERPRINT"]
         current["PROCESSED_IMAGES_DIR"] = jsonable(settings)["PROCESSED_IMAGES_DIR"]
-    recorded = {name: value for name, value in recorded.items() if name not in ("MODELS_DIR", "LATENT_TENSORS_DIR")}
+    recorded = {
+        name: value for name, value in recorded.items() if name not in ("MODELS_DIR", "LATENT_TENSORS_DIR")
+    }
     changed = sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
-    return ", ".join("the preprocessed images (another data fingerprint)" if name == "DATA_FINGERPRINT"
-                     else f"--{name.lower()}" for name in changed)
+    return ", ".join(
+        "the preprocessed images (another data fingerprint)"
+        if name == "DATA_FINGERPRINT"
+        else f"--{name.lower()}"
+        for name in changed
+    )
 
 
 def _recorded_changes(layout, comparable, settings):
@@ -67,8 +78,11 @@ def prepare_run(layout, settings, data_fingerprint):
     """
     fresh = settings["FRESH"]
     comparable = comparable_settings(settings, data_fingerprint)
-    occupied = [folder for folder in (layout.directory, layout.latent_directory)
-                if folder.exists() and any(folder.iterdir())]
+    occupied = [
+        folder
+        for folder in (layout.directory, layout.latent_directory)
+        if folder.exists() and any(folder.iterdir())
+    ]
     if settings.get("CONTINUE_FINISHED") and not fresh and layout.parameters.exists():
         reopen_finished_run(layout, settings, comparable)
     reason = None
@@ -96,16 +110,22 @@ def reopen_finished_run(layout, settings, comparable):
     total); its models and latents stay usable until the run finishes again and replaces them.
     """
     if not layout.run_settings.exists() or not tf.train.latest_checkpoint(str(layout.checkpoints)):
-        raise UserError(f"the finished run in {layout.directory} kept no checkpoint to continue from; "
-                        f"pass --fresh=True to start again")
+        raise UserError(
+            f"the finished run in {layout.directory} kept no checkpoint to continue from; "
+            f"pass --fresh=True to start again"
+        )
     changed = _recorded_changes(layout, comparable, settings)
     if changed:
-        raise UserError(f"the finished run in {layout.directory} used other settings ({changed}); "
-                        f"continue it with its own or pass --fresh=True to start again")
+        raise UserError(
+            f"the finished run in {layout.directory} used other settings ({changed}); "
+            f"continue it with its own or pass --fresh=True to start again"
+        )
     epochs_done = json.loads(layout.parameters.read_text(encoding="utf-8"))["epochs_done"]
     if epochs_done >= settings["EPOCHS"]:
-        raise UserError(f"the finished run in {layout.directory} already trained {epochs_done} epochs; "
-                        f"raise --epochs above {epochs_done} to continue it")
+        raise UserError(
+            f"the finished run in {layout.directory} already trained {epochs_done} epochs; "
+            f"raise --epochs above {epochs_done} to continue it"
+        )
     os.replace(layout.parameters, layout.continued_parameters)
     print(f"continuing the finished run in {layout.directory} after epoch {epochs_done}")
 

@@ -62,6 +62,7 @@ class TrainingDiverged(SystemExit):
 
 # --------------------------------------------------------------------------- devices and strategy
 
+
 def choose_strategy():
     """TF_CONFIG -> several workers; several GPUs -> mirrored; otherwise the default strategy."""
     if os.environ.get("TF_CONFIG"):
@@ -101,6 +102,7 @@ def any_worker(strategy, flag):
 
 # --------------------------------------------------------------------------- model and data
 
+
 def build_cvae(strategy, model_config, *, learning_rate, seed=None, sample_posterior=True, optimizer=None):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
@@ -110,23 +112,38 @@ def build_cvae(strategy, model_config, *, learning_rate, seed=None, sample_poste
     """
     with strategy.scope():
         encoder, decoder = models.build_encoder_and_decoder(model_config)
-        model = models.CVAE(encoder, decoder, reconstruction=model_config.reconstruction,
-                            sample_posterior=sample_posterior, seed=seed,
-                            structural_weight=model_config.structural_weight)
+        model = models.CVAE(
+            encoder,
+            decoder,
+            reconstruction=model_config.reconstruction,
+            sample_posterior=sample_posterior,
+            seed=seed,
+            structural_weight=model_config.structural_weight,
+        )
         model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate))
         # Build the optimizer's slots now, inside the scope, rather than lazily inside a replica.
         model.optimizer.build(model.trainable_variables)
     return model
 
 
-def distributed_training_data(strategy, paths, labels, *, num_classes, image_size, batch_size, seed, augment,
-                              class_balanced):
+def distributed_training_data(
+    strategy, paths, labels, *, num_classes, image_size, batch_size, seed, augment, class_balanced
+):
     """An iterator of distributed batches (every input pipeline reads its own files) and the steps per epoch."""
+
     def dataset_for_pipeline(context):
         return data.training_dataset(
-            paths, labels, num_classes, image_size, context.get_per_replica_batch_size(batch_size),
-            seed + context.input_pipeline_id, augment, class_balanced,
-            context.input_pipeline_id, context.num_input_pipelines)
+            paths,
+            labels,
+            num_classes,
+            image_size,
+            context.get_per_replica_batch_size(batch_size),
+            seed + context.input_pipeline_id,
+            augment,
+            class_balanced,
+            context.input_pipeline_id,
+            context.num_input_pipelines,
+        )
 
     steps_per_epoch = max(1, math.ceil(len(paths) / batch_size))
     return iter(strategy.distribute_datasets_from_function(dataset_for_pipeline)), steps_per_epoch
@@ -141,8 +158,15 @@ def distributed_evaluation_data(strategy, paths, labels, *, num_classes, image_s
 
     def dataset_for_pipeline(context):
         return data.evaluation_dataset(
-            paths, labels, num_classes, image_size, per_replica_batch,
-            context.input_pipeline_id, context.num_input_pipelines, replicas_per_pipeline)
+            paths,
+            labels,
+            num_classes,
+            image_size,
+            per_replica_batch,
+            context.input_pipeline_id,
+            context.num_input_pipelines,
+            replicas_per_pipeline,
+        )
 
     length = data.padded_length(len(paths), per_replica_batch, pipelines, replicas_per_pipeline)
     steps = length // (per_replica_batch * replicas_per_pipeline)
@@ -178,12 +202,15 @@ def kl_weight_for_epoch(epoch, kl_warmup_epochs):
 
 # --------------------------------------------------------------------------- history and fixed sample inputs
 
+
 def read_history(path):
     if not path.exists():
         return []
     with open(path, newline="", encoding="utf-8") as handle:
-        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items()}
-                for row in csv.DictReader(handle)]
+        return [
+            {key: int(value) if key == "epoch" else float(value) for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]
 
 
 def write_history(path, rows):
@@ -211,24 +238,36 @@ def reference_images(paths, labels, num_classes, image_size):
 
 # --------------------------------------------------------------------------- starting or resuming a run
 
+
 def check_settings(settings, num_classes):
     """Refuse values no run can use, naming the setting, before anything is built or written;
     return the model the settings describe."""
-    for name in ("EPOCHS", "BATCH_SIZE", "LATENT_DIM", "LATENT_MAP_CHANNELS", "SAMPLE_EVERY", "BASE_CHANNELS",
-                 "MAX_CHANNELS"):
+    for name in (
+        "EPOCHS",
+        "BATCH_SIZE",
+        "LATENT_DIM",
+        "LATENT_MAP_CHANNELS",
+        "SAMPLE_EVERY",
+        "BASE_CHANNELS",
+        "MAX_CHANNELS",
+    ):
         if settings[name] < 1:
             raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
     for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES", "STRUCTURAL_WEIGHT"):
         if not settings[name] >= 0:  # also refuses nan
             raise UserError(f"--{name.lower()} must be 0 or more, not {settings[name]}")
     if not 0 <= settings["VALIDATION_FRACTION"] < 1:
-        raise UserError(f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}")
+        raise UserError(
+            f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}"
+        )
     if not settings["LEARNING_RATE"] > 0:
         raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
     if settings["SEED"] < 0:
         raise UserError(f"--seed must be 0 or more, not {settings['SEED']}")
     if num_classes < 1:
-        raise UserError("the preprocessed data holds no classes; run python Scripts/cvae_pre_processing.py again")
+        raise UserError(
+            "the preprocessed data holds no classes; run python Scripts/cvae_pre_processing.py again"
+        )
     try:
         return ModelConfig.from_settings(settings, num_classes=num_classes)
     except ValueError as error:
@@ -282,8 +321,10 @@ def start_strategy(settings, facts):
     on_gpu = use_gpu_speedups()  # before any model is built: it sets the global precision policy
     keras.utils.set_random_seed(settings["SEED"])
     if settings["BATCH_SIZE"] % strategy.num_replicas_in_sync:
-        raise UserError(f"--batch_size={settings['BATCH_SIZE']} must be a multiple of the "
-                        f"{strategy.num_replicas_in_sync} replicas in sync")
+        raise UserError(
+            f"--batch_size={settings['BATCH_SIZE']} must be a multiple of the "
+            f"{strategy.num_replicas_in_sync} replicas in sync"
+        )
     chief = is_chief(strategy)
     layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
     if chief:
@@ -294,23 +335,34 @@ def start_strategy(settings, facts):
     # The other workers look for a checkpoint to resume from only once the chief has refused,
     # moved aside or accepted what the run folder holds.
     wait_for_all_workers(strategy)
-    return Session(settings=settings, facts=facts, strategy=strategy, chief=chief, on_gpu=on_gpu, layout=layout,
-                   model_config=model_config)
+    return Session(
+        settings=settings,
+        facts=facts,
+        strategy=strategy,
+        chief=chief,
+        on_gpu=on_gpu,
+        layout=layout,
+        model_config=model_config,
+    )
 
 
 def split_images(session):
     """The train split's images, and the validation images held out of it."""
     settings, image_size = session.settings, session.model_config.image_size
-    all_paths, all_labels = data.list_training_images(settings["PROCESSED_IMAGES_DIR"], image_size,
-                                                      session.facts["class_names"])
+    all_paths, all_labels = data.list_training_images(
+        settings["PROCESSED_IMAGES_DIR"], image_size, session.facts["class_names"]
+    )
     training_paths, training_labels, validation_paths, validation_labels = data.hold_out_validation(
-        all_paths, all_labels, settings["VALIDATION_FRACTION"], settings["SEED"], session.facts["class_names"])
+        all_paths, all_labels, settings["VALIDATION_FRACTION"], settings["SEED"], session.facts["class_names"]
+    )
     session.all_images = (all_paths, all_labels)
     session.training_images = (training_paths, training_labels)
     session.validation_images = (validation_paths, validation_labels)
-    print(f"{len(training_paths)} training and {len(validation_paths)} validation images of "
-          f"{session.model_config.num_classes} classes at {image_size}x{image_size}; "
-          f"{session.strategy.num_replicas_in_sync} replica(s)")
+    print(
+        f"{len(training_paths)} training and {len(validation_paths)} validation images of "
+        f"{session.model_config.num_classes} classes at {image_size}x{image_size}; "
+        f"{session.strategy.num_replicas_in_sync} replica(s)"
+    )
 
 
 def restore_checkpoint(session):
@@ -327,8 +379,9 @@ def restore_checkpoint(session):
     }
     layout = session.layout
     checkpoint = tf.train.Checkpoint(model=session.model, optimizer=session.model.optimizer, **session.state)
-    session.checkpoint_dir = (layout.checkpoints if session.chief
-                              else Path(tempfile.mkdtemp(prefix="cvae_worker_checkpoint_")))
+    session.checkpoint_dir = (
+        layout.checkpoints if session.chief else Path(tempfile.mkdtemp(prefix="cvae_worker_checkpoint_"))
+    )
     session.manager = tf.train.CheckpointManager(checkpoint, str(session.checkpoint_dir), max_to_keep=2)
     latest_checkpoint = tf.train.latest_checkpoint(str(layout.checkpoints))
     if latest_checkpoint:
@@ -346,32 +399,52 @@ def start_or_resume(settings, facts):
     session = start_strategy(settings, facts)
     split_images(session)
     model_config, strategy = session.model_config, session.strategy
-    sizes = {"num_classes": model_config.num_classes, "image_size": model_config.image_size,
-             "batch_size": settings["BATCH_SIZE"]}
-    session.model = build_cvae(strategy, model_config, learning_rate=settings["LEARNING_RATE"], seed=settings["SEED"])
-    session.train_step, session.test_step = make_step_functions(session.model, strategy,
-                                                                jit_compile=session.on_gpu)
+    sizes = {
+        "num_classes": model_config.num_classes,
+        "image_size": model_config.image_size,
+        "batch_size": settings["BATCH_SIZE"],
+    }
+    session.model = build_cvae(
+        strategy, model_config, learning_rate=settings["LEARNING_RATE"], seed=settings["SEED"]
+    )
+    session.train_step, session.test_step = make_step_functions(
+        session.model, strategy, jit_compile=session.on_gpu
+    )
     if session.has_validation:
         session.validation_batches, session.validation_steps = distributed_evaluation_data(
-            strategy, *session.validation_images, **sizes)
+            strategy, *session.validation_images, **sizes
+        )
     restore_checkpoint(session)
     # A resumed run continues with a new shuffle, not the first epochs' order again.
     session.training_batches, session.steps_per_epoch = distributed_training_data(
-        strategy, *session.training_images, **sizes, seed=settings["SEED"] + session.epochs_done,
-        augment=settings["AUGMENT"], class_balanced=settings["CLASS_BALANCED"])
-    session.sample_inputs = fixed_sample_inputs(model_config.num_classes, model_config.latent_length, settings["SEED"])
+        strategy,
+        *session.training_images,
+        **sizes,
+        seed=settings["SEED"] + session.epochs_done,
+        augment=settings["AUGMENT"],
+        class_balanced=settings["CLASS_BALANCED"],
+    )
+    session.sample_inputs = fixed_sample_inputs(
+        model_config.num_classes, model_config.latent_length, settings["SEED"]
+    )
     shown = session.validation_images if session.has_validation else session.training_images
     session.references = reference_images(*shown, model_config.num_classes, model_config.image_size)
-    session.summary_writer = tf.summary.create_file_writer(str(session.layout.logs)) if session.chief else None
+    session.summary_writer = (
+        tf.summary.create_file_writer(str(session.layout.logs)) if session.chief else None
+    )
     return session
 
 
 # --------------------------------------------------------------------------- one epoch
 
+
 def stopped_early(session):
     patience = session.settings["EARLY_STOPPING_PATIENCE"]
-    return (patience > 0 and int(session.state["epochs_without_improvement"]) >= patience
-            and session.epochs_done > session.settings["KL_WARMUP_EPOCHS"])
+    return (
+        patience > 0
+        and int(session.state["epochs_without_improvement"]) >= patience
+        and session.epochs_done > session.settings["KL_WARMUP_EPOCHS"]
+    )
 
 
 def out_of_time(session, epoch, first_epoch, started):
@@ -381,7 +454,9 @@ def out_of_time(session, epoch, first_epoch, started):
     budget_seconds = session.settings["MAX_MINUTES"] * 60
     if not budget_seconds or epoch == first_epoch:
         return False
-    return any_worker(session.strategy, time.time() - started + session.slowest_epoch_seconds > budget_seconds)
+    return any_worker(
+        session.strategy, time.time() - started + session.slowest_epoch_seconds > budget_seconds
+    )
 
 
 def train_one_epoch(session, epoch):
@@ -389,9 +464,14 @@ def train_one_epoch(session, epoch):
     model = session.model
     model.kl_weight.assign(kl_weight_for_epoch(epoch, session.settings["KL_WARMUP_EPOCHS"]))
     model.reset_metrics()
-    progress = tqdm(range(session.steps_per_epoch), desc=f"epoch {epoch}/{session.settings['EPOCHS']}",
-                    disable=not session.chief or not sys.stdout.isatty(), leave=False, file=sys.stdout,
-                    mininterval=5)
+    progress = tqdm(
+        range(session.steps_per_epoch),
+        desc=f"epoch {epoch}/{session.settings['EPOCHS']}",
+        disable=not session.chief or not sys.stdout.isatty(),
+        leave=False,
+        file=sys.stdout,
+        mininterval=5,
+    )
     for _ in progress:
         session.train_step(next(session.training_batches))
     return {"epoch": epoch, **tracker_results(model)}
@@ -399,10 +479,15 @@ def train_one_epoch(session, epoch):
 
 def check_finite(session, row, epoch):
     if not all(math.isfinite(row[term]) for term in LOSS_TERMS):
-        kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in {session.layout.checkpoints}"
-                if epoch > 1 else "no epoch finished")
-        raise TrainingDiverged(f"the training loss became {row['loss']} in epoch {epoch}; {kept}; "
-                               f"lower --learning_rate and start again with --fresh=True")
+        kept = (
+            f"the last good checkpoint (epoch {epoch - 1}) is kept in {session.layout.checkpoints}"
+            if epoch > 1
+            else "no epoch finished"
+        )
+        raise TrainingDiverged(
+            f"the training loss became {row['loss']} in epoch {epoch}; {kept}; "
+            f"lower --learning_rate and start again with --fresh=True"
+        )
 
 
 def validate(session):
@@ -482,22 +567,31 @@ def report_epoch(session, row):
     # A latent map's prior draws are texture, not cilia, so its grid shows draws around each reference.
     posterior_draws = session.model_config.map_side > 0
     class_names = session.facts["class_names"]
-    grid = figures.sample_grid(session.model, *session.sample_inputs, session.references, len(class_names),
-                               posterior_draws=posterior_draws)
+    grid = figures.sample_grid(
+        session.model,
+        *session.sample_inputs,
+        session.references,
+        len(class_names),
+        posterior_draws=posterior_draws,
+    )
     with session.summary_writer.as_default(step=epoch):
         for name, value in row.items():
             if name != "epoch":
                 tf.summary.write(name, tf.constant(value, tf.float32), metadata=_plugin_metadata("scalars"))
         # The images plugin's layout: width, height, then the encoded images.
         encoded = tf.io.encode_png(grid[:, :, None])
-        tf.summary.write("samples", tf.stack([tf.as_string(grid.shape[1]), tf.as_string(grid.shape[0]), encoded]),
-                         metadata=_plugin_metadata("images"))
+        tf.summary.write(
+            "samples",
+            tf.stack([tf.as_string(grid.shape[1]), tf.as_string(grid.shape[0]), encoded]),
+            metadata=_plugin_metadata("images"),
+        )
     session.summary_writer.flush()
     if epoch % session.settings["SAMPLE_EVERY"] == 0 or epoch == session.settings["EPOCHS"]:
         figures.save_sample_figure(session.layout.samples(epoch), grid, class_names, epoch, posterior_draws)
 
 
 # --------------------------------------------------------------------------- the whole run
+
 
 def train(settings, facts):
     """Train (or resume) the CVAE described by a training script's settings; write every output."""
@@ -526,12 +620,15 @@ def train(settings, facts):
     if stopped_early(session):
         print(f"stopped early: no improvement for {settings['EARLY_STOPPING_PATIENCE']} epochs")
     if stopped_for_time:
-        print(f"stopped after epoch {session.epochs_done}: another epoch would pass "
-              f"--max_minutes={settings['MAX_MINUTES']}")
+        print(
+            f"stopped after epoch {session.epochs_done}: another epoch would pass "
+            f"--max_minutes={settings['MAX_MINUTES']}"
+        )
     return finish(session, time.time() - started)
 
 
 # --------------------------------------------------------------------------- saving the finished run
+
 
 def encode_training_images(encoder, paths, labels, *, num_classes, image_size, batch_size):
     """z_mean and z_log_var of every image of the train split, un-augmented, in file order."""
@@ -549,9 +646,17 @@ def library_versions():
     import pandas
     import PIL
     import sklearn
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__, "pandas": pandas.__version__,
-            "matplotlib": matplotlib.__version__, "scikit-learn": sklearn.__version__}
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "pandas": pandas.__version__,
+        "matplotlib": matplotlib.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
 
 
 def save_models_and_latents(session, best_epoch):
@@ -566,8 +671,13 @@ def save_models_and_latents(session, best_epoch):
             network.save(temporary_path)
     all_paths, all_labels = session.all_images
     z_mean, z_log_var = encode_training_images(
-        model.encoder, all_paths, all_labels, num_classes=session.model_config.num_classes,
-        image_size=session.model_config.image_size, batch_size=session.settings["BATCH_SIZE"])
+        model.encoder,
+        all_paths,
+        all_labels,
+        num_classes=session.model_config.num_classes,
+        image_size=session.model_config.image_size,
+        batch_size=session.settings["BATCH_SIZE"],
+    )
     hashes = {}
     for label, class_name in enumerate(session.facts["class_names"]):
         for name, values in (("z_mean", z_mean), ("z_log_var", z_log_var)):
@@ -583,7 +693,12 @@ def save_models_and_latents(session, best_epoch):
 
 def run_parameters(session, best_epoch, seconds):
     """What cvae_parameters.json records: every setting, the model, the data and the outcome."""
-    settings, facts, history, model_config = session.settings, session.facts, session.history, session.model_config
+    settings, facts, history, model_config = (
+        session.settings,
+        session.facts,
+        session.history,
+        session.model_config,
+    )
     best_row = next(row for row in history if row["epoch"] == best_epoch) if best_epoch else history[-1]
     return {
         "settings": jsonable(settings),
@@ -601,7 +716,7 @@ def run_parameters(session, best_epoch, seconds):
         "final_losses": {"best_epoch": best_row, "last_epoch": history[-1]},
         "training_images": int(len(session.all_images[0])),
         "latents": "z_mean_<Class>.npy / z_log_var_<Class>.npy: every train-split image of the class "
-                   "(validation images included), un-augmented, in file-name order",
+        "(validation images included), un-augmented, in file-name order",
         "data_fingerprint": facts["fingerprint"],
         "encoder_parameters": int(session.model.encoder.count_params()),
         "decoder_parameters": int(session.model.decoder.count_params()),
@@ -620,6 +735,8 @@ def finish(session, seconds):
     parameters = dict(run_parameters(session, best_epoch, seconds), run_fingerprint=run_fingerprint)
     write_json_atomic(session.layout.parameters, parameters)
     session.layout.continued_parameters.unlink(missing_ok=True)
-    print(f"saved the encoder and decoder of epoch {best_epoch} in {session.layout.directory} "
-          f"and the latents in {session.layout.latent_directory}")
+    print(
+        f"saved the encoder and decoder of epoch {best_epoch} in {session.layout.directory} "
+        f"and the latents in {session.layout.latent_directory}"
+    )
     return parameters

@@ -13,15 +13,26 @@ which images, which settings and how the classifiers' results are scored and sum
 import numpy as np
 from sklearn.metrics import f1_score, recall_score
 
-from cilia_cvae.model_config import reconstruction_loss_kind
 from cilia_cvae.classifier import predict
+from cilia_cvae.model_config import reconstruction_loss_kind
 
 # Settings of the evaluated model that the fraction's generator copies; the rest are per fraction
 # (the epochs and the KL warm-up are stretched, see generator_schedule).
-COPIED_TRAINING_SETTINGS = ("ARCHITECTURE", "LATENT_DIM", "LATENT_MAP_STRIDE", "LATENT_MAP_CHANNELS",
-                            "BASE_CHANNELS", "MAX_CHANNELS", "BATCH_SIZE", "LEARNING_RATE",
-                            "VALIDATION_FRACTION", "CLASS_BALANCED", "AUGMENT", "RECONSTRUCTION_LOSS",
-                            "STRUCTURAL_WEIGHT")
+COPIED_TRAINING_SETTINGS = (
+    "ARCHITECTURE",
+    "LATENT_DIM",
+    "LATENT_MAP_STRIDE",
+    "LATENT_MAP_CHANNELS",
+    "BASE_CHANNELS",
+    "MAX_CHANNELS",
+    "BATCH_SIZE",
+    "LEARNING_RATE",
+    "VALIDATION_FRACTION",
+    "CLASS_BALANCED",
+    "AUGMENT",
+    "RECONSTRUCTION_LOSS",
+    "STRUCTURAL_WEIGHT",
+)
 VARIANTS = ("real_only", "real_plus_synthetic", "synthetic_only")
 
 
@@ -81,28 +92,41 @@ def generator_schedule(model_settings, fraction, full_data_epochs):
 def generator_training_arguments(model_settings, *, image_size, fraction, full_data_epochs, seed):
     """(training script arguments, epochs, KL warm-up epochs) of the generator of one fraction and seed."""
     epochs, warmup = generator_schedule(model_settings, fraction, full_data_epochs)
-    copied = [f"--{name.lower()}={model_settings[name]}" for name in COPIED_TRAINING_SETTINGS
-              if name in model_settings and not is_default_choice(model_settings, name)]
-    arguments = [f"--image_size={image_size}", *copied, f"--epochs={epochs}", f"--kl_warmup_epochs={warmup}",
-                 f"--sample_every={max(1, epochs // 5)}", f"--seed={seed}"]
+    copied = [
+        f"--{name.lower()}={model_settings[name]}"
+        for name in COPIED_TRAINING_SETTINGS
+        if name in model_settings and not is_default_choice(model_settings, name)
+    ]
+    arguments = [
+        f"--image_size={image_size}",
+        *copied,
+        f"--epochs={epochs}",
+        f"--kl_warmup_epochs={warmup}",
+        f"--sample_every={max(1, epochs // 5)}",
+        f"--seed={seed}",
+    ]
     return arguments, epochs, warmup
 
 
 def scores(model, images, labels, class_count):
     predicted = predict(model, images)[0].argmax(axis=1)
     return {
-        "macro_f1": float(f1_score(labels, predicted, average="macro", labels=range(class_count),
-                                   zero_division=0)),
-        "recall_per_class": recall_score(labels, predicted, average=None, labels=range(class_count),
-                                         zero_division=0).tolist(),
+        "macro_f1": float(
+            f1_score(labels, predicted, average="macro", labels=range(class_count), zero_division=0)
+        ),
+        "recall_per_class": recall_score(
+            labels, predicted, average=None, labels=range(class_count), zero_division=0
+        ).tolist(),
     }
 
 
 def combine_repeats(repeats):
     """One variant's result from its classifier repeats' scores: their mean, and each repeat's macro-F1."""
-    return {"macro_f1": float(np.mean([result["macro_f1"] for result in repeats])),
-            "macro_f1_per_repeat": [result["macro_f1"] for result in repeats],
-            "recall_per_class": np.mean([result["recall_per_class"] for result in repeats], axis=0).tolist()}
+    return {
+        "macro_f1": float(np.mean([result["macro_f1"] for result in repeats])),
+        "macro_f1_per_repeat": [result["macro_f1"] for result in repeats],
+        "recall_per_class": np.mean([result["recall_per_class"] for result in repeats], axis=0).tolist(),
+    }
 
 
 def summarise_fraction(runs, class_names, classifier_repeats):

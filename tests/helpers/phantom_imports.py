@@ -7,6 +7,7 @@ pay TensorFlow's start-up.
 import sys
 
 import tqdm  # noqa: F401
+
 import cilia_cvae.config  # noqa: F401
 import cilia_cvae.files  # noqa: F401
 import cilia_cvae.phantoms  # noqa: F401

@@ -23,15 +23,19 @@ class_names, settings = parameters["class_names"], parameters["settings"]
 
 # The encoder reproduces the latents the training process saved, image for image.
 paths, labels = data.list_training_images(processed_dir, parameters["image_size"], class_names)
-z_mean, _ = training.encode_training_images(encoder, paths, labels, num_classes=len(class_names),
-                                            image_size=parameters["image_size"], batch_size=8)
+z_mean, _ = training.encode_training_images(
+    encoder, paths, labels, num_classes=len(class_names), image_size=parameters["image_size"], batch_size=8
+)
 for label, name in enumerate(class_names):
     assert np.array_equal(z_mean[labels == label], np.load(f"{latent_dir}/z_mean_{name}.npy")), name
 
 # The configuration read back from the parameters is the one the settings describe.
 model_config = ModelConfig.from_parameters(parameters)
 assert model_config == ModelConfig.from_settings(settings, num_classes=len(class_names)), model_config
-assert model_config.latent_length == parameters["latent_dim"] and model_config.map_side == parameters["latent_map_side"]
+assert (
+    model_config.latent_length == parameters["latent_dim"]
+    and model_config.map_side == parameters["latent_map_side"]
+)
 
 # The decoder equals a model rebuilt from that configuration with the best epoch's weights.
 rebuilt = training.build_cvae(tf.distribute.get_strategy(), model_config, learning_rate=1e-3)
