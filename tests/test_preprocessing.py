@@ -464,3 +464,12 @@ def test_a_full_disk_is_one_line_naming_it(tmp_path):
         assert len(list(raw.rglob("*.png"))) == 80, "the raw folder is untouched"
     finally:
         subprocess.run(["umount", str(full)], capture_output=True)
+
+
+def test_non_finite_float_settings_are_refused_at_the_door():
+    from cilia_cvae.config import UserError, parse_value
+
+    for text in ("1e999", "-1e999", "nan", "inf"):
+        with pytest.raises(UserError, match="--temperature"):
+            parse_value("TEMPERATURE", text, 1.0)
+    assert parse_value("TEMPERATURE", "1e300", 1.0) == 1e300

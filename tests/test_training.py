@@ -608,3 +608,13 @@ def test_small_collections_train_with_a_validation_image_per_class(tmp_path):
     assert "3 training and 0 validation images" in result.stdout
     assert result.stdout.count("has a single training image") == 3
     assert (smallest / "models" / "32x32" / "cvae_decoder.keras").is_file()
+
+
+def test_a_damaged_processed_image_is_one_line_naming_it(tmp_path):
+    write_processed_split(tmp_path / "processed", images_per_class=10)
+    damaged = sorted((tmp_path / "processed" / "32x32" / "train" / "ODA").glob("*.png"))[3]
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    result = train(tmp_path, "--epochs=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert str(damaged) in last_line and "cvae_pre_processing.py" in last_line

@@ -12,12 +12,14 @@ Only the train split is read here; the validation images are held out of it. The
 belongs to the evaluation stage and is never opened by training.
 """
 
+import contextlib
 import math
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from cilia_cvae.config import UserError
@@ -75,6 +77,24 @@ def hold_out_per_class(paths, labels, validation_fraction, seed, class_names=Non
         count = min(len(members) - 1, max(1, round(len(members) * validation_fraction)))
         validation[rng.choice(members, count, replace=False)] = True
     return paths[~validation], labels[~validation], paths[validation], labels[validation]
+
+
+@contextlib.contextmanager
+def naming_damaged_images(paths):
+    """TensorFlow's PNG decoder names no file when one is damaged: find the file and say which."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError:
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except (OSError, SyntaxError, ValueError) as error:
+                raise UserError(
+                    f"{path} is damaged ({error}); run python Scripts/cvae_pre_processing.py again to "
+                    f"write the processed images anew"
+                ) from None
+        raise
 
 
 def decode_png(path, image_size):

@@ -201,40 +201,46 @@ def markdown_report(report):
             )
     lines += ["", "![class fidelity](evaluation_fidelity.png)", ""]
     if report.get("usefulness"):
-        lines += [
-            "## Usefulness: a classifier trained on real vs real + synthetic data",
-            "",
-            "Macro-F1 on the real test split, mean +- standard deviation over seeds (each seed's score the "
-            "mean of its classifier repeats); the generator used at a fraction was trained on that fraction "
-            "only. The gain is real + synthetic minus real only, seed by seed.",
-            "",
-            "| share of real training data | real only | real + synthetic | synthetic only | gain per seed |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for fraction, result in report["usefulness"].items():
-            cells = [
-                f"{result[f'{name}_f1']:.3f} +- {result[f'{name}_f1_std']:.3f}"
-                for name in ("real_only", "real_plus_synthetic", "synthetic_only")
-            ]
-            cells.append(", ".join(f"{gain:+.3f}" for gain in result.get("gain_per_seed", [])))
-            lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "Recall per class (mean over seeds):",
-            "",
-            "| share | variant | " + " | ".join(class_names) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in class_names) + " |",
-        ]
-        for fraction, result in report["usefulness"].items():
-            for name in ("real_only", "real_plus_synthetic", "synthetic_only"):
-                recalls = result[f"{name}_recall_per_class"]
-                lines.append(
-                    f"| {float(fraction):.0%} | {name.replace('_', ' ')} | "
-                    + " | ".join(f"{recalls[class_name]:.2f}" for class_name in class_names)
-                    + " |"
-                )
-        lines.append("")
+        lines += usefulness_markdown(report["usefulness"], class_names)
     return "\n".join(lines)
+
+
+def usefulness_markdown(usefulness, class_names):
+    """The report's usefulness section: macro-F1 per share of real data, then recall per class."""
+    lines = [
+        "## Usefulness: a classifier trained on real vs real + synthetic data",
+        "",
+        "Macro-F1 on the real test split, mean +- standard deviation over seeds (each seed's score the "
+        "mean of its classifier repeats); the generator used at a fraction was trained on that fraction "
+        "only. The gain is real + synthetic minus real only, seed by seed.",
+        "",
+        "| share of real training data | real only | real + synthetic | synthetic only | gain per seed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for fraction, result in usefulness.items():
+        cells = [
+            f"{result[f'{name}_f1']:.3f} +- {result[f'{name}_f1_std']:.3f}"
+            for name in ("real_only", "real_plus_synthetic", "synthetic_only")
+        ]
+        cells.append(", ".join(f"{gain:+.3f}" for gain in result.get("gain_per_seed", [])))
+        lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Recall per class (mean over seeds):",
+        "",
+        "| share | variant | " + " | ".join(class_names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in class_names) + " |",
+    ]
+    for fraction, result in usefulness.items():
+        for name in ("real_only", "real_plus_synthetic", "synthetic_only"):
+            recalls = result[f"{name}_recall_per_class"]
+            lines.append(
+                f"| {float(fraction):.0%} | {name.replace('_', ' ')} | "
+                + " | ".join(f"{recalls[class_name]:.2f}" for class_name in class_names)
+                + " |"
+            )
+    lines.append("")
+    return lines
 
 
 def write_report(report, output_dir):

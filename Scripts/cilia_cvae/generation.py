@@ -362,6 +362,55 @@ def finish_batch(pending, manifest, manifest_file, progress):
     progress.update(len(rows))
 
 
+def class_request(generator, class_name, *, images_per_class, sampling, temperature, seed, aspect_statistics):
+    """The label, latents, source indices and aspect ratios of one class's images.
+
+    One random generator per (seed, class): the same seed gives the same images, whatever
+    other classes are asked for in the same run."""
+    label = list(generator["parameters"]["class_names"]).index(class_name)
+    rng = np.random.default_rng([seed, label])
+    z_mean, z_log_var = generator["latents"][class_name]
+    latents, sources = draw_latents(sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed)
+    aspects = (
+        draw_aspect_ratios(images_per_class, aspect_statistics, rng)
+        if aspect_statistics is not None
+        else np.ones(images_per_class)
+    )
+    return label, latents, sources, aspects
+
+
+def write_class(
+    generator, generated_layout, class_name, request, *, decode_batch, writers, manifest, progress
+):
+    """Decode and write one class's images a batch at a time, each batch's PNGs finishing while the
+    next decodes; a batch's manifest rows are written once its files exist. Returns the paths."""
+    label, latents, sources, aspects = class_request(generator, class_name, **request["draw"])
+    generated_layout.class_folder(class_name).mkdir(parents=True, exist_ok=True)
+    first_number = next_file_number(generated_layout, class_name)
+    paths, pending, batch_size = [], None, request["batch_size"]
+    for start in range(0, len(latents), batch_size):
+        images = decode_batch(latents[start : start + batch_size], label)
+        rows, jobs = [], []
+        for offset, pixels in enumerate(images):
+            index = start + offset
+            path = generated_layout.image(class_name, first_number + index)
+            row = {
+                "file": f"{class_name}/{path.name}",
+                "class": class_name,
+                **request["row"],
+                "source_latent_index": int(sources[index]),
+                "aspect_ratio": round(float(aspects[index]), 4),
+            }
+            aspect = aspects[index] if request["restore_aspect_ratio"] else None
+            jobs.append(writers.submit(save_generated, path, pixels, aspect, request["resize_mode"], row))
+            paths.append(path)
+            rows.append(row)
+        finish_batch(pending, *manifest, progress)
+        pending = (jobs, rows)
+    finish_batch(pending, *manifest, progress)
+    return paths
+
+
 def generate(
     generator,
     generated_layout,
@@ -376,68 +425,50 @@ def generate(
     batch_size,
     progress,
 ):
-    """Decode and write images class by class, a batch at a time; append a manifest row per image."""
+    """Decode and write images class by class; append a manifest row per image."""
     parameters = generator["parameters"]
-    all_classes = list(parameters["class_names"])
     latent_dim, image_size = int(parameters["latent_dim"]), int(parameters["image_size"])
-    decode_batch = make_decode_function(generator["decoder"], batch_size, latent_dim, len(all_classes))
-    manifest_path = generated_layout.manifest
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    new_manifest = not manifest_path.exists()
-    written = {}
+    decode_batch = make_decode_function(
+        generator["decoder"], batch_size, latent_dim, len(parameters["class_names"])
+    )
+    draw = {
+        "images_per_class": images_per_class,
+        "sampling": sampling,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    request = {
+        "draw": dict(draw, aspect_statistics=raw_statistics if restore_aspect_ratio else None),
+        "row": {
+            "sampling": sampling,
+            "temperature": temperature,
+            "seed": seed,
+            "model_fingerprint": generator["fingerprint"],
+            "image_size": image_size,
+        },
+        "batch_size": batch_size,
+        "restore_aspect_ratio": restore_aspect_ratio,
+        "resize_mode": parameters.get("resize_mode", "squash"),
+    }
+    generated_layout.manifest.parent.mkdir(parents=True, exist_ok=True)
+    new_manifest = not generated_layout.manifest.exists()
     with (
-        open(manifest_path, "a", newline="", encoding="utf-8") as manifest_file,
+        open(generated_layout.manifest, "a", newline="", encoding="utf-8") as manifest_file,
         ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers,
     ):
         manifest = csv.DictWriter(manifest_file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         if new_manifest:
             manifest.writeheader()
-        for class_name in class_names:
-            label = all_classes.index(class_name)
-            # One generator per (seed, class): the same seed gives the same images, whatever
-            # other classes are asked for in the same run.
-            rng = np.random.default_rng([seed, label])
-            z_mean, z_log_var = generator["latents"][class_name]
-            latents, sources = draw_latents(
-                sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed
+        return {
+            class_name: write_class(
+                generator,
+                generated_layout,
+                class_name,
+                request,
+                decode_batch=decode_batch,
+                writers=writers,
+                manifest=(manifest, manifest_file),
+                progress=progress,
             )
-            aspects = (
-                draw_aspect_ratios(images_per_class, raw_statistics, rng)
-                if restore_aspect_ratio
-                else np.ones(images_per_class)
-            )
-            class_dir = generated_layout.class_folder(class_name)
-            class_dir.mkdir(parents=True, exist_ok=True)
-            first_number = next_file_number(generated_layout, class_name)
-            paths = []
-            pending = None  # the previous batch's writes, finishing while this batch decodes
-            for start in range(0, images_per_class, batch_size):
-                images = decode_batch(latents[start : start + batch_size], label)
-                rows, jobs = [], []
-                for offset, pixels in enumerate(images):
-                    index = start + offset
-                    path = generated_layout.image(class_name, first_number + index)
-                    aspect = aspects[index] if restore_aspect_ratio else None
-                    row = {
-                        "file": f"{class_name}/{path.name}",
-                        "class": class_name,
-                        "sampling": sampling,
-                        "temperature": temperature,
-                        "seed": seed,
-                        "source_latent_index": int(sources[index]),
-                        "aspect_ratio": round(float(aspects[index]), 4),
-                        "model_fingerprint": generator["fingerprint"],
-                        "image_size": image_size,
-                    }
-                    jobs.append(
-                        writers.submit(
-                            save_generated, path, pixels, aspect, parameters.get("resize_mode", "squash"), row
-                        )
-                    )
-                    paths.append(path)
-                    rows.append(row)
-                finish_batch(pending, manifest, manifest_file, progress)
-                pending = (jobs, rows)
-            finish_batch(pending, manifest, manifest_file, progress)
-            written[class_name] = paths
-    return written
+            for class_name in class_names
+        }

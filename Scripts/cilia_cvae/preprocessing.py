@@ -363,6 +363,22 @@ def remove_leftovers_of_killed_runs(layout):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def processed_facts(layout, raw_images_dir, class_names, counts, fingerprint, manifest_rows, recorded):
+    """What preprocessing.json tells the next stages, in its established key order."""
+    return {
+        "image_size": layout.image_size,
+        "resize_mode": recorded["resize_mode"],
+        "class_names": class_names,
+        "counts": counts,
+        "fingerprint": fingerprint,
+        "test_fraction": recorded["test_fraction"],
+        "seed": recorded["seed"],
+        "stretch_percentiles": recorded["stretch_percentiles"],
+        "raw_images_dir": str(raw_images_dir),
+        "outcomes": dict(Counter(row["outcome"] for row in manifest_rows)),
+    }
+
+
 def build_processed_folder(
     layout,
     raw_images_dir,
@@ -407,18 +423,15 @@ def build_processed_folder(
         counts = {split: {name: 0 for name in class_names} for split in SPLITS}
         for relative, split in split_of.items():
             counts[split][rows[relative]["class"]] += 1
-        facts = {
-            "image_size": image_size,
+        recorded = {
             "resize_mode": resize_mode,
-            "class_names": class_names,
-            "counts": counts,
-            "fingerprint": fingerprint,
             "test_fraction": test_fraction,
             "seed": seed,
             "stretch_percentiles": list(stretch_percentiles) if stretch_percentiles else None,
-            "raw_images_dir": str(raw_images_dir),
-            "outcomes": dict(Counter(row["outcome"] for row in manifest_rows)),
         }
+        facts = processed_facts(
+            layout, raw_images_dir, class_names, counts, fingerprint, manifest_rows, recorded
+        )
         write_json_atomic(work_dir / FACTS_FILE_NAME, facts)
         statistics = raw_statistics([rows[relative] for relative in split_of])
         write_csv_atomic(layout.raw_statistics, [statistics], STATISTICS_COLUMNS)

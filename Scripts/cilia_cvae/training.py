@@ -599,21 +599,22 @@ def train(settings, facts):
     session = start_or_resume(settings, facts)
     first_epoch = session.epochs_done + 1
     stopped_for_time = False
-    for epoch in range(first_epoch, settings["EPOCHS"] + 1):
-        if stopped_early(session):
-            break
-        if out_of_time(session, epoch, first_epoch, started):
-            stopped_for_time = True
-            break
-        epoch_started = time.time()
-        row = train_one_epoch(session, epoch)
-        check_finite(session, row, epoch)
-        row.update(validate(session))
-        row["kl_weight"] = float(session.model.kl_weight.numpy())
-        row["seconds"] = round(time.time() - epoch_started, 2)
-        keep_best(session, row, epoch)
-        record_epoch(session, row, epoch)
-        session.slowest_epoch_seconds = max(session.slowest_epoch_seconds, time.time() - epoch_started)
+    with data.naming_damaged_images(session.all_images[0]):
+        for epoch in range(first_epoch, settings["EPOCHS"] + 1):
+            if stopped_early(session):
+                break
+            if out_of_time(session, epoch, first_epoch, started):
+                stopped_for_time = True
+                break
+            epoch_started = time.time()
+            row = train_one_epoch(session, epoch)
+            check_finite(session, row, epoch)
+            row.update(validate(session))
+            row["kl_weight"] = float(session.model.kl_weight.numpy())
+            row["seconds"] = round(time.time() - epoch_started, 2)
+            keep_best(session, row, epoch)
+            record_epoch(session, row, epoch)
+            session.slowest_epoch_seconds = max(session.slowest_epoch_seconds, time.time() - epoch_started)
     if not session.chief:
         shutil.rmtree(session.checkpoint_dir, ignore_errors=True)
         return None
