@@ -11,11 +11,11 @@ README for what a full run takes).
 Example:
     python Scripts/demo.py --epochs=12
 
-Expected run time: 3 min 55 s measured on a clean clone (`time make demo`, installation from a
+Expected run time: 3 min 20 s measured on a clean clone (`time make demo`, installation from a
 warm pip cache included, about a minute) on 2 cores of an AMD EPYC with AVX-512 (family 26, Zen 5):
-phantoms 28 s, preprocessing 8 s, training 79 s, generation 10 s, evaluation 49 s, whose judge
+phantoms 22 s, preprocessing 6 s, training 76 s, generation 8 s, evaluation 41 s, whose judge
 scored 96.0% on the real test split. On 2 cores of an EPYC without AVX-512 the evaluation runs
-about 4 times slower and the rest about 2.7 times: about 11.5 minutes (estimated, not measured).
+about 4 times slower and the rest about 2.7 times: about 10-11.5 minutes (estimated, not measured).
 """
 
 import json

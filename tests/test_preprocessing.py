@@ -473,3 +473,68 @@ def test_non_finite_float_settings_are_refused_at_the_door():
         with pytest.raises(UserError, match="--temperature"):
             parse_value("TEMPERATURE", text, 1.0)
     assert parse_value("TEMPERATURE", "1e300", 1.0) == 1e300
+
+
+def test_a_killed_preprocessing_leaves_no_pool_workers_behind(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPOSITORY_ROOT, SCRIPTS_DIR
+
+    raw = tmp_path / "raw for the worker test"
+    for class_name in ("A", "B"):
+        (raw / class_name).mkdir(parents=True)
+        for index in range(150):
+            Image.fromarray(textured_image(index, 600, 600)).save(raw / class_name / f"{index}.png")
+    command = [
+        sys.executable,
+        str(SCRIPTS_DIR / "cvae_pre_processing.py"),
+        f"--raw_images_dir={raw}",
+        f"--processed_images_dir={tmp_path / 'processed'}",
+        "--image_size=448",
+        "--workers=2",
+    ]
+    parent = subprocess.Popen(
+        command, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def workers():
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if (
+                    entry.name.isdigit()
+                    and int(entry.name) != parent.pid
+                    and str(raw).encode() in (entry / "cmdline").read_bytes()
+                ):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
+
+    deadline = time.time() + 60
+    while not workers() and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert workers(), "the pool never started"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 5
+    while workers() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not workers(), "pool workers outlived their killed parent"
+
+
+def test_listings_never_read_the_hidden_files_of_writes_in_progress(tmp_path):
+    from cilia_cvae.classifier import list_images
+    from cilia_cvae.layout import GeneratedLayout
+
+    folder = tmp_path / "32x32" / "ODA"
+    folder.mkdir(parents=True)
+    Image.fromarray(textured_image(1)).save(folder / "Synthetic_ODA_00001.png")
+    (folder / ".Synthetic_ODA_00002.abc123.partial.png").write_bytes(b"")
+    paths, _ = list_images(tmp_path / "32x32", ["ODA"])
+    assert [path.name for path in paths] == ["Synthetic_ODA_00001.png"]
+    assert [path.name for path in GeneratedLayout(tmp_path, 32).all_images()] == ["Synthetic_ODA_00001.png"]
