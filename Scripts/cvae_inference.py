@@ -77,11 +77,12 @@ raw_statistics = pd.read_csv(statistics_path).iloc[0].to_dict() if RESTORE_ASPEC
 
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
 output_dir = generated.directory
+# A request the disk cannot hold is refused before anything, the folder included, is made.
+generation.check_room_for(output_dir, IMAGES_PER_CLASS * len(requested), IMAGE_SIZE)
 output_dir.mkdir(parents=True, exist_ok=True)
 # One generation at a time per folder: two would number their files alike and interleave the manifest.
 locks.hold_folder_lock(output_dir)
 generation.reconcile_with_disk(generated, all_classes)
-generation.check_room_for(output_dir, IMAGES_PER_CLASS * len(requested), IMAGE_SIZE)
 started = time.perf_counter()
 with tqdm(
     total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -180,7 +181,8 @@ ANNOUNCE_ABOVE_IMAGES = 100_000
 def check_room_for(output_dir, image_count, image_size):
     """Say what a large request will take, and refuse one the disk cannot hold, before writing anything."""
     needed = image_count * (image_size * image_size * BYTES_PER_PIXEL_ESTIMATE + 400)
-    free = shutil.disk_usage(output_dir).free
+    existing = next(folder for folder in (Path(output_dir), *Path(output_dir).parents) if folder.exists())
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise UserError(
             f"{image_count:,} images of {image_size} px need about {needed / 1e9:,.1f} GB, but the disk "
