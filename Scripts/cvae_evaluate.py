@@ -133,7 +133,7 @@ if USEFULNESS:
     report["usefulness"] = json.loads(usefulness_json.read_text(encoding="utf-8"))["usefulness"]
 report["settings"] = config.jsonable(settings)
 report["seconds"] = round(time.perf_counter() - started, 1)
-json_path, markdown_path = write_report(report, generated_dir)
+json_path, markdown_path = write_report(report, generated)
 
 print(f"\njudge (domain classifier) accuracy on the real test split: {report['real_accuracy']:.1%}")
 print(

@@ -243,10 +243,13 @@ def usefulness_markdown(usefulness, class_names):
     return lines
 
 
-def write_report(report, output_dir):
-    output_dir = Path(output_dir)
-    json_path, markdown_path = output_dir / "evaluation_report.json", output_dir / "evaluation_report.md"
-    _plot_report(report, output_dir / "evaluation_fidelity.png")
+def write_report(report, generated_layout):
+    """The report as JSON and Markdown, with its fidelity figure, beside the generated images."""
+    json_path, markdown_path = (
+        generated_layout.evaluation_report_json,
+        generated_layout.evaluation_report_markdown,
+    )
+    _plot_report(report, generated_layout.fidelity_figure)
     write_json_atomic(json_path, report)
     write_text_atomic(markdown_path, markdown_report(report))
     return json_path, markdown_path
