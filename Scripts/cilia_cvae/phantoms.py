@@ -54,26 +54,30 @@ CLASS_PROPORTIONS = {
     },
 }
 
-# Stain density of each structure: darker structures absorb more electrons.
+# Stain density of each structure: darker structures absorb more electrons. Dense protein
+# (tubule walls, the A tubule's filled lumen, the central pair) is the darkest; the dynein arms,
+# spokes and projections are faint, fuzzy material drawn as an excess over the matrix on a
+# separate soft layer that is blurred more than the walls (see `draw_density`).
 DENSITY = {
-    "membrane": 0.86,
-    "membrane_middle": 0.55,
-    "coat": 0.40,
-    "matrix": 0.24,
-    "central_matrix": 0.32,
-    "tubule_wall": 0.88,
-    "a_lumen": 0.42,
-    "b_lumen": 0.26,
-    "central_lumen": 0.40,
-    "outer_arm": 0.90,
-    "inner_arm": 0.78,
-    "spoke": 0.52,
-    "spoke_head": 0.64,
-    "nexin": 0.44,
-    "bridge": 0.70,
-    "projection": 0.68,
-    "sheath": 0.56,
-    "microvillus_core": 0.28,
+    "membrane": 0.95,
+    "membrane_middle": 0.25,
+    "coat": 0.10,
+    "matrix": 0.10,
+    "outside_matrix": 0.04,
+    "central_matrix": 0.14,
+    "tubule_wall": 0.90,
+    "a_lumen": 0.50,
+    "b_lumen": 0.24,
+    "central_lumen": 0.42,
+    "spoke": 0.20,
+    "spoke_head": 0.30,
+    "nexin": 0.08,
+    "bridge": 0.40,
+    "projection": 0.34,
+    "sheath": 0.18,
+    "halo": 0.26,
+    "cytoplasm": 0.12,
+    "axoneme_matrix": 0.12,
 }
 
 # Geometry in nanometres, from published axoneme dimensions.
@@ -91,7 +95,7 @@ SPOKE_HEAD_INSET = 44.0  # from the A tubule's centre toward the cilium's centre
 OUTER_ARM_PATH = np.array([(-2.0, 10.0), (0.0, 16.5), (4.5, 21.5), (11.0, 23.5), (17.5, 21.5), (21.0, 17.5)])
 OUTER_ARM_HALF_WIDTHS = np.array([5.6, 5.4, 5.0, 4.6, 4.0, 3.4])
 INNER_ARM_PATH = np.array([(-2.0, -10.0), (1.5, -16.0), (7.5, -19.0), (14.0, -17.5)])
-INNER_ARM_HALF_WIDTHS = np.array([5.0, 4.8, 4.4, 3.8])
+INNER_ARM_HALF_WIDTHS = np.array([4.6, 4.4, 4.0, 3.4])
 
 
 @dataclass
@@ -103,6 +107,7 @@ class Doublet:
     has_b_tubule: bool = True
     outer_arm: float = 1.0  # 1 full density, 0 absent
     inner_arm: float = 1.0
+    sharpness: float = 1.0  # 1 crisp walls; lower values blur the doublet into a soft halo
 
     def frame(self):
         """Unit vectors (clockwise tangent, outward radial) of the doublet."""
@@ -131,6 +136,8 @@ class Cilium:
     membrane_radius: float  # nm, mean radius of the membrane's outer face
     membrane_thickness: float
     membrane_harmonics: list  # (order, relative amplitude, phase) of the membrane's waviness
+    membrane_blebs: list  # (angle, angular width, relative height) of folds and blebs
+    membrane_darkness: list  # (order, amplitude, phase): how the stain of the membrane varies along it
     doublets: list
     central_tubules: list = field(default_factory=list)  # centres in nm
     central_angle: float = 0.0  # direction of the line through the central pair
@@ -139,6 +146,8 @@ class Cilium:
     sheath_centre: np.ndarray = None  # None when the central sheath is absent
     transposed_doublet: Doublet = None  # 8+1: a peripheral doublet moved into the centre
     displacements: list = field(default_factory=list)  # nm each displaced doublet moved (tests)
+    arm_contrast: float = 0.45  # a full dynein arm's density excess, as a share of the wall's
+    interior_stain: float = 1.0  # how much denser than the pale band the inside of the doublet ring is
 
 
 def class_names(scheme):
@@ -172,16 +181,38 @@ def phantom_rng(seed, class_name, number):
 # ----------------------------------------------------------------------------------------
 
 
+def sample_membrane(rng):
+    """A membrane outline that is irregular on its own terms, not nine lobes tied to the doublets.
+
+    Real ones are roughly round or polygonal (soft corners, 5-9 of them), with folds and blebs
+    anywhere, and their stain varies along their length.
+    """
+    harmonics = [
+        (order, rng.uniform(0.0, 0.045) * (2.0 / order) ** 0.7, rng.uniform(0, 2 * math.pi))
+        for order in range(2, 13)
+    ]
+    harmonics.append((int(rng.integers(5, 10)), rng.uniform(0.0, 0.035), rng.uniform(0, 2 * math.pi)))
+    # Blebs are broad bulges; folds are narrow points where the membrane is pinched outward.
+    blebs = [
+        (rng.uniform(0, 2 * math.pi), rng.uniform(0.08, 0.3), rng.uniform(0.015, 0.06))
+        for _ in range(rng.choice(4, p=[0.4, 0.3, 0.2, 0.1]))
+    ]
+    blebs += [
+        (rng.uniform(0, 2 * math.pi), rng.uniform(0.025, 0.06), rng.uniform(0.02, 0.07))
+        for _ in range(rng.choice(7, p=[0.25, 0.15, 0.15, 0.15, 0.1, 0.1, 0.1]))
+    ]
+    darkness = [(order, rng.uniform(0.0, 0.18), rng.uniform(0, 2 * math.pi)) for order in (1, 2, 3, 5, 8)]
+    return harmonics, blebs, darkness
+
+
 def sample_normal_cilium(rng):
-    # Diameter 236-260 nm: a little above the usual 200-250 so that, as in real sections, a
-    # pale band separates the outer arms' tips from the membrane instead of merging with it.
-    membrane_radius = rng.uniform(118.0, 130.0)
-    harmonics = [(order, rng.uniform(0.0, 0.035), rng.uniform(0, 2 * math.pi)) for order in (2, 3, 4)]
-    # Nine lobes where the membrane drapes over the doublets and their outer arms (which
-    # reach ~12 degrees clockwise of a doublet's centre), plus fine ripples.
-    harmonics.append((9, rng.uniform(0.0, 0.045), -9 * math.radians(12.0)))
-    harmonics += [(order, rng.uniform(0.0, 0.005), rng.uniform(0, 2 * math.pi)) for order in range(11, 24, 3)]
+    # Diameter 236-280 nm around a doublet ring of radius ~86: real sections show a pale band of
+    # matrix (about a tenth of the diameter) between the doublets' outer face and the membrane.
+    membrane_radius = rng.uniform(118.0, 140.0)
+    harmonics, blebs, darkness = sample_membrane(rng)
     ring_radius = DOUBLET_RING_RADIUS * rng.uniform(0.96, 1.04)
+    # How crisp the doublets come out varies within one section (tilt, stain, depth of focus).
+    crispness = rng.uniform(0.3, 1.0)
     doublets = []
     for index in range(9):
         angle = index * 2 * math.pi / 9 + rng.normal(0.0, 0.025)
@@ -191,8 +222,9 @@ def sample_normal_cilium(rng):
                 centre=radius * np.array([math.cos(angle), math.sin(angle)]),
                 angle=angle + rng.normal(0.0, 0.04),
                 tilt=math.radians(rng.uniform(10.0, 20.0)),
-                outer_arm=rng.uniform(0.9, 1.0),
-                inner_arm=rng.uniform(0.85, 1.0),
+                outer_arm=rng.uniform(0.85, 1.0),
+                inner_arm=rng.uniform(0.8, 1.0),
+                sharpness=float(np.clip(crispness + rng.normal(0.0, 0.2), 0.2, 1.0)),
             )
         )
     central_angle = rng.uniform(0, math.pi)
@@ -200,8 +232,10 @@ def sample_normal_cilium(rng):
     axis = np.array([math.cos(central_angle), math.sin(central_angle)])
     return Cilium(
         membrane_radius=membrane_radius,
-        membrane_thickness=rng.uniform(7.0, 8.0),
+        membrane_thickness=rng.uniform(6.0, 9.0),
         membrane_harmonics=harmonics,
+        membrane_blebs=blebs,
+        membrane_darkness=darkness,
         doublets=doublets,
         central_tubules=[
             centre + CENTRAL_PAIR_HALF_DISTANCE * axis,
@@ -209,6 +243,9 @@ def sample_normal_cilium(rng):
         ],
         central_angle=central_angle,
         sheath_centre=centre.copy(),
+        # Faint, fuzzy arms: 30-60% of the wall's contrast, the same draw for every class.
+        arm_contrast=rng.uniform(0.45, 0.75),
+        interior_stain=rng.uniform(0.2, 1.6),
     )
 
 
@@ -443,61 +480,116 @@ def segment(start, end, half_width):
     return np.array([start + across, end + across, end - across, start - across])
 
 
-def membrane_outline(cilium, inset, count=240):
+MEMBRANE_POINTS = 180
+
+
+def membrane_outline(cilium, inset, count=MEMBRANE_POINTS):
     turns = np.linspace(0.0, 2 * math.pi, count, endpoint=False)
     relative = np.ones(count)
     for order, amplitude, phase in cilium.membrane_harmonics:
         relative += amplitude * np.cos(order * turns + phase)
+    for angle, width, height in cilium.membrane_blebs:
+        apart = np.angle(np.exp(1j * (turns - angle)))
+        relative += height * np.exp(-0.5 * (apart / width) ** 2)
     radius = cilium.membrane_radius * relative - inset
     return np.stack([radius * np.cos(turns), radius * np.sin(turns)], axis=1)
 
 
-def faded(density_name, strength, background="matrix"):
-    """Density of a structure drawn at `strength` (0-1) over the matrix around it."""
-    return DENSITY[background] + strength * (DENSITY[density_name] - DENSITY[background])
+def membrane_darkness(cilium, count=MEMBRANE_POINTS):
+    """Stain of the membrane along its length, 0.5-1: a bilayer is never evenly dark all round."""
+    turns = np.linspace(0.0, 2 * math.pi, count, endpoint=False)
+    variation = sum(
+        amplitude * np.cos(order * turns + phase) for order, amplitude, phase in cilium.membrane_darkness
+    )
+    return np.clip(0.85 + variation, 0.5, 1.0)
+
+
+def draw_strip(polygon, outer, inner, densities):
+    """A closed band between two outlines, one quadrilateral per outline point, each its own density."""
+    following = np.roll(np.arange(len(outer)), -1)
+    for index, density in enumerate(densities):
+        after = following[index]
+        polygon(np.array([outer[index], outer[after], inner[after], inner[index]]), density)
+
+
+def draw_membrane(polygon, soft_polygon, cilium):
+    """A thin bilayer: two dense leaflets around a paler middle, its stain varying along it."""
+    thickness = cilium.membrane_thickness
+    # A faint fuzzy coat (glycocalyx) outside the membrane only: the soft layer is cleared inside.
+    soft_polygon(membrane_outline(cilium, -5.0), DENSITY["coat"])
+    soft_polygon(membrane_outline(cilium, thickness), 0.0)
+    polygon(membrane_outline(cilium, 0.0), DENSITY["matrix"])
+    faces = [membrane_outline(cilium, thickness * share) for share in (0.0, 0.38, 0.62, 1.0)]
+    darkness = membrane_darkness(cilium)
+    leaflet = DENSITY["matrix"] + darkness * (DENSITY["membrane"] - DENSITY["matrix"])
+    draw_strip(polygon, faces[0], faces[1], leaflet)
+    draw_strip(polygon, faces[1], faces[2], np.full(len(darkness), DENSITY["membrane_middle"]))
+    # The inner leaflet follows the outer one's stain, a little offset along the membrane.
+    draw_strip(polygon, faces[2], faces[3], np.roll(leaflet, len(leaflet) // 24))
+
+
+def arm_density(cilium, strength, share=1.0):
+    """Density excess of an arm drawn at `strength` (0-1): faint next to the tubule walls."""
+    return strength * share * cilium.arm_contrast * (DENSITY["tubule_wall"] - DENSITY["matrix"])
+
+
+def draw_doublet_halo(soft_polygon, doublet):
+    """The blurred material around a doublet: more of it, and paler walls, on a soft doublet."""
+    soft_polygon(
+        ellipse(doublet.centre, 21.0, count=24, minor_radius=14.0, angle=doublet.angle + math.pi / 2),
+        DENSITY["halo"] * (1.2 - doublet.sharpness),
+    )
 
 
 def draw_doublet_tubules(polygon, doublet):
+    """A dense, nearly filled A tubule and a C-shaped B tubule fused to its side.
+
+    A soft doublet is drawn paler and leaves more of itself to the blurred halo around it.
+    """
     a_centre = doublet.a_tubule_centre()
+    wall = DENSITY["matrix"] + (0.75 + 0.25 * doublet.sharpness) * (
+        DENSITY["tubule_wall"] - DENSITY["matrix"]
+    )
     if doublet.has_b_tubule:
-        # The B tubule is an incomplete ring closed by the A tubule's wall: drawn first, the A
-        # tubule covers half of it and leaves the familiar crescent on its side.
+        # Drawn first, the A tubule covers the B tubule's inner side and leaves the crescent.
         b_centre = doublet.b_tubule_centre()
-        polygon(ellipse(b_centre, B_TUBULE_RADIUS), DENSITY["tubule_wall"])
-        polygon(ellipse(b_centre, B_TUBULE_RADIUS - TUBULE_WALL), DENSITY["b_lumen"])
-    polygon(ellipse(a_centre, A_TUBULE_RADIUS), DENSITY["tubule_wall"])
+        polygon(ellipse(b_centre, B_TUBULE_RADIUS), wall)
+        polygon(ellipse(b_centre, B_TUBULE_RADIUS - TUBULE_WALL * 0.8), DENSITY["b_lumen"])
+    polygon(ellipse(a_centre, A_TUBULE_RADIUS), wall)
     polygon(ellipse(a_centre, A_TUBULE_RADIUS - TUBULE_WALL), DENSITY["a_lumen"])
 
 
-def draw_cilium(draw, cilium, view):
-    """Paint one cilium, back to front, so that denser structures lie on top."""
+def draw_cilium(draw, soft_draw, cilium, view):
+    """Paint one cilium, back to front: dense structures on the base layer, fuzzy ones on the soft one."""
 
     def polygon(points, density):
         draw.polygon(view.to_canvas(points), fill=float(density))
 
-    thickness = cilium.membrane_thickness
-    # A faint fuzzy coat (glycocalyx) outside; then the membrane, a bilayer: two dense leaflets
-    # around a paler middle.
-    polygon(membrane_outline(cilium, -6.0), DENSITY["coat"])
-    polygon(membrane_outline(cilium, 0.0), DENSITY["membrane"])
-    polygon(membrane_outline(cilium, thickness * 0.36), DENSITY["membrane_middle"])
-    polygon(membrane_outline(cilium, thickness * 0.64), DENSITY["membrane"])
-    polygon(membrane_outline(cilium, thickness), DENSITY["matrix"])
+    def soft_polygon(points, density):
+        soft_draw.polygon(view.to_canvas(points), fill=float(density))
 
+    draw_membrane(polygon, soft_polygon, cilium)
+    # Inside the doublet ring the section is denser than in the pale band under the membrane:
+    # smeared spokes, the central apparatus' matrix and whatever the section's depth adds.
+    soft_polygon(
+        ellipse(np.zeros(2), DOUBLET_RING_RADIUS * 0.92, count=48),
+        DENSITY["axoneme_matrix"] * cilium.interior_stain,
+    )
     if cilium.sheath_centre is not None:
-        polygon(ellipse(cilium.sheath_centre, 39.0, count=40), DENSITY["sheath"])
-        polygon(ellipse(cilium.sheath_centre, 34.5, count=40), DENSITY["central_matrix"])
-
+        soft_polygon(ellipse(cilium.sheath_centre, 39.0, count=40), DENSITY["sheath"])
+        soft_polygon(ellipse(cilium.sheath_centre, 33.0, count=40), 0.0)
     doublets = cilium.doublets
     for doublet in doublets:
         if not doublet.present:
             continue
+        draw_doublet_halo(soft_polygon, doublet)
         _, outward = doublet.frame()
         a_centre = doublet.a_tubule_centre()
         head = a_centre - SPOKE_HEAD_INSET * outward
-        polygon(segment(a_centre - 10.0 * outward, head, 1.9), DENSITY["spoke"])
-        polygon(
-            ellipse(head, 6.0, count=20, minor_radius=3.8, angle=doublet.angle + math.pi / 2),
+        # Radial spokes are smeared in real sections: faint, wide, only their heads a little denser.
+        soft_polygon(segment(a_centre - 10.0 * outward, head, 2.6), DENSITY["spoke"])
+        soft_polygon(
+            ellipse(head, 6.5, count=20, minor_radius=4.2, angle=doublet.angle + math.pi / 2),
             DENSITY["spoke_head"],
         )
 
@@ -507,68 +599,88 @@ def draw_cilium(draw, cilium, view):
         if doublet.present and following.present and following.has_b_tubule:
             start, end = doublet.a_tubule_centre(), following.b_tubule_centre()
             direction = (end - start) / np.linalg.norm(end - start)
-            polygon(segment(start + 11.0 * direction, end - 12.0 * direction, 1.3), DENSITY["nexin"])
+            soft_polygon(segment(start + 11.0 * direction, end - 12.0 * direction, 1.6), DENSITY["nexin"])
 
     for doublet in doublets:
         if not doublet.present:
             continue
         if doublet.inner_arm > 0.0:
-            polygon(doublet.place(INNER_ARM_OUTLINE), faded("inner_arm", doublet.inner_arm))
+            soft_polygon(doublet.place(INNER_ARM_OUTLINE), arm_density(cilium, doublet.inner_arm, 0.75))
         if doublet.outer_arm > 0.0:
-            polygon(doublet.place(OUTER_ARM_OUTLINE), faded("outer_arm", doublet.outer_arm))
+            soft_polygon(doublet.place(OUTER_ARM_OUTLINE), arm_density(cilium, doublet.outer_arm))
         draw_doublet_tubules(polygon, doublet)
 
     if cilium.transposed_doublet is not None:
+        draw_doublet_halo(soft_polygon, cilium.transposed_doublet)
         draw_doublet_tubules(polygon, cilium.transposed_doublet)
 
-    draw_central_pair(polygon, cilium)
+    draw_central_pair(polygon, soft_polygon, cilium)
 
 
-def draw_central_pair(polygon, cilium):
-    """The central tubules, with their projections and the bridge between them when the cilium has them."""
+def draw_central_pair(polygon, soft_polygon, cilium):
+    """The central tubules, dense, with their projections and the bridge when the cilium has them."""
     tubules = cilium.central_tubules
     if len(tubules) == 2:
         pair_centre = (tubules[0] + tubules[1]) / 2
-        across = np.array([-math.sin(cilium.central_angle), math.cos(cilium.central_angle)])
         if cilium.central_projections:
             for centre in tubules:
                 away = (centre - pair_centre) / np.linalg.norm(centre - pair_centre)
-                for turn, length in ((1.15, 23.0), (-1.15, 20.0), (0.0, 17.0)):
+                for turn, length in ((1.15, 24.0), (-1.15, 21.0), (0.0, 18.0)):
                     direction = rotation_matrix(turn) @ away
-                    polygon(
-                        segment(centre + 10.0 * direction, centre + length * direction, 2.4),
+                    soft_polygon(
+                        segment(centre + 10.0 * direction, centre + length * direction, 3.0),
                         DENSITY["projection"],
                     )
         if cilium.central_bridge:
-            for side in (-4.5, 4.5):
-                polygon(
-                    segment(tubules[0] + side * across, tubules[1] + side * across, 1.5), DENSITY["bridge"]
-                )
+            soft_polygon(segment(tubules[0], tubules[1], 6.0), DENSITY["bridge"])
     for centre in tubules:
+        soft_polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS + 4.0, count=24), DENSITY["halo"])
         polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS), DENSITY["tubule_wall"])
         polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS - TUBULE_WALL), DENSITY["central_lumen"])
 
 
-def draw_microvillus(draw, view, centre, radius):
-    draw.polygon(view.to_canvas(ellipse(centre, radius, count=48)), fill=DENSITY["membrane"])
-    draw.polygon(view.to_canvas(ellipse(centre, radius - 7.0, count=48)), fill=DENSITY["microvillus_core"])
+def irregular_outline(rng, centre, radius, count=64):
+    """A blob with a wavy edge: cut microvilli and pieces of cytoplasm are never perfect discs."""
+    turns = np.linspace(0.0, 2 * math.pi, count, endpoint=False)
+    relative = np.ones(count)
+    for order in range(2, 7):
+        relative += rng.uniform(0.0, 0.12 / order) * np.cos(order * turns + rng.uniform(0, 2 * math.pi))
+    stretch = rng.uniform(1.0, 1.6)
+    points = np.stack(
+        [radius * relative * np.cos(turns) * stretch, radius * relative * np.sin(turns)], axis=1
+    )
+    return np.asarray(centre) + points @ rotation_matrix(rng.uniform(0, math.pi)).T
 
 
-def draw_density(cilium, view, width, height, supersample, neighbours=(), microvilli=()):
-    """Stain density of the crop: the cilium, its neighbours and microvilli, at crop size."""
-    canvas = Image.new("F", (width * supersample, height * supersample), 0.0)
-    draw = ImageDraw.Draw(canvas)
-    for centre, radius in microvilli:
-        draw_microvillus(draw, view, centre, radius)
+def draw_surroundings(draw, view, surroundings):
+    """Microvilli and cut cytoplasm: a membrane-dark rim around a paler, stained inside."""
+    for outline, rim, fill in surroundings:
+        draw.polygon(view.to_canvas(outline), fill=DENSITY["membrane"] * rim)
+        inner = outline.mean(axis=0) + (outline - outline.mean(axis=0)) * fill
+        draw.polygon(view.to_canvas(inner), fill=DENSITY["cytoplasm"])
+
+
+def draw_density(cilium, view, width, height, supersample, neighbours=(), surroundings=(), soft_blur_nm=2.5):
+    """Stain density of the crop at crop size: the dense layer plus the fuzzy layer, blurred.
+
+    The soft layer (arms, spokes, projections, sheath, halos) is blurred by `soft_blur_nm` before it
+    is added: that is what makes the arms faint, fuzzy projections instead of sharp hooks.
+    """
+    size = (width * supersample, height * supersample)
+    canvas, soft = Image.new("F", size, 0.0), Image.new("F", size, 0.0)
+    draw, soft_draw = ImageDraw.Draw(canvas), ImageDraw.Draw(soft)
+    draw_surroundings(draw, view, surroundings)
     for neighbour, neighbour_view, reach in neighbours:
         # Neighbours entirely outside the crop cost time and change nothing.
         x, y = neighbour_view.offset
         if -reach < x < canvas.width + reach and -reach < y < canvas.height + reach:
-            draw_cilium(draw, neighbour, neighbour_view)
-    draw_cilium(draw, cilium, view)
+            draw_cilium(draw, soft_draw, neighbour, neighbour_view)
+    draw_cilium(draw, soft_draw, cilium, view)
     if supersample > 1:
-        canvas = canvas.reduce(supersample)
-    return np.asarray(canvas, dtype=np.float32)
+        canvas, soft = canvas.reduce(supersample), soft.reduce(supersample)
+    canvas_per_nm = float(np.sqrt(abs(np.linalg.det(view.matrix)))) / supersample
+    blurred = blur(np.asarray(soft, dtype=np.float32), soft_blur_nm * canvas_per_nm)
+    return np.asarray(canvas, dtype=np.float32) + blurred
 
 
 def sample_crop_size(rng):
@@ -583,13 +695,28 @@ def sample_crop_size(rng):
 def outer_extent(cilium, stretch):
     """Largest distance (nm) of the membrane from the centre after an oblique stretch."""
     waviness = sum(amplitude for _, amplitude, _ in cilium.membrane_harmonics)
+    waviness += max((height for _, _, height in cilium.membrane_blebs), default=0.0)
     return cilium.membrane_radius * (1.0 + waviness) * stretch
+
+
+def sample_surroundings(rng, main_extent, stretch):
+    """Microvilli and pieces of cytoplasm around the cilium, in its frame, most cut by the crop."""
+    surroundings = []
+    for _ in range(rng.choice(5, p=[0.4, 0.25, 0.15, 0.12, 0.08])):
+        large = rng.random() < 0.25  # a piece of cell body rather than a microvillus
+        radius = rng.uniform(90.0, 200.0) if large else rng.uniform(30.0, 55.0)
+        distance = main_extent + radius + rng.uniform(5.0, 80.0)
+        direction = rng.uniform(0, 2 * math.pi)
+        centre = distance / stretch * np.array([math.cos(direction), math.sin(direction)])
+        outline = irregular_outline(rng, centre, radius)
+        surroundings.append((outline, rng.uniform(0.5, 1.0), 1.0 - rng.uniform(4.0, 8.0) / radius))
+    return surroundings
 
 
 def compose_section(rng, cilium, width, height):
     """Place the cilium in the crop, with neighbours cut by the crop's edge; return density."""
     stretch = rng.uniform(1.0, 1.3)
-    fill = rng.uniform(0.72, 0.95)  # share of the crop's short side the cilium spans
+    fill = rng.uniform(0.8, 1.0)  # share of the crop's short side the cilium spans
     pixels_per_nm = fill * min(width, height) / (2.0 * cilium.membrane_radius * stretch)
     # Supersample small crops so thin walls stay smooth after the reduction.
     supersample = int(min(3, max(1, math.ceil(0.9 / pixels_per_nm))))
@@ -621,14 +748,10 @@ def compose_section(rng, cilium, width, height):
         neighbours.append(
             (neighbour, neighbour_view, canvas_per_nm * outer_extent(neighbour, neighbour_stretch))
         )
-    microvilli = []
-    for _ in range(rng.choice(5, p=[0.45, 0.25, 0.15, 0.1, 0.05])):
-        radius = rng.uniform(35.0, 55.0)
-        distance = main_extent + radius + rng.uniform(5.0, 80.0)
-        direction = rng.uniform(0, 2 * math.pi)
-        # Microvilli are positioned in the cilium's frame and drawn through its view.
-        microvilli.append((distance / stretch * np.array([math.cos(direction), math.sin(direction)]), radius))
-    density = draw_density(cilium, view, width, height, supersample, neighbours, microvilli)
+    surroundings = sample_surroundings(rng, main_extent, stretch)
+    # Thicker sections and heavier stain smear the fuzzy material further.
+    soft_blur_nm = rng.uniform(0.8, 2.0)
+    density = draw_density(cilium, view, width, height, supersample, neighbours, surroundings, soft_blur_nm)
     return density, pixels_per_nm
 
 
@@ -637,10 +760,6 @@ def compose_section(rng, cilium, width, height):
 # ----------------------------------------------------------------------------------------
 
 ABSORPTION = 1.8  # transmitted intensity is exp(-ABSORPTION * density)
-# A binomial kernel, close to a Gaussian of 0.7 px; filtering white noise with it in both
-# directions shrinks its standard deviation by the sum of the squared weights.
-GRAIN_KERNEL = np.array([0.25, 0.5, 0.25], dtype=np.float32)
-GRAIN_KERNEL_GAIN = float(np.sum(GRAIN_KERNEL**2))
 
 
 def upsampled_noise(rng, shape, cell_size):
@@ -655,38 +774,86 @@ def upsampled_noise(rng, shape, cell_size):
     return smooth / (smooth.std() + 1e-6)
 
 
-def apply_microscope(rng, density, pixels_per_nm):
+def blur(array, sigma):
+    """Gaussian blur of `sigma` pixels; wide ones on a reduced copy, which they cannot tell apart.
+
+    A blur of 4 px or more removes everything a 2x reduction loses, so it runs at a half or a
+    quarter of the size (a third of the rendering time otherwise went to wide blurs).
+    """
+    factor = 1 if sigma < 4.0 else (2 if sigma < 8.0 else 4)
+    if factor == 1:
+        return ndimage.gaussian_filter(array, sigma, truncate=3.0)
+    height, width = array.shape
+    small = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F").reduce(factor)
+    small = ndimage.gaussian_filter(np.asarray(small), sigma / factor, truncate=3.0)
+    enlarged = Image.fromarray(small, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(enlarged, dtype=np.float32)
+
+
+def grain(rng, shape, sigma):
+    """White noise blurred by `sigma` pixels, unit standard deviation: grain a few pixels across."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=3.0)
+    return field / (field.std() + 1e-6)
+
+
+def stain(rng, density, pixels_per_nm):
+    """Stain is grainy and patchy, and more so inside cells than in the empty resin around them.
+
+    Three scales: grains of a few pixels, clumps of ~4-8 nm and patches of 20-60 nm.
+    """
     shape = density.shape
-    # Stained cytoplasm is flocculent, not flat: clumps ~6 nm across inside cells, none in the
-    # empty background. Added rather than multiplied, so dense lines (membrane, walls) stay whole.
-    texture = upsampled_noise(rng, shape, max(1.5, 6.0 * pixels_per_nm))
-    # Clumps of stain are darker than the matrix; gaps in it are only a little paler.
-    texture = np.maximum(texture, -0.6)
-    density = density + 0.03 + rng.uniform(0.10, 0.16) * texture * np.minimum(density * 4.0, 1.0)
-    density = ndimage.gaussian_filter(density, rng.uniform(1.5, 3.2) * pixels_per_nm, truncate=3.0)
-    intensity = np.exp(-ABSORPTION * density)
-    # Uneven section thickness and illumination: a few broad, faint patches.
+    inside = blur((density > 0.08).astype(np.float32), 2.0)
+    clumps = np.maximum(upsampled_noise(rng, shape, max(1.5, rng.uniform(4.0, 8.0) * pixels_per_nm)), -0.7)
+    patches = upsampled_noise(rng, shape, max(4.0, rng.uniform(20.0, 60.0) * pixels_per_nm))
+    grains = grain(rng, shape, rng.uniform(0.7, 1.6))
+    texture = (
+        rng.uniform(0.03, 0.08) * clumps + rng.uniform(0.02, 0.15) * patches + rng.uniform(0.03, 0.1) * grains
+    )
+    # Protein-dense structures take up stain unevenly too: their walls come out grainy.
+    return density + 0.02 + texture * (0.35 + 0.65 * inside) * (0.6 + density)
+
+
+def defocus(rng, density, pixels_per_nm):
+    """Blur of 1.2-3.2 nm that itself varies across the crop (focus, tilt, section thickness)."""
+    sigma = rng.uniform(1.0, 2.6) * pixels_per_nm
+    sharp = blur(density, sigma)
+    soft = blur(density, sigma * rng.uniform(1.2, 1.9))
+    weight = 1.0 / (1.0 + np.exp(-2.0 * upsampled_noise(rng, density.shape, max(density.shape) / 2.0)))
+    return sharp + (soft - sharp) * weight, sigma
+
+
+def expose(rng, density, sigma):
+    """Electrons through the section: absorption, a faint defocus fringe, uneven illumination, shot noise."""
+    shape = density.shape
+    intensity = np.exp(-ABSORPTION * density * rng.uniform(0.85, 1.15))
+    # Underfocus leaves a pale fringe beside dense edges (the membrane, walls).
+    intensity += rng.uniform(0.0, 0.25) * (intensity - blur(intensity, 3.0 * sigma))
     intensity *= 1.0 + rng.uniform(0.02, 0.07) * upsampled_noise(
         rng, shape, max(shape) / rng.uniform(2.0, 5.0)
     )
-    # Shot noise: few electrons per pixel make dark areas noisier in relative terms; the
-    # detector's point spread correlates neighbouring pixels a little, which reads as grain.
-    grain = rng.standard_normal(shape, dtype=np.float32)
-    for axis in (0, 1):
-        grain = ndimage.correlate1d(grain, GRAIN_KERNEL, axis=axis)
-    grain /= GRAIN_KERNEL_GAIN
-    dose = rng.uniform(150.0, 900.0)
-    intensity += grain * np.sqrt(np.maximum(intensity, 0.0) / dose)
+    dose = rng.uniform(20.0, 300.0)
+    noise = grain(rng, shape, rng.uniform(0.4, 1.2))
+    return intensity + noise * np.sqrt(np.maximum(intensity, 0.0) / dose)
+
+
+def print_levels(rng, intensity):
+    """Intensity -> grey levels: exposure, contrast (sometimes washed out) and gamma of the print."""
     darkest = math.exp(-ABSORPTION * DENSITY["tubule_wall"])
     normalised = np.clip((intensity - darkest) / (1.0 - darkest), 0.0, None)
-    background_level = rng.uniform(195.0, 232.0)
-    dense_level = 20.0 + 90.0 * rng.random() ** 2
-    values = dense_level + (background_level - dense_level) * normalised ** rng.uniform(0.8, 1.25)
-    pixels = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    if rng.random() < 0.3:
-        # Many archives were saved as JPEG: its 8x8 blocks and ringing are part of the look.
+    background_level = rng.uniform(180.0, 234.0)
+    dense_level = 15.0 + 130.0 * rng.random() ** 2.5
+    values = dense_level + (background_level - dense_level) * normalised ** rng.uniform(0.75, 1.3)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def apply_microscope(rng, density, pixels_per_nm):
+    density = stain(rng, density, pixels_per_nm)
+    density, sigma = defocus(rng, density, pixels_per_nm)
+    pixels = print_levels(rng, expose(rng, density, sigma))
+    if rng.random() < 0.5:
+        # Many archives were saved as JPEG (the real crops are): its blocks and ringing are part of the look.
         buffer = io.BytesIO()
-        Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=int(rng.integers(30, 80)))
+        Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=int(rng.integers(50, 95)))
         pixels = np.asarray(Image.open(buffer).convert("L"))
     return pixels
 
