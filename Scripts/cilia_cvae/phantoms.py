@@ -59,23 +59,24 @@ CLASS_PROPORTIONS = {
 # spokes and projections are faint, fuzzy material drawn as an excess over the matrix on a
 # separate soft layer that is blurred more than the walls (see `draw_density`).
 DENSITY = {
-    "membrane": 0.95,
+    "membrane": 0.90,
     "membrane_middle": 0.25,
-    "coat": 0.10,
+    "coat": 0.16,
     "matrix": 0.10,
     "outside_matrix": 0.04,
     "central_matrix": 0.14,
     "tubule_wall": 0.90,
     "a_lumen": 0.50,
     "b_lumen": 0.24,
-    "central_lumen": 0.42,
-    "spoke": 0.20,
-    "spoke_head": 0.30,
+    "central_lumen": 0.30,
+    "spoke": 0.28,
+    "spoke_head": 0.36,
     "nexin": 0.08,
     "bridge": 0.40,
     "projection": 0.34,
-    "sheath": 0.18,
-    "halo": 0.26,
+    "sheath": 0.24,
+    "halo": 0.22,
+    "central_halo": 0.10,
     "cytoplasm": 0.12,
     "axoneme_matrix": 0.12,
 }
@@ -84,7 +85,7 @@ DENSITY = {
 DOUBLET_RING_RADIUS = 86.0
 A_TUBULE_RADIUS = 12.5
 B_TUBULE_RADIUS = 13.5
-TUBULE_WALL = 5.0
+TUBULE_WALL = 4.5
 A_TO_B_DISTANCE = 14.0
 CENTRAL_TUBULE_RADIUS = 12.5
 CENTRAL_PAIR_HALF_DISTANCE = 15.5
@@ -210,7 +211,7 @@ def sample_normal_cilium(rng):
     # matrix (about a tenth of the diameter) between the doublets' outer face and the membrane.
     membrane_radius = rng.uniform(118.0, 140.0)
     harmonics, blebs, darkness = sample_membrane(rng)
-    ring_radius = DOUBLET_RING_RADIUS * rng.uniform(0.96, 1.04)
+    ring_radius = DOUBLET_RING_RADIUS * rng.uniform(0.98, 1.08)
     # How crisp the doublets come out varies within one section (tilt, stain, depth of focus).
     crispness = rng.uniform(0.3, 1.0)
     doublets = []
@@ -232,7 +233,7 @@ def sample_normal_cilium(rng):
     axis = np.array([math.cos(central_angle), math.sin(central_angle)])
     return Cilium(
         membrane_radius=membrane_radius,
-        membrane_thickness=rng.uniform(6.0, 9.0),
+        membrane_thickness=rng.uniform(5.5, 8.0),
         membrane_harmonics=harmonics,
         membrane_blebs=blebs,
         membrane_darkness=darkness,
@@ -245,7 +246,7 @@ def sample_normal_cilium(rng):
         sheath_centre=centre.copy(),
         # Faint, fuzzy arms: 30-60% of the wall's contrast, the same draw for every class.
         arm_contrast=rng.uniform(0.45, 0.75),
-        interior_stain=rng.uniform(0.2, 1.6),
+        interior_stain=rng.uniform(0.2, 1.2),
     )
 
 
@@ -501,7 +502,7 @@ def membrane_darkness(cilium, count=MEMBRANE_POINTS):
     variation = sum(
         amplitude * np.cos(order * turns + phase) for order, amplitude, phase in cilium.membrane_darkness
     )
-    return np.clip(0.85 + variation, 0.5, 1.0)
+    return np.clip(0.8 + variation, 0.4, 1.0)
 
 
 def draw_strip(polygon, outer, inner, densities):
@@ -516,7 +517,7 @@ def draw_membrane(polygon, soft_polygon, cilium):
     """A thin bilayer: two dense leaflets around a paler middle, its stain varying along it."""
     thickness = cilium.membrane_thickness
     # A faint fuzzy coat (glycocalyx) outside the membrane only: the soft layer is cleared inside.
-    soft_polygon(membrane_outline(cilium, -5.0), DENSITY["coat"])
+    soft_polygon(membrane_outline(cilium, -7.0), DENSITY["coat"])
     soft_polygon(membrane_outline(cilium, thickness), 0.0)
     polygon(membrane_outline(cilium, 0.0), DENSITY["matrix"])
     faces = [membrane_outline(cilium, thickness * share) for share in (0.0, 0.38, 0.62, 1.0)]
@@ -536,7 +537,7 @@ def arm_density(cilium, strength, share=1.0):
 def draw_doublet_halo(soft_polygon, doublet):
     """The blurred material around a doublet: more of it, and paler walls, on a soft doublet."""
     soft_polygon(
-        ellipse(doublet.centre, 21.0, count=24, minor_radius=14.0, angle=doublet.angle + math.pi / 2),
+        ellipse(doublet.centre, 21.0, count=24, minor_radius=11.0, angle=doublet.angle + math.pi / 2),
         DENSITY["halo"] * (1.2 - doublet.sharpness),
     )
 
@@ -577,7 +578,8 @@ def draw_cilium(draw, soft_draw, cilium, view):
     )
     if cilium.sheath_centre is not None:
         soft_polygon(ellipse(cilium.sheath_centre, 39.0, count=40), DENSITY["sheath"])
-        soft_polygon(ellipse(cilium.sheath_centre, 33.0, count=40), 0.0)
+        inside_sheath = DENSITY["axoneme_matrix"] * cilium.interior_stain
+        soft_polygon(ellipse(cilium.sheath_centre, 33.0, count=40), inside_sheath)
     doublets = cilium.doublets
     for doublet in doublets:
         if not doublet.present:
@@ -605,7 +607,7 @@ def draw_cilium(draw, soft_draw, cilium, view):
         if not doublet.present:
             continue
         if doublet.inner_arm > 0.0:
-            soft_polygon(doublet.place(INNER_ARM_OUTLINE), arm_density(cilium, doublet.inner_arm, 0.75))
+            soft_polygon(doublet.place(INNER_ARM_OUTLINE), arm_density(cilium, doublet.inner_arm, 0.9))
         if doublet.outer_arm > 0.0:
             soft_polygon(doublet.place(OUTER_ARM_OUTLINE), arm_density(cilium, doublet.outer_arm))
         draw_doublet_tubules(polygon, doublet)
@@ -634,7 +636,7 @@ def draw_central_pair(polygon, soft_polygon, cilium):
         if cilium.central_bridge:
             soft_polygon(segment(tubules[0], tubules[1], 6.0), DENSITY["bridge"])
     for centre in tubules:
-        soft_polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS + 4.0, count=24), DENSITY["halo"])
+        soft_polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS + 4.0, count=24), DENSITY["central_halo"])
         polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS), DENSITY["tubule_wall"])
         polygon(ellipse(centre, CENTRAL_TUBULE_RADIUS - TUBULE_WALL), DENSITY["central_lumen"])
 
@@ -807,7 +809,7 @@ def stain(rng, density, pixels_per_nm):
     patches = upsampled_noise(rng, shape, max(4.0, rng.uniform(20.0, 60.0) * pixels_per_nm))
     grains = grain(rng, shape, rng.uniform(0.7, 1.6))
     texture = (
-        rng.uniform(0.03, 0.08) * clumps + rng.uniform(0.02, 0.15) * patches + rng.uniform(0.03, 0.1) * grains
+        rng.uniform(0.03, 0.07) * clumps + rng.uniform(0.02, 0.08) * patches + rng.uniform(0.03, 0.1) * grains
     )
     # Protein-dense structures take up stain unevenly too: their walls come out grainy.
     return density + 0.02 + texture * (0.35 + 0.65 * inside) * (0.6 + density)
@@ -832,7 +834,7 @@ def expose(rng, density, sigma):
         rng, shape, max(shape) / rng.uniform(2.0, 5.0)
     )
     dose = rng.uniform(20.0, 300.0)
-    noise = grain(rng, shape, rng.uniform(0.4, 1.2))
+    noise = grain(rng, shape, rng.uniform(0.5, 1.3))
     return intensity + noise * np.sqrt(np.maximum(intensity, 0.0) / dose)
 
 
@@ -841,7 +843,7 @@ def print_levels(rng, intensity):
     darkest = math.exp(-ABSORPTION * DENSITY["tubule_wall"])
     normalised = np.clip((intensity - darkest) / (1.0 - darkest), 0.0, None)
     background_level = rng.uniform(180.0, 234.0)
-    dense_level = 15.0 + 130.0 * rng.random() ** 2.5
+    dense_level = 18.0 + 120.0 * rng.random() ** 2
     values = dense_level + (background_level - dense_level) * normalised ** rng.uniform(0.75, 1.3)
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
