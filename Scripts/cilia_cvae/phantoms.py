@@ -233,7 +233,7 @@ def sample_normal_cilium(rng):
     axis = np.array([math.cos(central_angle), math.sin(central_angle)])
     return Cilium(
         membrane_radius=membrane_radius,
-        membrane_thickness=rng.uniform(5.5, 8.0),
+        membrane_thickness=rng.uniform(6.0, 9.5),
         membrane_harmonics=harmonics,
         membrane_blebs=blebs,
         membrane_darkness=darkness,
@@ -245,7 +245,7 @@ def sample_normal_cilium(rng):
         central_angle=central_angle,
         sheath_centre=centre.copy(),
         # Faint, fuzzy arms: 30-60% of the wall's contrast, the same draw for every class.
-        arm_contrast=rng.uniform(0.45, 0.75),
+        arm_contrast=rng.uniform(0.5, 0.8),
         interior_stain=rng.uniform(0.2, 1.2),
     )
 
@@ -752,7 +752,7 @@ def compose_section(rng, cilium, width, height):
         )
     surroundings = sample_surroundings(rng, main_extent, stretch)
     # Thicker sections and heavier stain smear the fuzzy material further.
-    soft_blur_nm = rng.uniform(0.8, 2.0)
+    soft_blur_nm = rng.uniform(0.8, 1.7)
     density = draw_density(cilium, view, width, height, supersample, neighbours, surroundings, soft_blur_nm)
     return density, pixels_per_nm
 
@@ -817,9 +817,9 @@ def stain(rng, density, pixels_per_nm):
 
 def defocus(rng, density, pixels_per_nm):
     """Blur of 1.2-3.2 nm that itself varies across the crop (focus, tilt, section thickness)."""
-    sigma = rng.uniform(1.0, 2.6) * pixels_per_nm
+    sigma = rng.uniform(1.0, 2.3) * pixels_per_nm
     sharp = blur(density, sigma)
-    soft = blur(density, sigma * rng.uniform(1.2, 1.9))
+    soft = blur(density, sigma * rng.uniform(1.15, 1.7))
     weight = 1.0 / (1.0 + np.exp(-2.0 * upsampled_noise(rng, density.shape, max(density.shape) / 2.0)))
     return sharp + (soft - sharp) * weight, sigma
 
