@@ -79,6 +79,14 @@ class RunLayout:
     samples_epoch_<N>.png   sample grids every few epochs
     cvae_encoder.keras, cvae_decoder.keras, loss_plot.png, and cvae_parameters.json (written
     last: its presence marks a finished run)
+
+    The second stage, the latent prior (prior_training.py), beside them:
+    checkpoints/prior/      every finished prior epoch, and prior_settings.json
+    prior_training_latents.npy   the standardisation's input: latent means of every training crop in 8 orientations
+    prior_history.csv       a row per finished prior epoch
+    prior_samples_epoch_<N>.png  prior draws of every class, decoded, every few epochs
+    latent_prior.keras      the denoiser's moving-average weights (recorded under "latent_prior"
+                            in cvae_parameters.json once its training finished)
     """
 
     models_dir: Path
@@ -138,6 +146,29 @@ class RunLayout:
 
     def samples(self, epoch):
         return self.directory / f"samples_epoch_{epoch}.png"
+
+    @property
+    def prior_checkpoints(self):
+        return self.checkpoints / "prior"
+
+    @property
+    def prior_settings(self):
+        return self.prior_checkpoints / "prior_settings.json"
+
+    @property
+    def prior_training_latents(self):
+        return self.directory / "prior_training_latents.npy"
+
+    @property
+    def prior_history(self):
+        return self.directory / "prior_history.csv"
+
+    def prior_samples(self, epoch):
+        return self.directory / f"prior_samples_epoch_{epoch}.png"
+
+    @property
+    def latent_prior(self):
+        return self.directory / "latent_prior.keras"
 
     @property
     def latent_record(self):
