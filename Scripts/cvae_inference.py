@@ -1,16 +1,21 @@
 """Generate class-conditional synthetic TEM images of cilia cross sections with a trained CVAE.
 
 Reads   MODELS_DIR/<S>x<S>/cvae_decoder.keras and cvae_parameters.json (class names, sizes)
+        MODELS_DIR/<S>x<S>/latent_prior.keras (for --sampling=diffusion and counterfactuals)
         LATENT_TENSORS_DIR/<S>x<S>/z_mean_<Class>.npy, z_log_var_<Class>.npy
         PROCESSED_IMAGES_DIR/raw_image_statistics.csv and <S>x<S>/train/ (real examples for the figures)
 Writes  GENERATED_IMAGES_DIR/<S>x<S>/<Class>/Synthetic_<Class>_<NNNNN>.png (numbering continues: nothing is overwritten)
         GENERATED_IMAGES_DIR/<S>x<S>/generation_manifest.csv (one row per image: how it was made)
         GENERATED_IMAGES_DIR/<S>x<S>/image_comparison.png, latent_space.png, class_interpolation.png
+        (with the prior also guidance_sweep.png; with --counterfactual_from also counterfactuals.png)
 
-Example:
+Examples:
     python Scripts/cvae_inference.py --classes=ODA,IDA --images_per_class=1000 --sampling=class_density
+    python Scripts/cvae_inference.py --sampling=diffusion --guidance=2 --sampling_steps=20
+    python Scripts/cvae_inference.py --counterfactual_from=Normal --classes=ODA,IDA --edit_strength=0.5
 
-Expected run time: a few seconds to start, then a few hundred images/s on 2 cores.
+Expected run time: a few seconds to start, then a few hundred images/s on 2 cores; with the latent
+prior each image costs SAMPLING_STEPS passes of the denoiser (twice that with guidance), so fewer.
 """
 
 import time
@@ -18,18 +23,22 @@ import time
 import pandas as pd
 from tqdm import tqdm
 
-from cilia_cvae import config, figures, generation, locks
+from cilia_cvae import config
 from cilia_cvae.config import UserError, check_choice, check_range, configure
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
 
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
 IMAGES_PER_CLASS = 100  # images generated for each requested class
-SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" (texture only with a latent map) or "class_density"
-TEMPERATURE = 1.0  # scales the sampling noise: below 1 gives safer, less varied images
+SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" (texture only with a latent map), "class_density" or "diffusion" (the run's latent prior)
+TEMPERATURE = 1.0  # scales the sampling noise (with "diffusion", the starting noise): below 1 gives safer, less varied images
+GUIDANCE = 2.0  # classifier-free guidance of the latent prior: 1 is the conditional model alone (most varied), above 1 truer to the class
+SAMPLING_STEPS = 20  # deterministic DDIM steps (eta 0) of the latent prior, for diffusion and counterfactuals
+COUNTERFACTUAL_FROM = ""  # a class name: instead of sampling, redraw that class's real training crops (in file order) as each requested class
+EDIT_STRENGTH = 0.5  # how far a counterfactual's latent is noised before it is denoised as the new class: 0 returns the crop's reconstruction, 1 forgets the crop
 RESTORE_ASPECT = True  # give each image an aspect ratio drawn from the raw statistics, as the original did
 BATCH_SIZE = 64  # images decoded per call
-FIGURES = True  # write the comparison, latent-space and interpolation figures
+FIGURES = True  # write the comparison, latent-space and class figures (with the prior also the guidance sweep and counterfactuals)
 SEED = 0  # the same seed gives the same images
 MODELS_DIR = config.MODELS_DIR  # read: the trained decoder
 LATENT_TENSORS_DIR = config.LATENT_TENSORS_DIR  # read: the stored training latents
@@ -37,12 +46,19 @@ PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: raw statistics and r
 GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # written: the synthetic images, manifest and figures
 
 settings = configure(globals())
-check_choice("SAMPLING", SAMPLING, generation.SAMPLING_MODES)
 check_range("IMAGES_PER_CLASS", IMAGES_PER_CLASS, 1)
 # A batch is decoded in memory at once: beyond a few thousand it only risks running out of memory.
 check_range("BATCH_SIZE", BATCH_SIZE, 1, 4096)
 check_range("TEMPERATURE", TEMPERATURE, 0.0)
+check_range("GUIDANCE", GUIDANCE, 0.0)
+check_range("SAMPLING_STEPS", SAMPLING_STEPS, 1, 1000)
+check_range("EDIT_STRENGTH", EDIT_STRENGTH, 0.0, 1.0)
 check_range("SEED", SEED, 0)
+
+# TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
+from cilia_cvae import diffusion_figures, figures, generation, locks  # noqa: E402
+
+check_choice("SAMPLING", SAMPLING, generation.SAMPLING_MODES)
 
 # The model records its class names, size and latent size; nothing is asked twice.
 generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
@@ -59,7 +75,17 @@ if unknown or not requested:
         f"unknown class(es) {', '.join(unknown) or '(none given)'}; this model knows: {', '.join(all_classes)}"
     )
 
-if SAMPLING == "prior" and parameters.get("latent_map_side"):
+if COUNTERFACTUAL_FROM and COUNTERFACTUAL_FROM not in all_classes:
+    raise UserError(
+        f"--counterfactual_from={COUNTERFACTUAL_FROM} is not a class of this model; it knows: {', '.join(all_classes)}"
+    )
+diffusion = None
+if SAMPLING == "diffusion" or COUNTERFACTUAL_FROM:
+    # The prior must be this run's, the very file its training recorded: checked before anything is written.
+    generation.load_latent_prior(generator, MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
+    diffusion = {"guidance": GUIDANCE, "steps": SAMPLING_STEPS}
+
+if SAMPLING == "prior" and parameters.get("latent_map_side") and not COUNTERFACTUAL_FROM:
     # Not refused (it is the textbook draw, and a comparison may want to show it), but said.
     print(
         f"note: this model's latent is a {parameters['latent_map_side']}x{parameters['latent_map_side']} map; "
@@ -74,6 +100,13 @@ if RESTORE_ASPECT and not statistics_path.is_file():
         f"run python Scripts/cvae_pre_processing.py, or pass --restore_aspect=False"
     )
 raw_statistics = pd.read_csv(statistics_path).iloc[0].to_dict() if RESTORE_ASPECT else {}
+if COUNTERFACTUAL_FROM:
+    # Each stored latent named by the crop it was encoded from, so the manifest can say which one was redrawn.
+    source_names = generation.counterfactual_sources(generator, processed, COUNTERFACTUAL_FROM)
+    diffusion.update(
+        edit_strength=EDIT_STRENGTH,
+        counterfactual={"source_class": COUNTERFACTUAL_FROM, "source_names": source_names},
+    )
 
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
 output_dir = generated.directory
@@ -99,6 +132,7 @@ with tqdm(
         raw_statistics=raw_statistics,
         batch_size=BATCH_SIZE,
         progress=progress,
+        diffusion=diffusion,
     )
 elapsed = time.perf_counter() - started
 total = sum(len(paths) for paths in written.values())
@@ -116,19 +150,50 @@ if FIGURES:
     figures.latent_space(
         {name: generator["latents"][name][0] for name in all_classes}, output_dir / "latent_space.png"
     )
-    largest = max(all_classes, key=lambda name: len(generator["latents"][name][0]))
-    reference_class = "Normal" if "Normal" in all_classes else largest
-    reference_latent = generator["latents"][reference_class][0][0]
-    figures.class_interpolation(
-        lambda latents, labels: generation.decode_mixed(generator["decoder"], latents, labels),
-        int(parameters["latent_dim"]),
-        all_classes,
-        reference_class,
-        reference_latent,
-        {name: generator["latents"][name][0][0] for name in all_classes},
-        output_dir / "class_interpolation.png",
-    )
-    print(f"figures: {output_dir / 'image_comparison.png'}, latent_space.png, class_interpolation.png")
+    figure_names = ["image_comparison.png", "latent_space.png", diffusion_figures.CLASS_FIGURE_NAME]
+    if "prior" in generator:
+        # The class acts in the prior, not the decoder: the same noise under each class, and guidance's effect.
+        diffusion_figures.same_noise_under_each_class(
+            generator,
+            all_classes,
+            output_dir / diffusion_figures.CLASS_FIGURE_NAME,
+            seed=SEED,
+            guidance=GUIDANCE,
+            steps=SAMPLING_STEPS,
+        )
+        diffusion_figures.guidance_sweep(
+            generator,
+            all_classes,
+            output_dir / diffusion_figures.GUIDANCE_FIGURE_NAME,
+            seed=SEED,
+            steps=SAMPLING_STEPS,
+        )
+        figure_names.append(diffusion_figures.GUIDANCE_FIGURE_NAME)
+    else:
+        largest = max(all_classes, key=lambda name: len(generator["latents"][name][0]))
+        reference_class = "Normal" if "Normal" in all_classes else largest
+        reference_latent = generator["latents"][reference_class][0][0]
+        figures.class_interpolation(
+            lambda latents, labels: generation.decode_mixed(generator["decoder"], latents, labels),
+            int(parameters["latent_dim"]),
+            all_classes,
+            reference_class,
+            reference_latent,
+            {name: generator["latents"][name][0][0] for name in all_classes},
+            output_dir / diffusion_figures.CLASS_FIGURE_NAME,
+        )
+    if COUNTERFACTUAL_FROM:
+        diffusion_figures.counterfactuals(
+            generator,
+            processed,
+            COUNTERFACTUAL_FROM,
+            written,
+            requested,
+            output_dir / diffusion_figures.COUNTERFACTUAL_FIGURE_NAME,
+            edit_strength=EDIT_STRENGTH,
+        )
+        figure_names.append(diffusion_figures.COUNTERFACTUAL_FIGURE_NAME)
+    print(f"figures: {output_dir / figure_names[0]}, {', '.join(figure_names[1:])}")
     # With images generated at several resolutions, compare them side by side as the original did.
     size_dirs = sorted(
         (

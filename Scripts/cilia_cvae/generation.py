@@ -1,11 +1,15 @@
 """Class-conditional generation from a trained decoder: loading, sampling, batched decoding, writing.
 
-Three ways to choose latent vectors, all recorded in the generation manifest:
+Four ways to choose latent vectors, all recorded in the generation manifest:
 - "posterior": the original pipeline's draw, around one stored training latent of the class
   (z = mean + exp(log_var / 2) * noise * temperature); close to real examples, less variety;
 - "prior": z ~ N(0, temperature^2 I), the textbook VAE draw; the label alone sets the class;
 - "class_density": a Gaussian mixture fitted to the class's stored latent means, then sampled;
-  it follows where the class's images really lie instead of assuming the prior is filled.
+  it follows where the class's images really lie instead of assuming the prior is filled;
+- "diffusion": a latent map drawn by the run's class-conditional latent prior (latent_prior.py),
+  deterministic DDIM from noise (scaled by the temperature) with classifier-free guidance.
+And counterfactuals: a real training crop's latent, noised part-way and denoised by the prior
+under another class (SDEdit), "this cilium, with that defect".
 """
 
 import csv
@@ -21,12 +25,13 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from cilia_cvae import models  # noqa: F401  (registers the custom layers the saved models use)
+from cilia_cvae import latent_prior, models  # noqa: F401  (models registers the custom layers the saved models use)
 from cilia_cvae.config import UserError
-from cilia_cvae.files import sha256_of_file, write_png_atomic
+from cilia_cvae.files import sha256_of_file, write_csv_atomic, write_png_atomic
 from cilia_cvae.layout import RunLayout
 
-SAMPLING_MODES = ("posterior", "prior", "class_density")
+SAMPLING_MODES = ("posterior", "prior", "class_density", "diffusion")
+# New columns go at the end: a manifest written before them keeps its columns where they were.
 MANIFEST_COLUMNS = [
     "file",
     "class",
@@ -37,7 +42,14 @@ MANIFEST_COLUMNS = [
     "aspect_ratio",
     "model_fingerprint",
     "image_size",
+    "guidance",
+    "sampling_steps",
+    "edit_strength",
+    "counterfactual_source",
 ]
+# The random stream of a counterfactual's noise and aspect ratio: drawn per source class, not per
+# target class, so that image i of every target class is the same crop under the same noise.
+COUNTERFACTUAL_STREAM = 1_000_003
 # The tEXt key under which each generated PNG carries its own manifest row.
 MANIFEST_ROW_KEY = "cilia_cvae_manifest_row"
 FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
@@ -170,6 +182,87 @@ def load_trained_generator(models_dir, latent_tensors_dir, image_size):
         "fingerprint": fingerprint,
         "model_dir": layout.directory,
     }
+
+
+def prior_training_command(image_size):
+    return f"{training_script_for(image_size)} --continue_finished=True --prior_epochs=N"
+
+
+def read_prior_record(layout, parameters, image_size):
+    """The latent prior's entry in cvae_parameters.json and its configuration, checked against the run."""
+    record = parameters.get("latent_prior")
+    if not isinstance(record, dict) or not layout.latent_prior.is_file():
+        raise UserError(
+            f"{layout.directory} has no latent prior: train it with {prior_training_command(image_size)}"
+        )
+    try:
+        prior_config = latent_prior.PriorConfig.from_json(record["prior_config"])
+        recorded_hash, recorded_run = str(record["sha256"]), record["run_fingerprint"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(
+            f"the latent prior's entry in {layout.parameters} is damaged ({type(error).__name__}: {error}); "
+            f"train it again with {prior_training_command(image_size)}"
+        ) from None
+    if recorded_run != parameters.get("run_fingerprint"):
+        raise UserError(
+            f"{layout.latent_prior} was trained on another CVAE run than {layout.directory} holds; "
+            f"train it again with {prior_training_command(image_size)}"
+        )
+    if recorded_hash != sha256_of_file(layout.latent_prior):
+        raise UserError(
+            f"{layout.latent_prior} is not the file its training recorded (its sha256 differs from "
+            f"cvae_parameters.json); copy the run folder again or train it again with {prior_training_command(image_size)}"
+        )
+    map_values = prior_config.map_side**2 * prior_config.latent_channels
+    if map_values != int(parameters["latent_dim"]) or prior_config.num_classes != len(
+        parameters["class_names"]
+    ):
+        raise UserError(
+            f"the latent prior in {layout.directory} models {prior_config.num_classes} classes of "
+            f"{map_values} latent values, but the decoder takes {parameters['latent_dim']} values of "
+            f"{len(parameters['class_names'])} classes; train it again with {prior_training_command(image_size)}"
+        )
+    return prior_config
+
+
+def load_latent_prior(generator, models_dir, latent_tensors_dir, image_size):
+    """Add the run's latent prior (its moving-average denoiser, loaded in safe mode, and its
+    configuration) to a loaded generator, or refuse in one line."""
+    layout = RunLayout(models_dir, latent_tensors_dir, image_size)
+    prior_config = read_prior_record(layout, generator["parameters"], image_size)
+    try:
+        denoiser = keras.models.load_model(layout.latent_prior, safe_mode=True, compile=False)
+    except (
+        Exception
+    ) as error:  # Keras raises several kinds (ValueError, OSError, zipfile errors) for one fault
+        raise UserError(
+            f"{layout.latent_prior} cannot be loaded ({type(error).__name__}); train it again with "
+            f"{prior_training_command(image_size)}"
+        ) from None
+    if tuple(denoiser.inputs[0].shape[1:]) != prior_config.map_shape:
+        raise UserError(
+            f"{layout.latent_prior} takes maps of {tuple(denoiser.inputs[0].shape[1:])}, but its record says "
+            f"{prior_config.map_shape}; train it again with {prior_training_command(image_size)}"
+        )
+    generator["prior"] = {"denoiser": denoiser, "config": prior_config}
+    return generator
+
+
+def counterfactual_sources(generator, processed_layout, source_class):
+    """The processed file name of each stored latent of the source class.
+
+    Training stored the latents of the train split in file-name order (data.list_training_images),
+    so row i of z_mean_<Class>.npy is the i-th image of train/<Class>/ by name; a folder that no
+    longer holds as many images was changed after training and cannot be matched."""
+    z_mean = generator["latents"][source_class][0]
+    paths = processed_layout.images("train", source_class)
+    if len(paths) != len(z_mean):
+        raise UserError(
+            f"{processed_layout.class_folder('train', source_class)} holds {len(paths)} images but the model "
+            f"stored {len(z_mean)} latents of {source_class}; the processed images changed after training: "
+            f"train again on them, or point --processed_images_dir at the ones it was trained on"
+        )
+    return [f"{source_class}/{path.name}" for path in paths]
 
 
 # A generated micrograph is noisy, so PNG barely compresses it: about one byte per pixel, plus headers.
@@ -343,7 +436,26 @@ def reconcile_with_disk(generated_layout, class_names):
     return len(recovered)
 
 
+def upgrade_manifest_header(manifest_path):
+    """Give a manifest written before the newest columns existed those columns (empty for its rows),
+    so that rows appended now line up with the header; another header is refused in one line."""
+    if not manifest_path.exists() or manifest_path.stat().st_size == 0:
+        return
+    with open(manifest_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        if header == MANIFEST_COLUMNS:
+            return
+        if header != MANIFEST_COLUMNS[: len(header)]:
+            raise UserError(
+                f"{manifest_path} has other columns than this version writes; move it aside and run again"
+            )
+        rows = list(reader)
+    write_csv_atomic(manifest_path, rows, MANIFEST_COLUMNS)
+
+
 def append_manifest_rows(manifest_path, rows):
+    upgrade_manifest_header(manifest_path)
     new_manifest = not manifest_path.exists() or manifest_path.stat().st_size == 0
     with open(manifest_path, "a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", restval="")
@@ -364,34 +476,116 @@ def finish_batch(pending, manifest, manifest_file, progress):
     progress.update(len(rows))
 
 
-def class_request(generator, class_name, *, images_per_class, sampling, temperature, seed, aspect_statistics):
-    """The label, latents, source indices and aspect ratios of one class's images.
+def prior_latents(generator, labels, starting_maps, diffusion, *, edited=None):
+    """Decoder latents from the latent prior: DDIM from the starting maps (noise), or, for an edit, the
+    standardised source maps `edited` noised with them to the edit strength and walked back."""
+    prior = generator["prior"]
+    denoiser, prior_config = prior["denoiser"], prior["config"]
+    options = {
+        "steps": diffusion["steps"],
+        "guidance": diffusion["guidance"],
+        "prediction": prior_config.prediction,
+        "batch_size": len(labels),
+    }
+    if edited is None:
+        maps = latent_prior.sample(denoiser, labels, starting_maps, **options)
+    else:
+        maps = latent_prior.edit(
+            denoiser, edited, labels, strength=diffusion["edit_strength"], noise=starting_maps, **options
+        )
+    return latent_prior.to_model_latents(maps, prior_config)
 
-    One random generator per (seed, class): the same seed gives the same images, whatever
-    other classes are asked for in the same run."""
+
+def counterfactual_request(generator, label, count, seed, aspect_statistics, diffusion):
+    """Image i of every target class edits source crop i (cycling through the class's crops in file order)
+    under the same noise, so the images of one source line up across classes."""
+    counterfactual = diffusion["counterfactual"]
+    source_class = counterfactual["source_class"]
+    source_label = list(generator["parameters"]["class_names"]).index(source_class)
+    rng = np.random.default_rng([seed, source_label, COUNTERFACTUAL_STREAM])
+    z_mean = generator["latents"][source_class][0]
+    sources = np.arange(count) % len(z_mean)
+    noise = rng.standard_normal((count, *generator["prior"]["config"].map_shape)).astype(np.float32)
+
+    def latents_between(start, stop):
+        chosen = z_mean[sources[start:stop]]
+        if diffusion["edit_strength"] == 0:
+            # The stored latent itself, not its round trip through the standardisation: strength 0
+            # returns the source's reconstruction bit for bit.
+            return chosen
+        standardised = latent_prior.from_model_latents(chosen, generator["prior"]["config"])
+        return prior_latents(
+            generator, np.full(stop - start, label), noise[start:stop], diffusion, edited=standardised
+        )
+
+    return {
+        "label": label,
+        "count": count,
+        "latents_between": latents_between,
+        "sources": sources,
+        "source_names": [counterfactual["source_names"][index] for index in sources],
+        "aspects": (
+            draw_aspect_ratios(count, aspect_statistics, rng)
+            if aspect_statistics is not None
+            else np.ones(count)
+        ),
+    }
+
+
+def class_request(
+    generator, class_name, *, images_per_class, sampling, temperature, seed, aspect_statistics, diffusion=None
+):
+    """What one class's images are made of: its label, a function giving the decoder latents of images
+    start to stop, the source latent of each image and its aspect ratio.
+
+    One random generator per (seed, class): the same seed gives the same images, whatever other
+    classes are asked for in the same run. A diffusion image starts from noise of the map's shape,
+    the generator's first draw (times the temperature); the prior then denoises it batch by batch."""
     label = list(generator["parameters"]["class_names"]).index(class_name)
+    if diffusion and diffusion.get("counterfactual"):
+        return counterfactual_request(generator, label, images_per_class, seed, aspect_statistics, diffusion)
     rng = np.random.default_rng([seed, label])
-    z_mean, z_log_var = generator["latents"][class_name]
-    latents, sources = draw_latents(sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed)
+    if sampling == "diffusion":
+        map_shape = generator["prior"]["config"].map_shape
+        noise = rng.standard_normal((images_per_class, *map_shape)).astype(np.float32) * temperature
+        sources = np.full(images_per_class, -1)
+
+        def latents_between(start, stop):
+            return prior_latents(generator, np.full(stop - start, label), noise[start:stop], diffusion)
+    else:
+        z_mean, z_log_var = generator["latents"][class_name]
+        latents, sources = draw_latents(sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed)
+
+        def latents_between(start, stop):
+            return latents[start:stop]
+
     aspects = (
         draw_aspect_ratios(images_per_class, aspect_statistics, rng)
         if aspect_statistics is not None
         else np.ones(images_per_class)
     )
-    return label, latents, sources, aspects
+    return {
+        "label": label,
+        "count": images_per_class,
+        "latents_between": latents_between,
+        "sources": sources,
+        "source_names": None,
+        "aspects": aspects,
+    }
 
 
 def write_class(
     generator, generated_layout, class_name, request, *, decode_batch, writers, manifest, progress
 ):
     """Decode and write one class's images a batch at a time, each batch's PNGs finishing while the
-    next decodes; a batch's manifest rows are written once its files exist. Returns the paths."""
-    label, latents, sources, aspects = class_request(generator, class_name, **request["draw"])
+    next is drawn and decoded; a batch's manifest rows are written once its files exist. Returns the paths."""
+    drawn = class_request(generator, class_name, **request["draw"])
     generated_layout.class_folder(class_name).mkdir(parents=True, exist_ok=True)
     first_number = next_file_number(generated_layout, class_name)
     paths, pending, batch_size = [], None, request["batch_size"]
-    for start in range(0, len(latents), batch_size):
-        images = decode_batch(latents[start : start + batch_size], label)
+    for start in range(0, drawn["count"], batch_size):
+        stop = min(start + batch_size, drawn["count"])
+        images = decode_batch(drawn["latents_between"](start, stop), drawn["label"])
         rows, jobs = [], []
         for offset, pixels in enumerate(images):
             index = start + offset
@@ -400,10 +594,12 @@ def write_class(
                 "file": f"{class_name}/{path.name}",
                 "class": class_name,
                 **request["row"],
-                "source_latent_index": int(sources[index]),
-                "aspect_ratio": round(float(aspects[index]), 4),
+                "source_latent_index": int(drawn["sources"][index]),
+                "aspect_ratio": round(float(drawn["aspects"][index]), 4),
             }
-            aspect = aspects[index] if request["restore_aspect_ratio"] else None
+            if drawn["source_names"] is not None:
+                row["counterfactual_source"] = drawn["source_names"][index]
+            aspect = drawn["aspects"][index] if request["restore_aspect_ratio"] else None
             jobs.append(writers.submit(save_generated, path, pixels, aspect, request["resize_mode"], row))
             paths.append(path)
             rows.append(row)
@@ -411,6 +607,22 @@ def write_class(
         pending = (jobs, rows)
     finish_batch(pending, *manifest, progress)
     return paths
+
+
+def manifest_row_fields(generator, sampling, temperature, seed, diffusion):
+    """The columns every row of one run shares: how its images were made and by which model."""
+    fields = {
+        "sampling": sampling,
+        "temperature": temperature,
+        "seed": seed,
+        "model_fingerprint": generator["fingerprint"],
+        "image_size": int(generator["parameters"]["image_size"]),
+    }
+    if diffusion:
+        fields.update(guidance=diffusion["guidance"], sampling_steps=diffusion["steps"])
+        if diffusion.get("counterfactual"):
+            fields.update(sampling="counterfactual", edit_strength=diffusion["edit_strength"])
+    return fields
 
 
 def generate(
@@ -426,39 +638,40 @@ def generate(
     raw_statistics,
     batch_size,
     progress,
+    diffusion=None,
 ):
-    """Decode and write images class by class; append a manifest row per image."""
+    """Decode and write images class by class; append a manifest row per image.
+
+    `diffusion`, for sampling "diffusion" or counterfactuals (the generator then holds its prior,
+    load_latent_prior), is {"guidance", "steps"} and, for counterfactuals, "edit_strength" and
+    "counterfactual": {"source_class", "source_names" (counterfactual_sources)}."""
     parameters = generator["parameters"]
-    latent_dim, image_size = int(parameters["latent_dim"]), int(parameters["image_size"])
+    latent_dim = int(parameters["latent_dim"])
     decode_batch = make_decode_function(
         generator["decoder"], batch_size, latent_dim, len(parameters["class_names"])
     )
-    draw = {
-        "images_per_class": images_per_class,
-        "sampling": sampling,
-        "temperature": temperature,
-        "seed": seed,
-    }
     request = {
-        "draw": dict(draw, aspect_statistics=raw_statistics if restore_aspect_ratio else None),
-        "row": {
+        "draw": {
+            "images_per_class": images_per_class,
             "sampling": sampling,
             "temperature": temperature,
             "seed": seed,
-            "model_fingerprint": generator["fingerprint"],
-            "image_size": image_size,
+            "aspect_statistics": raw_statistics if restore_aspect_ratio else None,
+            "diffusion": diffusion,
         },
+        "row": manifest_row_fields(generator, sampling, temperature, seed, diffusion),
         "batch_size": batch_size,
         "restore_aspect_ratio": restore_aspect_ratio,
         "resize_mode": parameters.get("resize_mode", "squash"),
     }
     generated_layout.manifest.parent.mkdir(parents=True, exist_ok=True)
-    new_manifest = not generated_layout.manifest.exists()
+    upgrade_manifest_header(generated_layout.manifest)
+    new_manifest = not generated_layout.manifest.exists() or generated_layout.manifest.stat().st_size == 0
     with (
         open(generated_layout.manifest, "a", newline="", encoding="utf-8") as manifest_file,
         ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers,
     ):
-        manifest = csv.DictWriter(manifest_file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        manifest = csv.DictWriter(manifest_file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", restval="")
         if new_manifest:
             manifest.writeheader()
         return {
