@@ -16,7 +16,7 @@ last finished epoch when started again with the same command. See the README for
 GPUs or hosts (TF_CONFIG).
 """
 
-from cilia_cvae import config, training
+from cilia_cvae import config, prior_training, training
 from cilia_cvae.config import configure
 from cilia_cvae.preprocessing import read_processed_facts
 
@@ -44,6 +44,13 @@ MAX_MINUTES = 0.0  # do not start an epoch that would end after this many minute
 FRESH = False  # move an earlier run in the output folders aside and start again
 CONTINUE_FINISHED = False  # train a finished run on from its last epoch, up to a raised --epochs or for --max_minutes more (same settings only); its models are replaced when it finishes again
 SAMPLE_EVERY = 5  # write samples_epoch_<N>.png every this many epochs
+PRIOR_EPOCHS = 0  # second stage: epochs of the latent diffusion prior over every training crop's latent map in 8 orientations (0: none; inference's --sampling=diffusion needs it); with --continue_finished=True on a finished run, only the prior is trained
+PRIOR_BATCH_SIZE = 64  # latent maps per prior step, over all replicas together
+PRIOR_LEARNING_RATE = 2e-4  # Adam step size of the prior
+PRIOR_WIDTH = 32  # channels of the prior's U-Net at the map's resolution (doubled at the lower levels)
+PRIOR_LABEL_DROPOUT = 0.1  # share of prior training examples shown no class, for classifier-free guidance
+PRIOR_PREDICTION = "v"  # what the prior's network predicts: "v" (velocity) or "noise"
+PRIOR_SAMPLE_EVERY = 2  # write prior_samples_epoch_<N>.png every this many prior epochs (and after the last)
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the preprocessed images
 MODELS_DIR = config.MODELS_DIR  # written: <S>x<S>/ with the models, history and checkpoints
 LATENT_TENSORS_DIR = config.LATENT_TENSORS_DIR  # written: <S>x<S>/ with the latents of the training images
@@ -52,9 +59,13 @@ settings = configure(globals())
 # The preprocessing stage recorded class names, resize mode and a fingerprint of the data;
 # a size it never made is refused here with one line.
 facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
+prior_training.check_prior_settings(settings)
 
 # Train or resume, keep the best validation epoch, save the encoder, decoder and latents.
 parameters = training.train(settings, facts)
+# The second stage: the latent prior of the finished run (skipped with a note when PRIOR_EPOCHS is 0).
+if parameters:
+    parameters = prior_training.train_prior(settings, facts, parameters)
 if parameters:
     losses = parameters["final_losses"]["best_epoch"]
     print(

@@ -82,7 +82,6 @@ class RunLayout:
 
     The second stage, the latent prior (prior_training.py), beside them:
     checkpoints/prior/      every finished prior epoch, and prior_settings.json
-    prior_training_latents.npy   the standardisation's input: latent means of every training crop in 8 orientations
     prior_history.csv       a row per finished prior epoch
     prior_samples_epoch_<N>.png  prior draws of every class, decoded, every few epochs
     latent_prior.keras      the denoiser's moving-average weights (recorded under "latent_prior"
@@ -154,10 +153,6 @@ class RunLayout:
     @property
     def prior_settings(self):
         return self.prior_checkpoints / "prior_settings.json"
-
-    @property
-    def prior_training_latents(self):
-        return self.directory / "prior_training_latents.npy"
 
     @property
     def prior_history(self):

@@ -41,7 +41,7 @@ def comparable_settings(settings, data_fingerprint):
     kept = {
         name: value
         for name, value in jsonable(settings).items()
-        if name not in SETTINGS_FREE_TO_CHANGE and name not in RUN_LOCATIONS
+        if name not in SETTINGS_FREE_TO_CHANGE and name not in RUN_LOCATIONS and not name.startswith("PRIOR_")
     }
     return resolved_settings(dict(kept, DATA_FINGERPRINT=data_fingerprint))
 
@@ -101,6 +101,31 @@ def prepare_run(layout, settings, data_fingerprint):
             print(f"moved the earlier run aside: {folder} -> {move_aside(folder)}")
     if not layout.run_settings.exists():
         write_json_atomic(layout.run_settings, comparable)
+
+
+def finished_run_to_keep(layout, settings, data_fingerprint):
+    """A finished run whose CVAE is kept as it is while its latent prior is trained: its parameters, else None.
+
+    Two cases: --continue_finished on a run whose CVAE trained its --epochs already, and the
+    same command again after a kill during the prior stage (the CVAE had finished; the prior
+    had started but not). The prior's settings (PRIOR_*) never count as the CVAE's.
+    """
+    if settings["FRESH"] or settings.get("PRIOR_EPOCHS", 0) <= 0 or not layout.parameters.exists():
+        return None
+    parameters = json.loads(layout.parameters.read_text(encoding="utf-8"))
+    interrupted_prior = layout.prior_settings.exists() and "latent_prior" not in parameters
+    continued = settings.get("CONTINUE_FINISHED") and parameters["epochs_done"] >= settings["EPOCHS"]
+    if not (interrupted_prior or continued):
+        return None
+    changed = _recorded_changes(layout, comparable_settings(settings, data_fingerprint), settings)
+    if changed:
+        raise UserError(
+            f"the finished run in {layout.directory} used other settings ({changed}); "
+            f"continue it with its own or pass --fresh=True to start again"
+        )
+    done = parameters["epochs_done"]
+    print(f"the CVAE in {layout.directory} is finished ({done} epochs): training its latent prior only")
+    return parameters
 
 
 def reopen_finished_run(layout, settings, comparable):

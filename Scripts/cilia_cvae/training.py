@@ -595,6 +595,10 @@ def report_epoch(session, row):
 
 def train(settings, facts):
     """Train (or resume) the CVAE described by a training script's settings; write every output."""
+    layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
+    kept = runs.finished_run_to_keep(layout, settings, facts["fingerprint"])
+    if kept is not None:
+        return kept
     started = time.time()
     session = start_or_resume(settings, facts)
     first_epoch = session.epochs_done + 1

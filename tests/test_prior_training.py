@@ -1,0 +1,97 @@
+"""The second training stage, the latent prior, as a user runs it: trained, continued, resumed, refused."""
+
+import csv
+import hashlib
+import json
+
+from test_training import TINY_MODEL, folders, write_processed_split
+
+from conftest import run_script
+
+# No sample grid but the last epoch's: its DDIM sampler costs more to trace than the tiny prior to train.
+PRIOR = ["--prior_epochs=2", "--prior_batch_size=16", "--prior_width=8", "--prior_sample_every=0"]
+
+
+def train(base, *arguments, environment=None):
+    return run_script(
+        "cvae_training_224x224",
+        *TINY_MODEL,
+        *folders(base),
+        "--epochs=1",
+        *arguments,
+        environment=environment,
+    )
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prior_rows(run):
+    with open(run / "prior_history.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_prior_trains_after_the_cvae_and_is_recorded_with_it(tmp_path):
+    write_processed_split(tmp_path / "processed", images_per_class=6, test_images_per_class=1)
+    finished = train(tmp_path, *PRIOR)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    run = tmp_path / "models" / "32x32"
+    parameters = json.loads((run / "cvae_parameters.json").read_text())
+    prior = parameters["latent_prior"]
+    assert prior["epochs_done"] == 2 and prior["run_fingerprint"] == parameters["run_fingerprint"]
+    assert prior["sha256"] == digest(run / "latent_prior.keras")
+    # 18 crops (6 per class), each in its eight orientations.
+    assert prior["training_latents"] == 18 * 8
+    assert prior["prior_config"]["map_side"] == 4 and prior["prior_config"]["latent_channels"] == 2
+    assert abs(prior["prior_config"]["latent_scale"]) > 0
+    assert [row["epoch"] for row in prior_rows(run)] == ["1", "2"]
+    assert not (run / "prior_samples_epoch_1.png").exists()
+    assert (run / "prior_samples_epoch_2.png").stat().st_size > 0
+
+    # Continuing the finished run with more prior epochs trains the prior only: the CVAE stays.
+    decoder, history = digest(run / "cvae_decoder.keras"), (run / "training_history.csv").read_text()
+    continued = train(tmp_path, *PRIOR[1:], "--prior_epochs=3", "--continue_finished=True")
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "training its latent prior only" in continued.stdout
+    assert digest(run / "cvae_decoder.keras") == decoder
+    assert (run / "training_history.csv").read_text() == history
+    assert [row["epoch"] for row in prior_rows(run)] == ["1", "2", "3"]
+    assert json.loads((run / "cvae_parameters.json").read_text())["latent_prior"]["epochs_done"] == 3
+
+    # Asked again for what it has, it says so and changes nothing.
+    prior_file = digest(run / "latent_prior.keras")
+    again = train(tmp_path, *PRIOR[1:], "--prior_epochs=3", "--continue_finished=True")
+    assert again.returncode == 0 and "latent prior of this run is trained (3 epochs)" in again.stdout
+    assert digest(run / "latent_prior.keras") == prior_file
+
+
+def test_a_killed_prior_stage_resumes_with_the_same_command(tmp_path):
+    write_processed_split(tmp_path / "processed", images_per_class=6, test_images_per_class=1)
+    killed = train(tmp_path, *PRIOR, environment={"CILIA_CVAE_CRASH_AFTER_PRIOR_CHECKPOINT": "1"})
+    assert killed.returncode != 0
+    run = tmp_path / "models" / "32x32"
+    assert "latent_prior" not in json.loads((run / "cvae_parameters.json").read_text())
+    assert not (run / "latent_prior.keras").exists()
+    decoder = digest(run / "cvae_decoder.keras")
+
+    resumed = train(tmp_path, *PRIOR)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the latent prior after epoch 1" in resumed.stdout
+    assert digest(run / "cvae_decoder.keras") == decoder
+    assert [row["epoch"] for row in prior_rows(run)] == ["1", "2"]
+    assert json.loads((run / "cvae_parameters.json").read_text())["latent_prior"]["epochs_done"] == 2
+
+
+def test_bad_prior_settings_are_refused_in_one_line_before_training(tmp_path):
+    write_processed_split(tmp_path / "processed", images_per_class=2, test_images_per_class=1)
+    for argument, message in (
+        ("--prior_epochs=-1", "--prior_epochs must be at least 0"),
+        ("--prior_label_dropout=1", "--prior_label_dropout must be at least 0 and below 1"),
+        ("--prior_prediction=x0", "--prior_prediction='x0' is not one of"),
+        ("--prior_learning_rate=0", "--prior_learning_rate must be positive"),
+    ):
+        refused = train(tmp_path, argument)
+        assert refused.returncode == 2, (argument, refused.stderr[-2000:])
+        assert message in refused.stderr and "Traceback" not in refused.stderr
+        assert not (tmp_path / "models" / "32x32").exists(), "refused before anything is written"
