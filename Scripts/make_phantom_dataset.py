@@ -1,9 +1,13 @@
 """Write synthetic TEM crops of cilia cross sections: the pipeline's built-in data.
 
-The real dataset is private, so this script draws realistic phantoms instead: a membrane,
-nine doublets with outer and inner dynein arms, radial spokes, nexin links and a central
-pair, seen through a simulated microscope (blur, noise, mottling, contrast, oblique cuts,
-neighbouring cilia), one folder per class, with each defect drawn as a change of anatomy.
+The real dataset is private, so this script draws realistic phantoms instead: a thin stained
+bilayer membrane on an irregular outline, nine doublets (a dense A tubule, a C-shaped B) with
+faint, fuzzy outer and inner dynein arms, smeared radial spokes, nexin links and a dense central
+pair with its sheath, seen through a simulated microscope (stain grain and patches, focus that
+varies across the crop, shot noise, contrast, oblique cuts, neighbours and cut cytoplasm), one
+folder per class, with each defect drawn as a change of anatomy. check_phantom_realism.py
+measures how close they come to real crops; check_phantom_separability.py that the classes
+differ only in anatomy.
 
 Reads   nothing (REAL_SAMPLES_DIR only for the optional preview grid)
 Writes  RAW_IMAGES_DIR/<Class>/<Class>_<NNNN>.png   8-bit grayscale crops, ~520 px, one folder per class
@@ -18,8 +22,9 @@ The same settings give byte-identical files, whatever the number of workers.
 Example:
     python Scripts/make_phantom_dataset.py --raw_images_dir=/tmp/phantoms --num_images=200 --seed=1
 
-Expected run time: ~4.3 CPU-minutes for the default 5,210 images (~2 min on 2 free cores; ~930 MB);
-2 min 7 s measured on an idle 2-core machine (4-7.5 minutes when other jobs share the cores; docs/phantoms.md).
+Expected run time: ~4.3 CPU-minutes for the default 5,210 images (~1.0 GB): 2 min 9 s measured on
+a nearly idle 2-core machine, about twice that on the slower machine kind or beside other jobs
+(docs/phantoms.md).
 """
 
 import json
