@@ -281,6 +281,116 @@ def measure_default_generation(image_size, images_per_class):
     }
 
 
+def count_flops(model, input_specs):
+    """Floating-point operations of one forward pass (a multiply-add counts 2), by TensorFlow's
+    profiler on the model's frozen graph."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    function = tf.function(lambda *inputs: model(list(inputs), training=False))
+    frozen = convert_variables_to_constants_v2(function.get_concrete_function(*input_specs))
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    profile = tf.compat.v1.profiler.profile(
+        graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="scope", options=options
+    )
+    return int(profile.total_float_ops)
+
+
+def measure_matmul_gflops(side=1024):
+    """What this machine's float32 matrix multiply reaches in GFLOP/s: the ceiling a network's layers
+    are compared with (the median of TIMED_WINDOWS windows)."""
+    import tensorflow as tf
+
+    left, right = tf.random.normal((side, side)), tf.random.normal((side, side))
+    multiply = tf.function(lambda: tf.reduce_sum(tf.matmul(left, right)))
+    multiply().numpy()
+    speeds = []
+    for _ in range(timed_windows):
+        count, started = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - started < max(window_seconds / 4, 0.5):
+            multiply().numpy()
+            count += 1
+        speeds.append(2 * side**3 * count / (time.perf_counter() - started) / 1e9)
+    return statistics.median(speeds)
+
+
+def measure_diffusion_generation(image_size, images_per_class, steps=20, guidance=2.0):
+    """Generation with the latent prior, end to end (DDIM over the latent maps, decoding, PNGs written
+    by cvae_inference's own code), and each network's FLOPs per image.
+
+    The networks are untrained (the cost of a forward pass does not depend on its weights)."""
+    import dataclasses
+
+    import numpy as np
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from cilia_cvae import generation, latent_prior, models
+    from cilia_cvae.layout import GeneratedLayout
+    from cilia_cvae.model_config import PRESETS
+
+    model_config = dataclasses.replace(PRESETS[224].model, image_size=image_size, num_classes=NUM_CLASSES)
+    decoder = models.build_default_decoder(model_config)
+    prior_config = latent_prior.PriorConfig(
+        map_side=model_config.map_side,
+        latent_channels=model_config.latent_map_channels,
+        num_classes=NUM_CLASSES,
+    )
+    denoiser = latent_prior.build_denoiser(prior_config)
+    class_names = [f"Class{index}" for index in range(NUM_CLASSES)]
+    latent_dim = model_config.latent_length
+    generator = {
+        "parameters": {
+            "class_names": class_names,
+            "latent_dim": latent_dim,
+            "image_size": image_size,
+            "resize_mode": "squash",
+        },
+        "decoder": decoder,
+        "latents": {name: (np.zeros((1, latent_dim), "float32"),) * 2 for name in class_names},
+        "prior": {"denoiser": denoiser, "config": prior_config},
+        "fingerprint": "benchmark",
+    }
+    with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
+        options = dict(
+            class_names=class_names,
+            sampling="diffusion",
+            temperature=1.0,
+            seed=0,
+            restore_aspect_ratio=True,
+            raw_statistics={"aspect_ratio_mean": 1.04, "aspect_ratio_std": 0.117},
+            batch_size=64,
+            progress=progress,
+            diffusion={"guidance": guidance, "steps": steps},
+        )
+        # A first class of one batch traces the sampler and the decoder; then the timed run.
+        generation.generate(
+            generator, GeneratedLayout(Path(folder) / "warm-up", image_size), images_per_class=1, **options
+        )
+        started = time.perf_counter()
+        written = generation.generate(
+            generator, GeneratedLayout(folder, image_size), images_per_class=images_per_class, **options
+        )
+        end_to_end = sum(len(paths) for paths in written.values()) / (time.perf_counter() - started)
+    decoder_flops = count_flops(decoder, [tf.TensorSpec((1, latent_dim)), tf.TensorSpec((1, NUM_CLASSES))])
+    denoiser_flops = count_flops(
+        denoiser,
+        [tf.TensorSpec((1, *prior_config.map_shape)), tf.TensorSpec((1, 1)), tf.TensorSpec((1,), tf.int32)],
+    )
+    calls_per_image = steps * (2 if guidance != 1 else 1)
+    return {
+        "diffusion_end_to_end": end_to_end,
+        "diffusion_images_written": NUM_CLASSES * images_per_class,
+        "diffusion_steps": steps,
+        "diffusion_guidance": guidance,
+        "decoder_flops_per_image": decoder_flops,
+        "denoiser_flops_per_call": denoiser_flops,
+        "diffusion_flops_per_image": calls_per_image * denoiser_flops + decoder_flops,
+        "matmul_gflops_per_s": measure_matmul_gflops(),
+    }
+
+
 def measure_preprocessing(image_count):
     """Raw phantom crops (~520 px, written first by make_phantom_dataset.py) -> 224 px PNGs, on every core."""
     from cilia_cvae.preprocessing import preprocess
@@ -316,6 +426,7 @@ EXTRA_MEASUREMENTS = {
         "original_loop": measure_original_generation_loop(GENERATION_SIZE, 5 if QUICK else 40)
     },
     "generation_default": lambda: measure_default_generation(GENERATION_SIZE, 4 if QUICK else 2000),
+    "generation_diffusion": lambda: measure_diffusion_generation(GENERATION_SIZE, 4 if QUICK else 200),
     "preprocessing": lambda: {"images_per_s": measure_preprocessing(40 if QUICK else 400)},
 }
 
@@ -324,16 +435,43 @@ def generate_images_per_s():
     """Generation at 224, each way in its own child: the original's loop, our decoding alone, ours end to end."""
     original = contender_results("generation_original_loop")["generation_original_loop"]
     default = contender_results("generation_default")["generation_default"]
+    diffusion = contender_results("generation_diffusion")["generation_diffusion"]
     speeds = {
         "original_loop_224": original.get("original_loop"),
         "default_224": default.get("default_end_to_end"),
         "default_decode_only_224": default.get("default_decode_only"),
+        "diffusion_224": diffusion.get("diffusion_end_to_end"),
     }
     memory = {
         "images_written": default.get("images_written"),
         "peak_memory_mb": default.get("peak_memory_mb"),
     }
-    return speeds, memory, {**original, **default}
+    return speeds, memory, {**original, **default, **diffusion}
+
+
+def compute_efficiency(details, speeds):
+    """Each network's FLOPs per image and the GFLOP/s it reaches, beside the machine's matmul rate."""
+    matmul = details.get("matmul_gflops_per_s")
+    decoder_flops = details.get("decoder_flops_per_image")
+    decode_speed = speeds.get("default_decode_only_224")
+    diffusion_speed = speeds.get("diffusion_224")
+    efficiency = {
+        "matmul_gflops_per_s": matmul,
+        "flops_per_image": {
+            "decoder": decoder_flops,
+            "denoiser_per_call": details.get("denoiser_flops_per_call"),
+            "diffusion_sample": details.get("diffusion_flops_per_image"),
+        },
+    }
+    if decoder_flops and decode_speed:
+        efficiency["decoder_gflops_per_s"] = decoder_flops * decode_speed / 1e9
+    if details.get("diffusion_flops_per_image") and diffusion_speed:
+        efficiency["diffusion_end_to_end_gflops_per_s"] = (
+            details["diffusion_flops_per_image"] * diffusion_speed / 1e9
+        )
+    if matmul and "decoder_gflops_per_s" in efficiency:
+        efficiency["decoder_share_of_matmul"] = efficiency["decoder_gflops_per_s"] / matmul
+    return efficiency
 
 
 def preprocess_images_per_s():
@@ -482,6 +620,13 @@ print(
     f"generating {generation_memory['images_written']} images: peak memory {generation_memory['peak_memory_mb'] or 0:.0f} MB"
 )
 print(f"preprocessing at 224 of ~520 px crops: {preprocessing_speed or 0:.0f} images/s")
+efficiency = compute_efficiency(generation_details, generation_speeds)
+if efficiency.get("decoder_share_of_matmul"):
+    print(
+        f"decoding: {efficiency['flops_per_image']['decoder'] / 1e9:.2f} GFLOP per image at "
+        f"{efficiency['decoder_gflops_per_s']:.1f} GFLOP/s, {efficiency['decoder_share_of_matmul']:.0%} of a float32 "
+        f"matmul's {efficiency['matmul_gflops_per_s']:.1f} GFLOP/s on this machine"
+    )
 report = {
     "train_images_per_s": speed,
     "train_images_per_cpu_s": cpu_speed,
@@ -496,6 +641,7 @@ report = {
         name: value / original_loop for name, value in generation_speeds.items() if value and original_loop
     },
     "generate_memory": generation_memory,
+    "efficiency": efficiency,
     "generate_details": generation_details,
     "preprocess_images_per_s": preprocessing_speed,
     "details": results,

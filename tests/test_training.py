@@ -520,6 +520,14 @@ def test_benchmark_quick_mode_runs(tmp_path):
         assert measured["train_images_per_s"][contender] > 0
         assert measured["peak_memory_mb"][contender] > 0
         assert measured["batch_size"][contender] > 0
+    assert measured["generate_images_per_s"]["diffusion_224"] > 0, (
+        "generation with the latent prior, end to end"
+    )
+    efficiency = measured["efficiency"]
+    assert efficiency["matmul_gflops_per_s"] > 0 and 0 < efficiency["decoder_share_of_matmul"]
+    flops = efficiency["flops_per_image"]
+    # A guided 20-step sample runs the denoiser 40 times, then the decoder once.
+    assert flops["diffusion_sample"] == 40 * flops["denoiser_per_call"] + flops["decoder"] > 0
 
 
 def test_presets_are_the_training_scripts_defaults():
