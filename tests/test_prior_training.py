@@ -32,30 +32,39 @@ def prior_rows(run):
         return list(csv.DictReader(handle))
 
 
-def test_the_prior_trains_after_the_cvae_and_is_recorded_with_it(tmp_path):
+def test_the_prior_trains_after_the_cvae_resumes_after_a_kill_and_continues_alone(tmp_path):
     write_processed_split(tmp_path / "processed", images_per_class=6, test_images_per_class=1)
-    finished = train(tmp_path, *PRIOR)
-    assert finished.returncode == 0, finished.stderr[-3000:]
     run = tmp_path / "models" / "32x32"
+
+    # Killed after the prior's first checkpoint: the CVAE had finished, the prior had not.
+    killed = train(tmp_path, *PRIOR, environment={"CILIA_CVAE_CRASH_AFTER_PRIOR_CHECKPOINT": "1"})
+    assert killed.returncode != 0
+    assert "latent_prior" not in json.loads((run / "cvae_parameters.json").read_text())
+    assert not (run / "latent_prior.keras").exists()
+    decoder, history = digest(run / "cvae_decoder.keras"), (run / "training_history.csv").read_text()
+
+    # The same command resumes the prior where it stopped, and leaves the CVAE as it was.
+    resumed = train(tmp_path, *PRIOR)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the latent prior after epoch 1" in resumed.stdout
     parameters = json.loads((run / "cvae_parameters.json").read_text())
     prior = parameters["latent_prior"]
     assert prior["epochs_done"] == 2 and prior["run_fingerprint"] == parameters["run_fingerprint"]
     assert prior["sha256"] == digest(run / "latent_prior.keras")
-    # 18 crops (6 per class), each in its eight orientations.
-    assert prior["training_latents"] == 18 * 8
+    assert prior["training_latents"] == 18 * 8, "18 crops (6 per class), each in its eight orientations"
     assert prior["prior_config"]["map_side"] == 4 and prior["prior_config"]["latent_channels"] == 2
-    assert abs(prior["prior_config"]["latent_scale"]) > 0
+    assert prior["prior_config"]["latent_scale"] > 0
     assert [row["epoch"] for row in prior_rows(run)] == ["1", "2"]
     assert not (run / "prior_samples_epoch_1.png").exists()
     assert (run / "prior_samples_epoch_2.png").stat().st_size > 0
+    assert digest(run / "cvae_decoder.keras") == decoder
+    assert (run / "training_history.csv").read_text() == history
 
-    # Continuing the finished run with more prior epochs trains the prior only: the CVAE stays.
-    decoder, history = digest(run / "cvae_decoder.keras"), (run / "training_history.csv").read_text()
+    # Continuing the finished run with more prior epochs trains the prior only.
     continued = train(tmp_path, *PRIOR[1:], "--prior_epochs=3", "--continue_finished=True")
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert "training its latent prior only" in continued.stdout
     assert digest(run / "cvae_decoder.keras") == decoder
-    assert (run / "training_history.csv").read_text() == history
     assert [row["epoch"] for row in prior_rows(run)] == ["1", "2", "3"]
     assert json.loads((run / "cvae_parameters.json").read_text())["latent_prior"]["epochs_done"] == 3
 
@@ -64,23 +73,6 @@ def test_the_prior_trains_after_the_cvae_and_is_recorded_with_it(tmp_path):
     again = train(tmp_path, *PRIOR[1:], "--prior_epochs=3", "--continue_finished=True")
     assert again.returncode == 0 and "latent prior of this run is trained (3 epochs)" in again.stdout
     assert digest(run / "latent_prior.keras") == prior_file
-
-
-def test_a_killed_prior_stage_resumes_with_the_same_command(tmp_path):
-    write_processed_split(tmp_path / "processed", images_per_class=6, test_images_per_class=1)
-    killed = train(tmp_path, *PRIOR, environment={"CILIA_CVAE_CRASH_AFTER_PRIOR_CHECKPOINT": "1"})
-    assert killed.returncode != 0
-    run = tmp_path / "models" / "32x32"
-    assert "latent_prior" not in json.loads((run / "cvae_parameters.json").read_text())
-    assert not (run / "latent_prior.keras").exists()
-    decoder = digest(run / "cvae_decoder.keras")
-
-    resumed = train(tmp_path, *PRIOR)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming the latent prior after epoch 1" in resumed.stdout
-    assert digest(run / "cvae_decoder.keras") == decoder
-    assert [row["epoch"] for row in prior_rows(run)] == ["1", "2"]
-    assert json.loads((run / "cvae_parameters.json").read_text())["latent_prior"]["epochs_done"] == 2
 
 
 def test_bad_prior_settings_are_refused_in_one_line_before_training(tmp_path):
