@@ -4,8 +4,10 @@ import csv
 import hashlib
 import json
 
+import numpy as np
 from test_training import TINY_MODEL, folders, write_processed_split
 
+from cilia_cvae.prior_training import mosaic
 from conftest import run_script
 
 # No sample grid but the last epoch's: its DDIM sampler costs more to trace than the tiny prior to train.
@@ -87,3 +89,14 @@ def test_bad_prior_settings_are_refused_in_one_line_before_training(tmp_path):
         assert refused.returncode == 2, (argument, refused.stderr[-2000:])
         assert message in refused.stderr and "Traceback" not in refused.stderr
         assert not (tmp_path / "models" / "32x32").exists(), "refused before anything is written"
+
+
+def test_the_sample_grid_puts_a_class_in_each_row():
+    # Image k of class c is a flat grey of 10 c + k: the row tells the class, the column the draw.
+    rows, columns, side = 3, 4, 2
+    images = np.stack(
+        [np.full((side, side), (10 * c + k) / 255) for c in range(rows) for k in range(columns)]
+    )
+    picture = mosaic(images, rows)
+    assert picture.shape == (rows * side, columns * side)
+    assert picture[side * 2, side * 3] == 23 and picture[0, side] == 1 and picture[side, 0] == 10

@@ -252,9 +252,16 @@ def sample_grid(stage, decoder, num_classes, seed):
     )
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     images = decoder([latent_prior.to_model_latents(maps, prior_config), one_hot], training=False).numpy()
+    return mosaic(images[..., 0], num_classes)
+
+
+def mosaic(images, rows):
+    """(rows x columns, S, S) images in [0, 1], row after row, as one uint8 picture of that many rows."""
+    columns = len(images) // rows
     side = images.shape[1]
-    rows = images[..., 0].reshape(num_classes, SAMPLE_GRID_COLUMNS, side, side)
-    return (np.concatenate(np.concatenate(rows, axis=2), axis=0) * 255).round().clip(0, 255).astype(np.uint8)
+    by_row = np.asarray(images).reshape(rows, columns, side, side)
+    picture = np.concatenate([np.concatenate(list(row), axis=1) for row in by_row], axis=0)
+    return (picture * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def save_sample_figure(path, grid, class_names, epoch):
