@@ -210,6 +210,21 @@ def measure_original_generation_loop(image_size, image_count):
         return image_count / (time.perf_counter() - started)
 
 
+def benchmark_generator(decoder, class_names, latent_dim, image_size, stored_latents):
+    """What generation.generate expects of a trained run, for untrained benchmark networks."""
+    return {
+        "parameters": {
+            "class_names": class_names,
+            "latent_dim": latent_dim,
+            "image_size": image_size,
+            "resize_mode": "squash",
+        },
+        "decoder": decoder,
+        "latents": stored_latents,
+        "fingerprint": "benchmark",
+    }
+
+
 def measure_default_generation(image_size, images_per_class):
     """Our inference: batched decoding alone, then end to end with PNGs written by cvae_inference's own code.
 
@@ -246,17 +261,7 @@ def measure_default_generation(image_size, images_per_class):
         )
         for name in class_names
     }
-    generator = {
-        "parameters": {
-            "class_names": class_names,
-            "latent_dim": latent_dim,
-            "image_size": image_size,
-            "resize_mode": "squash",
-        },
-        "decoder": decoder,
-        "latents": stored,
-        "fingerprint": "benchmark",
-    }
+    generator = benchmark_generator(decoder, class_names, latent_dim, image_size, stored)
     with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
         started = time.perf_counter()
         written = generation.generate(
@@ -340,18 +345,9 @@ def measure_diffusion_generation(image_size, images_per_class, steps=20, guidanc
     denoiser = latent_prior.build_denoiser(prior_config)
     class_names = [f"Class{index}" for index in range(NUM_CLASSES)]
     latent_dim = model_config.latent_length
-    generator = {
-        "parameters": {
-            "class_names": class_names,
-            "latent_dim": latent_dim,
-            "image_size": image_size,
-            "resize_mode": "squash",
-        },
-        "decoder": decoder,
-        "latents": {name: (np.zeros((1, latent_dim), "float32"),) * 2 for name in class_names},
-        "prior": {"denoiser": denoiser, "config": prior_config},
-        "fingerprint": "benchmark",
-    }
+    stored = {name: (np.zeros((1, latent_dim), "float32"),) * 2 for name in class_names}
+    generator = benchmark_generator(decoder, class_names, latent_dim, image_size, stored)
+    generator["prior"] = {"denoiser": denoiser, "config": prior_config}
     with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
         options = dict(
             class_names=class_names,
