@@ -79,17 +79,21 @@ def read_parameters(layout, image_size):
     return parameters
 
 
-def load_decoder(layout, image_size, latent_dim):
-    """The saved decoder in safe mode; a damaged file is one line naming it."""
+def load_saved_model(path, remedy):
+    """A saved Keras model in safe mode; a damaged file is one line naming it and the remedy."""
     try:
-        decoder = keras.models.load_model(layout.decoder, safe_mode=True, compile=False)
+        return keras.models.load_model(path, safe_mode=True, compile=False)
     except (
         Exception
     ) as error:  # Keras raises several kinds (ValueError, OSError, zipfile errors) for one fault
-        raise UserError(
-            f"{layout.decoder} cannot be loaded ({type(error).__name__}); it is damaged or "
-            f"incomplete: copy it again or train again with --fresh=True"
-        ) from None
+        raise UserError(f"{path} cannot be loaded ({type(error).__name__}); {remedy}") from None
+
+
+def load_decoder(layout, image_size, latent_dim):
+    """The saved decoder in safe mode; a damaged file is one line naming it."""
+    decoder = load_saved_model(
+        layout.decoder, "it is damaged or incomplete: copy it again or train again with --fresh=True"
+    )
     decoder_latent_dim = int(decoder.inputs[0].shape[-1])
     if decoder_latent_dim != latent_dim:
         raise UserError(
@@ -230,15 +234,9 @@ def load_latent_prior(generator, models_dir, latent_tensors_dir, image_size):
     configuration) to a loaded generator, or refuse in one line."""
     layout = RunLayout(models_dir, latent_tensors_dir, image_size)
     prior_config = read_prior_record(layout, generator["parameters"], image_size)
-    try:
-        denoiser = keras.models.load_model(layout.latent_prior, safe_mode=True, compile=False)
-    except (
-        Exception
-    ) as error:  # Keras raises several kinds (ValueError, OSError, zipfile errors) for one fault
-        raise UserError(
-            f"{layout.latent_prior} cannot be loaded ({type(error).__name__}); train it again with "
-            f"{prior_training_command(image_size)}"
-        ) from None
+    denoiser = load_saved_model(
+        layout.latent_prior, f"train it again with {prior_training_command(image_size)}"
+    )
     if tuple(denoiser.inputs[0].shape[1:]) != prior_config.map_shape:
         raise UserError(
             f"{layout.latent_prior} takes maps of {tuple(denoiser.inputs[0].shape[1:])}, but its record says "
