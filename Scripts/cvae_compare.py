@@ -21,7 +21,10 @@ Example:
 
 Expected run time on 2 cores at 224: the judge 18 minutes once, then per trained contender
 about 1.3 minutes per epoch (default) or 3 minutes per epoch (original) plus 2 minutes of
-generation and judging; sampling candidates reuse the default's training.
+generation and judging; sampling candidates reuse the default's training. The diffusion
+candidates (diffusion_guidance_<g>) train the default's latent prior once, PRIOR_EPOCHS of
+about 4 minutes, and draw from it; real_test is the control: the real test images judged as if
+they were generated, the fidelity, memorisation and near-copies a generator is held to.
 """
 
 import json
@@ -53,6 +56,7 @@ USEFULNESS_CLASSIFIER_REPEATS = (
     3  # classifiers per run, differing only in initialisation; a run scores their mean
 )
 USEFULNESS_GENERATOR_EPOCHS = 10  # training of the generator on each fraction, in epochs of the full train split (the comparison's budget: the same steps as the full model)
+PRIOR_EPOCHS = 7  # the latent prior's training for the diffusion contenders (about 4 minutes per epoch at 224 on 2 cores)
 REEVALUATE = False  # evaluate every contender again though a report exists (after a change to the measures)
 QUICK = False  # a test-sized run: the evaluation's quick mode (a 2-epoch judge at 32 px)
 WORK_DIR = config.MODELS_DIR / "comparison"  # every contender's models, latents and images
@@ -67,6 +71,7 @@ settings = configure(globals())
 
 # Each contender: the training overrides (its architecture or training change) and the
 # inference overrides (its sampling). Candidates change one thing against the default.
+REAL_TEST_CONTROL = "real_test"
 ORIGINAL_TRAINING = [
     "--architecture=original",
     "--augment=False",
@@ -83,8 +88,21 @@ CONTENDER_SETTINGS = {
     "fixed_variance": {"training": ["--reconstruction_loss=sum_squared_error"], "inference": []},
     "structural_similarity": {"training": ["--structural_weight=1"], "inference": []},
     "prior_sampling": {"training": [], "inference": ["--sampling=prior"]},
+    # New latent maps from the default's latent prior, at three classifier-free guidance scales.
+    **{
+        f"diffusion_guidance_{guidance}": {
+            "training": [],
+            "inference": ["--sampling=diffusion", f"--guidance={guidance}"],
+        }
+        for guidance in (1, 2, 4)
+    },
+    # The control: real test images, judged as if they were generated. What a generator's
+    # fidelity, memorisation and near-copies are held to (its distribution measures against the
+    # test split are those of the test split against itself, so they say nothing and are left out).
+    REAL_TEST_CONTROL: {"training": [], "inference": []},
 }
 SCRIPTS_DIR = Path(__file__).resolve().parent
+CONTROL_MEASURES_WITHOUT_MEANING = ("kid", "kid_std", "fid", "precision", "recall", "density", "coverage")
 # The budgets an evaluation report records for its usefulness, as cvae_evaluate names them.
 USEFULNESS_SETTINGS = {
     name: settings[name]
@@ -133,42 +151,75 @@ def training_key(name):
     return next(other for other in CONTENDER_SETTINGS if CONTENDER_SETTINGS[other]["training"] == training)
 
 
+def needs_prior(name):
+    return "--sampling=diffusion" in CONTENDER_SETTINGS[name]["inference"]
+
+
+def copy_test_split(generated):
+    """The control's 'generated' folder: the first IMAGES_PER_CLASS real test images of each class."""
+    test_split = ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test")
+    target = GeneratedLayout(generated, IMAGE_SIZE).directory
+    for class_name in facts["class_names"]:
+        (target / class_name).mkdir(parents=True, exist_ok=True)
+        for path in sorted((test_split / class_name).glob("*.png"))[:IMAGES_PER_CLASS]:
+            # Named as generated images are, so every tool that reads a generated folder reads this one.
+            shutil.copy2(path, target / class_name / f"Synthetic_{path.name}")
+
+
 def contender_report(name):
     key = training_key(name)
     trained, generated = WORK_DIR / key, WORK_DIR / name / "generated"
     folders = [f"--models_dir={trained / 'models'}", f"--latent_tensors_dir={trained / 'latents'}"]
     parameters_path = RunLayout(trained / "models", trained / "latents", IMAGE_SIZE).parameters
+    training_arguments = [
+        f"--image_size={IMAGE_SIZE}",
+        f"--epochs={EPOCHS}",
+        f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+        *folders,
+        *CONTENDER_SETTINGS[key]["training"],
+    ]
     if not parameters_path.is_file():
+        run(training_script, training_arguments, WORK_DIR / f"{key}_training.log")
+    prior = json.loads(parameters_path.read_text(encoding="utf-8")).get("latent_prior") or {}
+    if needs_prior(name) and prior.get("epochs_done", 0) < PRIOR_EPOCHS:
+        # The second stage alone, on the contender's finished CVAE (or resumed where it stopped).
         run(
             training_script,
-            [
-                f"--image_size={IMAGE_SIZE}",
-                f"--epochs={EPOCHS}",
-                f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
-                *folders,
-                *CONTENDER_SETTINGS[key]["training"],
-            ],
-            WORK_DIR / f"{key}_training.log",
+            [*training_arguments, "--continue_finished=True", f"--prior_epochs={PRIOR_EPOCHS}"],
+            WORK_DIR / f"{key}_prior_training.log",
         )
+        prior = json.loads(parameters_path.read_text(encoding="utf-8"))["latent_prior"]
     report_path = GeneratedLayout(generated, IMAGE_SIZE).evaluation_report_json
     generation_done = WORK_DIR / name / "generation_done.json"
-    if not generation_done.is_file():
+    # Images drawn by an earlier prior are drawn again by the current one.
+    generation_record = {
+        "images_per_class": IMAGES_PER_CLASS,
+        **({"prior_sha256": prior.get("sha256")} if needs_prior(name) else {}),
+    }
+    done = (
+        generation_done.is_file()
+        and json.loads(generation_done.read_text(encoding="utf-8")) == generation_record
+    )
+    if not done:
         # Generation appends, so an interrupted one is started again from nothing.
         shutil.rmtree(generated, ignore_errors=True)
-        run(
-            "cvae_inference",
-            [
-                f"--image_size={IMAGE_SIZE}",
-                f"--images_per_class={IMAGES_PER_CLASS}",
-                f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
-                f"--generated_images_dir={generated}",
-                *folders,
-                *CONTENDER_SETTINGS[name]["inference"],
-            ],
-            WORK_DIR / f"{name}_inference.log",
-        )
-        write_json_atomic(generation_done, {"images_per_class": IMAGES_PER_CLASS})
-    usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",")
+        if name == REAL_TEST_CONTROL:
+            copy_test_split(generated)
+        else:
+            run(
+                "cvae_inference",
+                [
+                    f"--image_size={IMAGE_SIZE}",
+                    f"--images_per_class={IMAGES_PER_CLASS}",
+                    f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+                    f"--generated_images_dir={generated}",
+                    *folders,
+                    *CONTENDER_SETTINGS[name]["inference"],
+                ],
+                WORK_DIR / f"{name}_inference.log",
+            )
+        write_json_atomic(generation_done, generation_record)
+    usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",") and name != REAL_TEST_CONTROL
     earlier = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
     # A usefulness measured with other generator or classifier budgets is measured again.
     # (A report from before classifier repeats existed ran one classifier per run.)
@@ -235,6 +286,21 @@ def contender_report(name):
         "overrides": CONTENDER_SETTINGS[name]["inference"],
         "images_per_class": IMAGES_PER_CLASS,
     }
+    if needs_prior(name):
+        result["latent_prior"] = {
+            name: prior.get(name)
+            for name in ("epochs_done", "final_loss", "training_latents", "training_seconds", "parameters")
+        }
+    if name == REAL_TEST_CONTROL:
+        result = {
+            key_name: value
+            for key_name, value in result.items()
+            if key_name not in (*CONTROL_MEASURES_WITHOUT_MEANING, "training", "inference", "usefulness")
+        }
+        result["per_class"] = {
+            class_name: {"class_fidelity": values["class_fidelity"]}
+            for class_name, values in result.get("per_class", {}).items()
+        }
     result["generated_images_dir"] = str(GeneratedLayout(generated, IMAGE_SIZE).directory)
     return result
 
@@ -244,9 +310,14 @@ results = {}
 for name in names:
     print(f"{name}:", flush=True)
     results[name] = contender_report(name)
+    distribution = (
+        f", KID {results[name]['kid']:.4f} (floor {results[name]['kid_floor']:.4f})"
+        if "kid" in results[name]
+        else ""
+    )
     print(
-        f"  class fidelity {results[name]['class_fidelity']:.1%}, KID {results[name]['kid']:.4f} "
-        f"(floor {results[name]['kid_floor']:.4f}), memorisation ratio {results[name]['memorisation_ratio']:.2f}",
+        f"  class fidelity {results[name]['class_fidelity']:.1%}{distribution}, memorisation ratio "
+        f"{results[name]['memorisation_ratio']:.2f}, near-copies {results[name]['near_copy_share']:.1%}",
         flush=True,
     )
 
@@ -255,6 +326,7 @@ previous = json.loads(OUTPUT_JSON.read_text(encoding="utf-8")) if OUTPUT_JSON.is
 command = (
     f"python Scripts/cvae_compare.py --epochs={EPOCHS} --images_per_class={IMAGES_PER_CLASS}"
     + ("" if CONTENDERS.strip() == "all" else f" --contenders={CONTENDERS}")
+    + (f" --prior_epochs={PRIOR_EPOCHS}" if any(needs_prior(name) for name in names) else "")
     + (
         f" --usefulness=True --usefulness_for={USEFULNESS_FOR} --usefulness_fractions={USEFULNESS_FRACTIONS} "
         f"--usefulness_seeds={USEFULNESS_SEEDS} --usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA} "
@@ -295,7 +367,7 @@ contender_folders = {
         ("original", comparison["original"]),
         *comparison["candidates"].items(),
     ]
-    if result and Path(result["generated_images_dir"]).is_dir()
+    if result and name != REAL_TEST_CONTROL and Path(result["generated_images_dir"]).is_dir()
 }
 if contender_folders:
     class_names = facts["class_names"]

@@ -92,6 +92,26 @@ def test_copies_of_training_images_are_flagged_as_memorised():
     healthy = metrics.memorisation(train, test, fresh)
     assert copied["near_copy_share"] == 1.0 and copied["memorisation_ratio"] < 0.01
     assert healthy["near_copy_share"] < 0.05 and 0.8 < healthy["memorisation_ratio"] < 1.25
+    assert healthy["test_near_copy_share"] < 0.05
+
+
+def test_pixel_space_memorisation_sees_brighter_smoothed_copies_and_passes_new_images():
+    rng = np.random.default_rng(3)
+    # Images with structure at a few pixels' scale, as crops have (8 x 8 cells of 8 px).
+    train, test, fresh = (
+        np.kron(rng.uniform(0, 255, (count, 8, 8)), np.ones((8, 8))) for count in (120, 40, 40)
+    )
+    # A decoder's copy: the training image a little brighter, lower in contrast and smoothed.
+    smoothed = (train[:40] + np.roll(train[:40], 1, axis=1) + np.roll(train[:40], 1, axis=2)) / 3
+    copies = 0.8 * smoothed + 30
+    vectors = {name: metrics.pixel_vectors(images) for name, images in (("train", train), ("test", test))}
+    copied = metrics.memorisation(vectors["train"], vectors["test"], metrics.pixel_vectors(copies))
+    healthy = metrics.memorisation(vectors["train"], vectors["test"], metrics.pixel_vectors(fresh))
+    assert metrics.pixel_vectors(train).shape == (120, metrics.PIXEL_SIDE**2)
+    assert copied["near_copy_share"] == 1.0 and copied["memorisation_ratio"] < 0.5
+    assert healthy["near_copy_share"] == 0.0 and 0.9 < healthy["memorisation_ratio"] < 1.1
+    # A size that is no multiple of the side is compared whole rather than refused.
+    assert metrics.pixel_vectors(train[:, :50, :50]).shape == (120, 2500)
 
 
 def _class_image(label, seed, size=32):
@@ -416,8 +436,9 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
     arguments = [
         "--image_size=32",
         "--epochs=1",
-        "--contenders=default,original,low_temperature",
-        "--images_per_class=6",
+        "--prior_epochs=1",
+        "--contenders=default,low_temperature,diffusion_guidance_2,real_test",
+        "--images_per_class=8",  # every test image of the tiny split, so the control is the whole split
         "--quick=True",
         f"--work_dir={work}",
         f"--processed_images_dir={folders['processed']}",
@@ -428,12 +449,10 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
     finished = run_script("cvae_compare", *arguments, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:] + finished.stdout[-2000:]
     comparison = json.loads(output.read_text())
-    assert set(comparison["candidates"]) == {"low_temperature"} and comparison["epochs"] == 1
-    for result in (
-        comparison["default"],
-        comparison["original"],
-        comparison["candidates"]["low_temperature"],
-    ):
+    candidates = comparison["candidates"]
+    assert set(candidates) == {"low_temperature", "diffusion_guidance_2", "real_test"}
+    assert comparison["epochs"] == 1
+    for result in (comparison["default"], candidates["low_temperature"], candidates["diffusion_guidance_2"]):
         for key in (
             "real_accuracy",
             "class_fidelity",
@@ -442,23 +461,44 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
             "kid",
             "kid_floor",
             "memorisation_ratio",
+            "near_copy_share",
+            "test_near_copy_share",
+            "pixel_memorisation_ratio",
+            "pixel_near_copy_share",
             "usefulness",
         ):
             assert key in result, key
         assert set(result["class_fidelity_per_class"]) == {"CP", "Disarranged", "IDA", "Normal", "ODA"}
-    assert comparison["original"]["training"]["architecture"] == "original"
-    assert comparison["candidates"]["low_temperature"]["inference"]["overrides"] == ["--temperature=0.5"]
-    # A sampling candidate reuses the default's training instead of training again.
+    assert comparison["default"]["training"]["architecture"] == "default"
+    assert candidates["low_temperature"]["inference"]["overrides"] == ["--temperature=0.5"]
+    # A sampling candidate reuses the default's training instead of training again; the
+    # diffusion candidate trained the default's latent prior, as a second stage, and drew from it.
     assert not (work / "low_temperature" / "models").exists()
+    assert not (work / "diffusion_guidance_2" / "models").exists()
+    assert candidates["diffusion_guidance_2"]["latent_prior"]["epochs_done"] == 1
+    assert (work / "default" / "models" / "32x32" / "latent_prior.keras").is_file()
+    manifest = (work / "diffusion_guidance_2" / "generated" / "32x32" / "generation_manifest.csv").read_text()
+    assert "diffusion" in manifest
     assert (work / "low_temperature" / "generated" / "32x32" / "evaluation_report.json").is_file()
+    # The control is the real test split judged as generated images: the judge's own accuracy,
+    # a memorisation ratio of exactly 1, and no distribution measures against itself.
+    control = candidates["real_test"]
+    assert control["class_fidelity"] == pytest.approx(control["real_accuracy"])
+    assert control["memorisation_ratio"] == pytest.approx(1.0)
+    assert control["near_copy_share"] == control["test_near_copy_share"]
+    assert "kid" not in control and "precision" not in control and "training" not in control
     assert figure.is_file()
     assert (tmp_path / "contenders.png").is_file(), "every contender's first images side by side"
     assert (
         comparison["commands"] == [comparison["command"]]
-        and "--contenders=default,original" in comparison["command"]
+        and "--contenders=default,low_temperature" in comparison["command"]
     )
     table = readme_tables.evaluation_table(output)
-    assert "| original |" in table and "| low_temperature |" in table and "`--temperature=0.5`" in table
+    for row in ("| default |", "| low_temperature |", "| diffusion_guidance_2 |", "| real_test |"):
+        assert row in table
+    assert "`--temperature=0.5`" in table and "`--sampling=diffusion --guidance=2`" in table
+    headline = readme_tables.headline_table(output)
+    assert "| diffusion_guidance_2 |" in headline and "| real_test |" in headline
     # A second run reuses everything: nothing is trained, generated or judged again.
     again = run_script("cvae_compare", *arguments, timeout=600)
     assert again.returncode == 0 and ".py --" not in again.stdout, again.stdout

@@ -39,6 +39,18 @@ def quality_metrics(features, labels, predictions, class_names, seed):
         "coverage": coverage,
         **metrics.memorisation(train, test, generated),
     }
+    if "pixels" in features:
+        # The same question in pixel space: the judge's features could call two different
+        # images alike, or miss a copy whose difference the judge happens to notice.
+        pixels = features["pixels"]
+        report.update(
+            {
+                f"pixel_{name}": value
+                for name, value in metrics.memorisation(
+                    pixels["train"], pixels["test"], pixels["generated"]
+                ).items()
+            }
+        )
     per_class = {}
     for label, class_name in enumerate(class_names):
         mask = {split: labels[split] == label for split in ("generated", "test", "train")}
@@ -99,6 +111,7 @@ def evaluate_generated(
     # Every split is measured in the real training split's units (see feature_standardiser).
     centre, scale = metrics.feature_standardiser(features["train"])
     features = {split: (values - centre) / scale for split, values in features.items()}
+    features["pixels"] = {split: metrics.pixel_vectors(images[split]) for split in images}
     report = {
         "real_accuracy": float(np.mean(predictions["test"] == labels["test"])),
         "real_accuracy_per_class": {
@@ -185,7 +198,9 @@ def markdown_report(report):
         f"| precision / recall (k=3) | {report['precision']:.2f} / {report['recall']:.2f} | |",
         f"| density / coverage (k=5) | {report['density']:.2f} / {report['coverage']:.2f} | |",
         f"| memorisation ratio (median nearest-train distance, generated / test) | {report['memorisation_ratio']:.2f} | 1.00 |",
-        f"| near-copies of training images | {report['near_copy_share']:.1%} | |",
+        f"| near-copies of training images | {report['near_copy_share']:.1%} | {report['test_near_copy_share']:.1%} (real test images) |",
+        f"| pixel-space memorisation ratio ({metrics.PIXEL_SIDE} px) | {report['pixel_memorisation_ratio']:.2f} | 1.00 |",
+        f"| pixel-space near-copies | {report['pixel_near_copy_share']:.1%} | {report['pixel_test_near_copy_share']:.1%} (real test images) |",
         "",
         "## Per class",
         "",

@@ -111,14 +111,27 @@ def _contenders(relative_path):
 
 
 def _quality_cells(result):
-    """The cells every quality table shares: fidelity, KID, FID, precision / recall, memorisation."""
+    """The cells every quality table shares: fidelity, KID, FID, precision / recall, memorisation.
+
+    The real-test control has no distribution measures (against the test split they would be the
+    test split's against itself) and comparisons from before pixel-space memorisation have none:
+    their cells say so.
+    """
     lowest = min(result["class_fidelity_per_class"].items(), key=lambda item: item[1])
+    control = "kid" not in result
     return {
         "fidelity": f"{_percent(result['class_fidelity'])} ({lowest[0]} {_percent(lowest[1])})",
-        "kid": f"{result['kid']:.3g} +- {result['kid_std']:.2g} ({result['kid_floor']:.2g})",
-        "fid": f"{result['fid']:.3g} ({result['fid_floor']:.3g})",
-        "precision_recall": f"{result['precision']:.2f} / {result['recall']:.2f}",
+        "kid": "(the reference)"
+        if control
+        else f"{result['kid']:.3g} +- {result['kid_std']:.2g} ({result['kid_floor']:.2g})",
+        "fid": "" if control else f"{result['fid']:.3g} ({result['fid_floor']:.3g})",
+        "precision_recall": "" if control else f"{result['precision']:.2f} / {result['recall']:.2f}",
         "memorisation": f"{result['memorisation_ratio']:.3g} ({_percent(result['near_copy_share'])})",
+        "pixel_memorisation": (
+            f"{result['pixel_memorisation_ratio']:.3g} ({_percent(result['pixel_near_copy_share'])})"
+            if "pixel_memorisation_ratio" in result
+            else "not measured"
+        ),
     }
 
 
@@ -164,21 +177,28 @@ def evaluation_table(relative_path):
         (
             "| contender | change against the default | class fidelity (lowest class) "
             "| KID +- spread (floor) | KID distance to the floor closed vs original | FID (floor) "
-            "| precision / recall | memorisation ratio (near-copies) | best epoch |"
+            "| precision / recall | memorisation ratio (near-copies) | pixel-space memorisation (near-copies) "
+            "| best epoch |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, result in contenders.items():
+        cells = _quality_cells(result)
+        if "training" not in result:  # the real-test control
+            rows.append(
+                f"| {name} | real test images, judged the same way | {cells['fidelity']} | {cells['kid']} | "
+                f"| | | {cells['memorisation']} | {cells['pixel_memorisation']} | |"
+            )
+            continue
         overrides = result["training"]["overrides"] + result["inference"]["overrides"]
         change = " ".join(overrides) or "(the default)"
         closed = ""
         if original_kid is not None and name != "original" and original_kid != result["kid_floor"]:
             closed = _percent((original_kid - result["kid"]) / (original_kid - result["kid_floor"]))
-        cells = _quality_cells(result)
         rows.append(
             f"| {name} | `{change}` | {cells['fidelity']} | {cells['kid']} | {closed} "
             f"| {cells['fid']} | {cells['precision_recall']} | {cells['memorisation']} "
-            f"| {result['training']['best_epoch']} of {result['training']['epochs']} |"
+            f"| {cells['pixel_memorisation']} | {result['training']['best_epoch']} of {result['training']['epochs']} |"
         )
     rows += _usefulness_rows(contenders)
     commands = comparison.get("commands", [comparison["command"]])
@@ -201,12 +221,19 @@ def headline_table(relative_path):
     rows = [
         (
             "| model | class fidelity (lowest class) | KID +- spread (floor) | FID (floor) "
-            "| precision / recall | memorisation ratio (near-copies) "
+            "| precision / recall | memorisation ratio (near-copies) | pixel-space memorisation (near-copies) "
             "| macro-F1 with 10% of the real data: real + synthetic (real only) |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("original", "default"):
+    # The original, the default, the latent prior's sampling and the real-test control, if measured.
+    shown = [
+        "original",
+        "default",
+        *sorted(name for name in contenders if name.startswith("diffusion_")),
+        "real_test",
+    ]
+    for name in shown:
         if name not in contenders:
             continue
         cells = _quality_cells(contenders[name])
@@ -214,11 +241,11 @@ def headline_table(relative_path):
         usefulness = (
             f"{useful['real_plus_synthetic_f1']:.3f} ({useful['real_only_f1']:.3f})"
             if useful
-            else "not measured"
+            else ("" if name == "real_test" else "not measured")
         )
         rows.append(
             f"| {name} | {cells['fidelity']} | {cells['kid']} | {cells['fid']} "
-            f"| {cells['precision_recall']} | {cells['memorisation']} | {usefulness} |"
+            f"| {cells['precision_recall']} | {cells['memorisation']} | {cells['pixel_memorisation']} | {usefulness} |"
         )
     rows += ["", _budget_sentence(comparison, contenders).rstrip()]
     return "\n".join(rows) + "\n"
