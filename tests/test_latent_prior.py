@@ -75,6 +75,7 @@ def toy_latents(count_per_class, seed):
         ({"label_dropout": 1.0}, "label_dropout"),
         ({"label_dropout": math.nan}, "label_dropout"),
         ({"prediction": "x0"}, "prediction"),
+        ({"loss_weighting": "snr"}, "loss_weighting"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"latent_scale": 0.0}, "latent_scale"),
         ({"latent_shift": math.inf}, "latent_shift"),
@@ -89,6 +90,20 @@ def test_config_refuses_impossible_values_in_one_line(change, message):
 def test_config_survives_json():
     config = PriorConfig(map_side=28, channel_multipliers=(1, 2, 4), latent_shift=0.25, latent_scale=3.5)
     assert PriorConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_min_snr_weights_cap_the_clean_maps_error_at_gamma():
+    """In terms of the clean map's error, min-SNR weighting is min(SNR, 5) for either prediction."""
+    levels = np.array([0.0, 0.2, 0.5, 0.8, 1.0], "float32")
+    alpha, sigma = (np.asarray(rate) for rate in latent_prior.signal_and_noise_rates(levels))
+    snr = alpha**2 / np.maximum(sigma**2, 1e-12)
+    v_weights = np.asarray(latent_prior.loss_weights(alpha, sigma, "v", "min_snr"))
+    noise_weights = np.asarray(latent_prior.loss_weights(alpha[:-1], sigma[:-1], "noise", "min_snr"))
+    # The v error is (SNR + 1) times the clean map's error, the noise error SNR times it.
+    np.testing.assert_allclose(v_weights * (snr + 1), np.minimum(snr, 5.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(noise_weights * snr[:-1], np.minimum(snr[:-1], 5.0), rtol=1e-5)
+    assert v_weights[-1] == 0.0 and np.all(np.isfinite(v_weights)) and v_weights[0] < 0.01
+    np.testing.assert_array_equal(np.asarray(latent_prior.loss_weights(alpha, sigma, "v", "uniform")), 1.0)
 
 
 def test_unet_halves_only_even_sides():

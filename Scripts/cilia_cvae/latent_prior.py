@@ -49,6 +49,11 @@ from keras import layers, ops
 from cilia_cvae.models import SERIALIZATION_PACKAGE, FiLM, _group_count
 
 PREDICTIONS = ("v", "noise")
+LOSS_WEIGHTINGS = ("min_snr", "uniform")
+# Min-SNR-gamma (Hang et al. 2023): the loss of a noise level is weighted as if the clean map's
+# error were weighted by min(SNR, gamma). Nearly clean maps (huge SNR) are easy and teach little
+# about the layout of a cilium; capping their weight lets the steps that decide it learn faster.
+MIN_SNR_GAMMA = 5.0
 # The improved-DDPM offset (Nichol and Dhariwal 2021): at t = 0 the map still carries a little
 # noise (sigma 0.0125), so the network is never asked about an infinitely clean input.
 SCHEDULE_OFFSET = 0.008
@@ -82,6 +87,7 @@ class PriorConfig:
     attention: bool = True  # self-attention at the lowest level (7 x 7 at 28: cheap)
     label_dropout: float = 0.1  # share of training examples shown the null class instead of theirs
     prediction: str = "v"  # what the network predicts: "v" (alpha noise - sigma x0) or "noise"
+    loss_weighting: str = "uniform"  # "min_snr" (min-SNR-5 weights per noise level) or "uniform"
     ema_decay: float = 0.999  # decay of the moving average of the weights that samples
     latent_shift: float = 0.0  # mean of the training latents (standardised = (latent - shift) / scale)
     latent_scale: float = 1.0  # their standard deviation: Rombach's scale factor
@@ -100,6 +106,10 @@ class PriorConfig:
             )
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prior prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"prior loss_weighting must be one of {LOSS_WEIGHTINGS}, not {self.loss_weighting!r}"
+            )
         if not 0 <= self.label_dropout < 1:  # also refuses nan
             raise ValueError(f"prior label_dropout must be at least 0 and below 1, not {self.label_dropout}")
         if not 0 <= self.ema_decay < 1:
@@ -148,6 +158,23 @@ def signal_and_noise_rates(noise_levels):
 def velocity(clean, noise, alpha, sigma):
     """The v-prediction target: the rate of change of x_t along the schedule's circle."""
     return alpha * noise - sigma * clean
+
+
+def loss_weights(alpha, sigma, prediction="v", weighting="min_snr", gamma=MIN_SNR_GAMMA):
+    """Per-example weights of the prediction's squared error: min(SNR, gamma) on the clean map's error.
+
+    The v error is the clean map's error times (SNR + 1), the noise error times SNR, so the
+    weights divide those factors out again. At t = 0 (SNR of about 6,400) they are small but finite.
+    """
+    if weighting == "uniform":
+        return ops.ones_like(alpha)
+    signal_to_noise = ops.square(alpha) / ops.maximum(ops.square(sigma), 1e-12)
+    capped = ops.minimum(signal_to_noise, gamma)
+    return (
+        capped / (signal_to_noise + 1.0)
+        if prediction == "v"
+        else capped / ops.maximum(signal_to_noise, 1e-12)
+    )
 
 
 def clean_and_noise_from_prediction(noisy, prediction, alpha, sigma, kind="v"):
@@ -335,7 +362,8 @@ class LatentPrior(keras.Model):
         return tf.random.experimental.stateless_fold_in(tf.constant([self.seed, stream], tf.int64), replica)
 
     def per_example_losses(self, latents, labels, seed, label_dropout=0.0, training=False):
-        """Mean squared error of the network's prediction of v (or noise) at a random noise level."""
+        """Mean squared error of the network's prediction of v (or noise) at a random noise level,
+        and the weight each example's error carries in training (loss_weights)."""
         level_seed, noise_seed, dropout_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         count = ops.shape(latents)[0]
         end = schedule_end(self.prior_config.prediction)
@@ -348,7 +376,8 @@ class LatentPrior(keras.Model):
         noisy = alpha * latents + sigma * noise
         prediction = self.denoiser([noisy, noise_levels, labels], training=training)
         target = velocity(latents, noise, alpha, sigma) if self.prior_config.prediction == "v" else noise
-        return ops.mean(ops.square(prediction - target), axis=(1, 2, 3))
+        weights = loss_weights(alpha, sigma, self.prior_config.prediction, self.prior_config.loss_weighting)
+        return ops.mean(ops.square(prediction - target), axis=(1, 2, 3)), ops.reshape(weights, (-1,))
 
     def _update_trackers(self, losses, weights):
         self.trackers["prior_loss"].update_state(losses, sample_weight=weights)
@@ -359,10 +388,12 @@ class LatentPrior(keras.Model):
         seed = tf.random.experimental.stateless_fold_in(self._replica_seed(0), self.optimizer.iterations)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            losses = self.per_example_losses(
+            losses, level_weights = self.per_example_losses(
                 latents, labels, seed, label_dropout=self.prior_config.label_dropout, training=True
             )
-            batch_loss = ops.sum(losses * weights) / ops.maximum(ops.sum(weights), 1.0)
+            # The history reports the plain error, comparable between weightings; the
+            # gradient follows the weighted one.
+            batch_loss = ops.sum(losses * level_weights * weights) / ops.maximum(ops.sum(weights), 1.0)
             scaled_loss = self.optimizer.scale_loss(batch_loss / replicas)
         gradients = tape.gradient(scaled_loss, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
@@ -373,7 +404,8 @@ class LatentPrior(keras.Model):
         # The same noise for every validation batch: epochs are compared on equal terms. No
         # label dropout: the conditional model is the one that samples.
         latents, labels, weights = self._unpack(data)
-        return self._update_trackers(self.per_example_losses(latents, labels, self._replica_seed(1)), weights)
+        losses, _ = self.per_example_losses(latents, labels, self._replica_seed(1))
+        return self._update_trackers(losses, weights)
 
     def _update_moving_average(self):
         # The decay warms up as TensorFlow's ExponentialMovingAverage does with num_updates, so

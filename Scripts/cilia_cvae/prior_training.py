@@ -63,6 +63,7 @@ def check_prior_settings(settings):
             f"--prior_label_dropout must be at least 0 and below 1, not {settings['PRIOR_LABEL_DROPOUT']}"
         )
     check_choice("PRIOR_PREDICTION", settings["PRIOR_PREDICTION"], list(latent_prior.PREDICTIONS))
+    check_choice("PRIOR_LOSS_WEIGHTING", settings["PRIOR_LOSS_WEIGHTING"], list(latent_prior.LOSS_WEIGHTINGS))
 
 
 def prior_settings(settings):
@@ -130,6 +131,7 @@ def prior_config_for(settings, model_config, shift, scale):
         width=settings["PRIOR_WIDTH"],
         label_dropout=settings["PRIOR_LABEL_DROPOUT"],
         prediction=settings["PRIOR_PREDICTION"],
+        loss_weighting=settings["PRIOR_LOSS_WEIGHTING"],
         latent_shift=shift,
         latent_scale=scale,
     )
