@@ -7,6 +7,9 @@ generates with the inference script; then small classifiers, the detection-model
 are trained on the subset's real images, on real + synthetic and on synthetic only, and
 scored on the real test split (macro-F1, recall per class). At 100% the evaluated model's own
 generated images are the synthetic set. cvae_evaluate.py --usefulness=True runs this script.
+Each fraction's synthetic images are drawn as the evaluated images were (their manifest says
+how): with --sampling=diffusion, by a latent prior of the fraction's own, trained on that
+fraction as a second stage with the evaluated prior's settings and as many steps.
 
 Reads   PROCESSED_IMAGES_DIR/<S>x<S>/{train,test}/<Class>/*.png   the real images
         MODELS_DIR/<S>x<S>/cvae_parameters.json                    the settings the generators copy
@@ -78,8 +81,25 @@ if 1.0 in fractions and not GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).al
     )
 # The generator of each fraction is trained like the evaluated model, on that fraction only.
 parameters_path = RunLayout(MODELS_DIR, config.LATENT_TENSORS_DIR, IMAGE_SIZE).parameters
-model_settings = (
-    json.loads(parameters_path.read_text(encoding="utf-8"))["settings"] if parameters_path.is_file() else {}
+model_parameters = (
+    json.loads(parameters_path.read_text(encoding="utf-8")) if parameters_path.is_file() else {}
+)
+model_settings = model_parameters.get("settings", {})
+# ... and draws its synthetic images as the evaluated images were drawn (with diffusion, from
+# a latent prior of its own, trained on that fraction like the evaluated model's).
+evaluated_sampling = usefulness.sampling_of(GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).manifest)
+inference_arguments = usefulness.inference_arguments(evaluated_sampling)
+uses_prior = "--sampling=diffusion" in inference_arguments
+if uses_prior and not model_parameters.get("latent_prior"):
+    raise UserError(
+        f"the evaluated images were drawn by a latent prior, but {parameters_path} records none; "
+        f"train it with --prior_epochs first"
+    )
+# Posterior draws at temperature 1 keep the names they always had, so earlier runs are reused.
+sampling_tag = (
+    ""
+    if inference_arguments in (["--sampling=posterior"], ["--sampling=posterior", "--temperature=1.0"])
+    else "_" + "_".join(argument.lstrip("-").replace("=", "") for argument in inference_arguments)
 )
 work_root = (
     MODELS_DIR / "usefulness" / f"{size_name}_{model_settings.get('ARCHITECTURE', 'default')}_"
@@ -127,13 +147,22 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
     training_arguments, epochs, warmup = usefulness.generator_training_arguments(
         model_settings, image_size=IMAGE_SIZE, fraction=fraction, full_data_epochs=GENERATOR_EPOCHS, seed=seed
     )
-    # Reused only if trained with exactly these settings (a retrained evaluated model may differ).
-    done_path = work_dir / "done.json"
+    prior_arguments = (
+        usefulness.prior_training_arguments(model_parameters["latent_prior"], fraction)
+        if uses_prior
+        else None
+    )
+    generated = work_dir / f"generated{sampling_tag}"
+    # Reused only if trained and drawn with exactly these settings (a retrained evaluated model may differ).
+    done_path = work_dir / f"done{sampling_tag}.json"
     done = json.loads(done_path.read_text(encoding="utf-8")) if done_path.is_file() else {}
-    if done.get("training_arguments") == training_arguments:
-        return work_dir / "generated" / size_name
+    wanted = {"training_arguments": training_arguments, "prior_arguments": prior_arguments}
+    if all(done.get(name) == value for name, value in wanted.items()) and (
+        not sampling_tag or done.get("inference_arguments") == inference_arguments
+    ):
+        return generated / size_name
     done_path.unlink(missing_ok=True)
-    (work_dir / "scores.json").unlink(missing_ok=True)
+    (work_dir / f"scores{sampling_tag}.json").unlink(missing_ok=True)
     fingerprint = usefulness.subset_fingerprint(facts["fingerprint"], subset, seed)
     fraction_processed = copy_subset(work_dir, subset, fingerprint)
     # A generator killed part-way resumes from its last finished epoch, as the training script
@@ -146,8 +175,8 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
             if (work_dir / folder).exists():
                 shutil.rmtree(work_dir / folder)
         write_json_atomic(started_path, started)
-    if (work_dir / "generated").exists():
-        shutil.rmtree(work_dir / "generated")
+    if generated.exists():
+        shutil.rmtree(generated)
     folders = [
         f"--processed_images_dir={fraction_processed}",
         f"--models_dir={work_dir / 'models'}",
@@ -161,6 +190,9 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
             # meeting the same refusal or the same checkpoint again. A kill is not a RuntimeError.
             started_path.unlink()
             raise
+    if prior_arguments:
+        # The second stage on the fraction's finished CVAE; a killed one resumes where it stopped.
+        run_script(training_script, [*training_arguments, *folders, *prior_arguments])
     run_script(
         "cvae_inference",
         [
@@ -169,8 +201,9 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
             "--restore_aspect=False",
             "--figures=False",
             f"--seed={seed}",
+            *inference_arguments,
             *folders,
-            f"--generated_images_dir={work_dir / 'generated'}",
+            f"--generated_images_dir={generated}",
         ],
     )
     write_json_atomic(
@@ -179,10 +212,11 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
             "training_images": int(len(subset)),
             "epochs": epochs,
             "kl_warmup_epochs": warmup,
-            "training_arguments": training_arguments,
+            **wanted,
+            "inference_arguments": inference_arguments,
         },
     )
-    return work_dir / "generated" / size_name
+    return generated / size_name
 
 
 def score_run(fraction, seed, subset, generated_dir):
@@ -240,7 +274,7 @@ def usefulness_run(fraction, seed):
     generated_dir = generator_for_fraction(work_dir, subset, seed, fraction)
     # A fraction's scores are kept beside its generator (which clears them when it is trained
     # again): finishing an interrupted experiment then costs only what is left.
-    scores_path = work_dir / "scores.json"
+    scores_path = work_dir / f"scores{sampling_tag}.json"
     scores_key = {
         "classifier_size": CLASSIFIER_SIZE,
         "classifier_epochs": CLASSIFIER_EPOCHS,

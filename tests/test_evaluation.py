@@ -344,6 +344,39 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
     assert not (work_dir / "started.json").exists()
 
 
+def test_usefulness_draws_each_fraction_as_the_evaluated_images_were_drawn(tmp_path):
+    from cilia_cvae import usefulness
+
+    assert usefulness.sampling_of(tmp_path / "missing.csv") == {"sampling": "posterior"}
+    manifest = tmp_path / "generation_manifest.csv"
+    manifest.write_text(
+        "file,class,sampling,temperature,seed,guidance,sampling_steps\n"
+        "CP/Synthetic_CP_00001.png,CP,diffusion,1.0,0,2.0,20\n"
+    )
+    sampling = usefulness.sampling_of(manifest)
+    assert usefulness.inference_arguments(sampling) == [
+        "--sampling=diffusion",
+        "--temperature=1.0",
+        "--guidance=2.0",
+        "--sampling_steps=20",
+    ]
+    # A manifest from before the diffusion columns: posterior draws, as they were.
+    manifest.write_text("file,class,sampling,temperature,seed\nCP/a.png,CP,posterior,1.0,0\n")
+    assert usefulness.inference_arguments(usefulness.sampling_of(manifest)) == [
+        "--sampling=posterior",
+        "--temperature=1.0",
+    ]
+    record = {
+        "epochs_done": 7,
+        "settings": {"PRIOR_EPOCHS": 7, "PRIOR_LEARNING_RATE": 0.001, "PRIOR_WIDTH": 32},
+    }
+    arguments = usefulness.prior_training_arguments(record, 0.1)
+    # On a tenth of the crops, ten times the epochs: the same steps as the evaluated prior's.
+    assert arguments[:2] == ["--continue_finished=True", "--prior_epochs=70"]
+    assert "--prior_learning_rate=0.001" in arguments and "--prior_width=32" in arguments
+    assert usefulness.prior_training_arguments(None, 0.1) is None
+
+
 def test_usefulness_fractions_outside_zero_to_one_are_refused_in_one_line(tmp_path):
     finished = run_script(
         "cvae_evaluate",

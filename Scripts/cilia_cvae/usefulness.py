@@ -10,6 +10,9 @@ experiment's script runs the training and inference scripts for it; this module 
 which images, which settings and how the classifiers' results are scored and summarised.
 """
 
+import csv
+from pathlib import Path
+
 import numpy as np
 from sklearn.metrics import f1_score, recall_score
 
@@ -106,6 +109,65 @@ def generator_training_arguments(model_settings, *, image_size, fraction, full_d
         f"--seed={seed}",
     ]
     return arguments, epochs, warmup
+
+
+# How the evaluated images were drawn, read from their manifest; each fraction's generator draws
+# its synthetic images the same way. Older manifests lack the diffusion columns.
+SAMPLING_COLUMNS = ("sampling", "temperature", "guidance", "sampling_steps")
+# The latent prior's settings a fraction's prior copies from the evaluated model's (its epochs
+# are stretched like the CVAE's, so that every prior takes as many steps).
+COPIED_PRIOR_SETTINGS = (
+    "PRIOR_BATCH_SIZE",
+    "PRIOR_LEARNING_RATE",
+    "PRIOR_WIDTH",
+    "PRIOR_LABEL_DROPOUT",
+    "PRIOR_PREDICTION",
+    "PRIOR_LOSS_WEIGHTING",
+)
+
+
+def sampling_of(manifest_path):
+    """{column: value} of how the evaluated images were drawn (their manifest's first row);
+    posterior sampling when there is no manifest."""
+    path = Path(manifest_path)
+    if not path.is_file():
+        return {"sampling": "posterior"}
+    with open(path, newline="", encoding="utf-8") as manifest:
+        first = next(csv.DictReader(manifest), None) or {}
+    return {name: first[name] for name in SAMPLING_COLUMNS if first.get(name)} or {"sampling": "posterior"}
+
+
+def inference_arguments(sampling):
+    """The inference script's arguments that draw as the evaluated images were drawn.
+
+    A counterfactual set (sampling "counterfactual") is drawn by the prior from its own noise
+    instead: a fraction has no counterfactual request to repeat, and its prior is what is tested.
+    """
+    kind = sampling.get("sampling", "posterior")
+    kind = "diffusion" if kind == "counterfactual" else kind
+    arguments = [f"--sampling={kind}"]
+    if sampling.get("temperature"):
+        arguments.append(f"--temperature={sampling['temperature']}")
+    if kind == "diffusion":
+        arguments += [
+            f"--{name}={sampling[name]}" for name in ("guidance", "sampling_steps") if sampling.get(name)
+        ]
+    return arguments
+
+
+def prior_training_arguments(prior_record, fraction):
+    """The second-stage arguments that train a fraction's latent prior like the evaluated model's,
+    its epochs stretched by 1 / fraction; None when the evaluated model has no prior."""
+    if not prior_record:
+        return None
+    recorded = prior_record.get("settings", {})
+    epochs = max(1, int(round(prior_record["epochs_done"] / fraction)))
+    return [
+        "--continue_finished=True",
+        f"--prior_epochs={epochs}",
+        f"--prior_sample_every={max(1, epochs // 3)}",
+        *(f"--{name.lower()}={recorded[name]}" for name in COPIED_PRIOR_SETTINGS if name in recorded),
+    ]
 
 
 def scores(model, images, labels, class_count):
