@@ -416,7 +416,44 @@ def measure_preprocessing(image_count):
         return image_count / (time.perf_counter() - started)
 
 
+def measure_prior_training(image_size, batch_size=64):
+    """The latent prior's training speed in latent maps per second: the training stage's own
+    compiled step (prior_training.py), on random standardised maps of the size the CVAE's
+    latent map has at image_size (28 x 28 x 4 at 224); the median of TIMED_WINDOWS windows."""
+    import numpy as np
+    import tensorflow as tf
+
+    from cilia_cvae import latent_prior, training
+
+    strategy = tf.distribute.get_strategy()
+    prior_config = latent_prior.PriorConfig(map_side=image_size // 8, num_classes=NUM_CLASSES)
+    prior = latent_prior.build_latent_prior(prior_config, learning_rate=1e-3, strategy=strategy)
+    train_step = training.make_step_functions(prior, strategy)[0]
+    rng = np.random.default_rng(0)
+    batch = (
+        tf.constant(rng.standard_normal((batch_size, *prior_config.map_shape)), tf.float32),
+        tf.constant(rng.integers(0, NUM_CLASSES, batch_size), tf.int32),
+    )
+    for _ in range(warmup_steps):
+        train_step(batch)
+    speeds = []
+    for _ in range(timed_windows):
+        steps, started = 0, time.perf_counter()
+        while steps == 0 or time.perf_counter() - started < window_seconds:
+            train_step(batch)
+            steps += 1
+        float(prior.trackers["prior_loss"].result())  # waits for the last step
+        speeds.append(steps * batch_size / (time.perf_counter() - started))
+    return {
+        "latents_per_s": statistics.median(speeds),
+        "batch_size": batch_size,
+        "map_shape": list(prior_config.map_shape),
+    }
+
+
 GENERATION_SIZE = 32 if QUICK else 224
+# The latent prior of the comparison: 4,169 training crops x 8 orientations, 7 epochs.
+PRIOR_TRAINING_LATENTS, PRIOR_TRAINING_EPOCHS = 4169 * 8, 7
 EXTRA_MEASUREMENTS = {
     "generation_original_loop": lambda: {
         "original_loop": measure_original_generation_loop(GENERATION_SIZE, 5 if QUICK else 40)
@@ -424,6 +461,7 @@ EXTRA_MEASUREMENTS = {
     "generation_default": lambda: measure_default_generation(GENERATION_SIZE, 4 if QUICK else 2000),
     "generation_diffusion": lambda: measure_diffusion_generation(GENERATION_SIZE, 4 if QUICK else 200),
     "preprocessing": lambda: {"images_per_s": measure_preprocessing(40 if QUICK else 400)},
+    "prior_training": lambda: measure_prior_training(GENERATION_SIZE),
 }
 
 
@@ -616,6 +654,16 @@ print(
     f"generating {generation_memory['images_written']} images: peak memory {generation_memory['peak_memory_mb'] or 0:.0f} MB"
 )
 print(f"preprocessing at 224 of ~520 px crops: {preprocessing_speed or 0:.0f} images/s")
+prior_training = contender_results("prior_training")["prior_training"]
+if prior_training.get("latents_per_s"):
+    prior_training["minutes_for_the_comparison_prior"] = (
+        PRIOR_TRAINING_EPOCHS * PRIOR_TRAINING_LATENTS / prior_training["latents_per_s"] / 60
+    )
+    print(
+        f"latent prior training at {GENERATION_SIZE}: {prior_training['latents_per_s']:.0f} latent maps/s; "
+        f"{PRIOR_TRAINING_EPOCHS} epochs of {PRIOR_TRAINING_LATENTS} maps in "
+        f"{prior_training['minutes_for_the_comparison_prior']:.1f} minutes"
+    )
 efficiency = compute_efficiency(generation_details, generation_speeds)
 if efficiency.get("decoder_share_of_matmul"):
     print(
@@ -640,6 +688,7 @@ report = {
     "efficiency": efficiency,
     "generate_details": generation_details,
     "preprocess_images_per_s": preprocessing_speed,
+    "prior_training": prior_training,
     "details": results,
     "quick": QUICK,
     "load_average_at_end": os.getloadavg()[0],

@@ -528,6 +528,9 @@ def test_benchmark_quick_mode_runs(tmp_path):
     flops = efficiency["flops_per_image"]
     # A guided 20-step sample runs the denoiser 40 times, then the decoder once.
     assert flops["diffusion_sample"] == 40 * flops["denoiser_per_call"] + flops["decoder"] > 0
+    prior_training = measured["prior_training"]
+    assert prior_training["latents_per_s"] > 0 and prior_training["map_shape"] == [4, 4, 4]
+    assert prior_training["minutes_for_the_comparison_prior"] > 0
 
 
 def test_presets_are_the_training_scripts_defaults():
