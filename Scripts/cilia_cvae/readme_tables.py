@@ -220,11 +220,11 @@ def headline_table(relative_path):
     comparison, contenders = _contenders(relative_path)
     rows = [
         (
-            "| model | class fidelity (lowest class) | KID +- spread (floor) | FID (floor) "
+            "| model | class fidelity (lowest class) | KID +- spread (floor) "
             "| precision / recall | memorisation ratio (near-copies) | pixel-space memorisation (near-copies) "
             "| macro-F1 with 10% of the real data: real + synthetic (real only) |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     # The original, the default, the latent prior's sampling and the real-test control, if measured.
     shown = [
@@ -244,7 +244,7 @@ def headline_table(relative_path):
             else ("" if name == "real_test" else "not measured")
         )
         rows.append(
-            f"| {name} | {cells['fidelity']} | {cells['kid']} | {cells['fid']} "
+            f"| {name} | {cells['fidelity']} | {cells['kid']} "
             f"| {cells['precision_recall']} | {cells['memorisation']} | {cells['pixel_memorisation']} | {usefulness} |"
         )
     rows += ["", _budget_sentence(comparison, contenders).rstrip()]
