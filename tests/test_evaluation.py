@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -300,6 +301,9 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
                 STAND_IN_TRAINING=training,
                 STAND_IN_CALLS=str(calls_path),
             ),
+            # A suite started in the background (`make test &`) inherits an ignored SIGINT, and
+            # the stand-in's Ctrl-C would then be lost: the experiment gets Python's own handler.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     def calls():
