@@ -99,7 +99,14 @@ if uses_prior and not model_parameters.get("latent_prior"):
 sampling_tag = (
     ""
     if inference_arguments in (["--sampling=posterior"], ["--sampling=posterior", "--temperature=1.0"])
-    else "_" + "_".join(argument.lstrip("-").replace("=", "") for argument in inference_arguments)
+    # e.g. _diffusion_temperature1.0_guidance2.0_sampling_steps20
+    else "_"
+    + "_".join(
+        argument.split("=", 1)[-1]
+        if argument.startswith("--sampling=")
+        else argument.lstrip("-").replace("=", "")
+        for argument in inference_arguments
+    )
 )
 work_root = (
     MODELS_DIR / "usefulness" / f"{size_name}_{model_settings.get('ARCHITECTURE', 'default')}_"

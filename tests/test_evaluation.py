@@ -236,10 +236,9 @@ def test_a_fraction_generator_takes_the_steps_of_a_full_data_one():
     assert generator_schedule({"KL_WARMUP_EPOCHS": 40}, 0.5, 10) == (20, 20)
 
 
-def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_path):
-    from cilia_cvae.usefulness import stratified_subset
-
-    # The usefulness script beside stand-ins for the training and inference scripts, which record each call.
+def _stand_in_usefulness(tmp_path):
+    """The usefulness script beside stand-ins for the training and inference scripts, which record
+    each call, on 4 + 4 training and 2 + 2 test images of two classes: (run, calls, work_dir)."""
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     shutil.copy(SCRIPTS_DIR / "cvae_usefulness.py", scripts)
@@ -266,13 +265,13 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
     (tmp_path / "processed" / "raw_image_statistics.csv").write_text("image,width,height\n")
     models, calls_path = tmp_path / "models", tmp_path / "calls.jsonl"
     work_dir = models / "usefulness" / "32x32_default_2full_epochs_0123456789ab" / "fraction_0.5_seed_0"
-    checkpoint = work_dir / "models" / "32x32" / "checkpoints" / "epoch.weights.h5"
-    default_settings = {"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5}
 
-    def run_usefulness(training, model_settings=None):
+    def run_usefulness(training, model_settings=None, latent_prior=None):
         """The experiment at 50% with one seed; training is what the training stand-in does."""
         (models / "32x32").mkdir(parents=True, exist_ok=True)
-        parameters = {"settings": model_settings or default_settings}
+        parameters = {"settings": model_settings or DEFAULT_STAND_IN_SETTINGS}
+        if latent_prior:
+            parameters["latent_prior"] = latent_prior
         (models / "32x32" / "cvae_parameters.json").write_text(json.dumps(parameters))
         return subprocess.run(
             [
@@ -309,6 +308,45 @@ def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_pa
     def calls():
         lines = calls_path.read_text().splitlines() if calls_path.is_file() else []
         return [json.loads(line) for line in lines]
+
+    return run_usefulness, calls, work_dir
+
+
+DEFAULT_STAND_IN_SETTINGS = {"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5}
+
+
+def test_usefulness_with_diffusion_trains_each_fractions_prior_and_draws_from_it(tmp_path):
+    run_usefulness, calls, work_dir = _stand_in_usefulness(tmp_path)
+    # The evaluated images were drawn by a latent prior at guidance 4.
+    manifest = tmp_path / "generated" / "32x32" / "generation_manifest.csv"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(
+        "file,class,sampling,temperature,seed,guidance,sampling_steps\n"
+        "Normal/Synthetic_Normal_00001.png,Normal,diffusion,1.0,0,4.0,20\n"
+    )
+    refused = run_usefulness("finish")
+    assert refused.returncode == 2 and "records none" in refused.stderr.strip().splitlines()[-1]
+    prior = {"epochs_done": 3, "settings": {"PRIOR_LEARNING_RATE": 0.001}}
+    finished = run_usefulness("finish", latent_prior=prior)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    made = calls()
+    assert [call["script"] for call in made] == ["cvae_training_224x224"] * 2 + ["cvae_inference"]
+    # The second training call is the prior's stage alone, on half the crops for twice the epochs.
+    assert "--continue_finished=True" in made[1]["arguments"] and "--prior_epochs=6" in made[1]["arguments"]
+    assert "--prior_learning_rate=0.001" in made[1]["arguments"]
+    assert {"--sampling=diffusion", "--guidance=4.0", "--sampling_steps=20"} <= set(made[2]["arguments"])
+    assert (work_dir / "generated_diffusion_temperature1.0_guidance4.0_sampling_steps20").is_dir()
+    # Run again: the fraction's generator, prior, images and scores are reused.
+    again = run_usefulness("finish", latent_prior=prior)
+    assert again.returncode == 0 and len(calls()) == 3 and "scores reused from" in again.stdout
+
+
+def test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused(tmp_path):
+    from cilia_cvae.usefulness import stratified_subset
+
+    run_usefulness, calls, work_dir = _stand_in_usefulness(tmp_path)
+    checkpoint = work_dir / "models" / "32x32" / "checkpoints" / "epoch.weights.h5"
+    default_settings = DEFAULT_STAND_IN_SETTINGS
 
     killed = run_usefulness("kill")
     assert killed.returncode == 130, killed.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 Copied beside a copy of cvae_usefulness.py as cvae_training_224x224.py and cvae_inference.py, it lets a
 test drive the experiment's resume rules without training anything. Each call appends
-{"script", "behaviour", "checkpoint"} as a JSON line to the file named by STAND_IN_CALLS; "checkpoint"
+{"script", "behaviour", "checkpoint", "arguments"} as a JSON line to the file named by STAND_IN_CALLS; "checkpoint"
 is the text of the training checkpoint found when the call began (None when there was none).
 
 STAND_IN_TRAINING chooses what the training stand-in does:
@@ -30,9 +30,11 @@ model_dir = Path(arguments["models_dir"]) / size_name
 checkpoint = model_dir / "checkpoints" / "epoch.weights.h5"
 with open(os.environ["STAND_IN_CALLS"], "a", encoding="utf-8") as calls:
     found = checkpoint.read_text(encoding="utf-8") if checkpoint.is_file() else None
-    calls.write(json.dumps({"script": script, "behaviour": behaviour, "checkpoint": found}) + "\n")
+    record = {"script": script, "behaviour": behaviour, "checkpoint": found, "arguments": sys.argv[1:]}
+    calls.write(json.dumps(record) + "\n")
 
 if behaviour == "finish":
+    model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "cvae_parameters.json").write_text("{}", encoding="utf-8")
 elif behaviour == "kill":
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
