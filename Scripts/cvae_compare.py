@@ -288,8 +288,8 @@ def contender_report(name):
     }
     if needs_prior(name):
         result["latent_prior"] = {
-            name: prior.get(name)
-            for name in ("epochs_done", "final_loss", "training_latents", "training_seconds", "parameters")
+            field: prior.get(field)
+            for field in ("epochs_done", "final_loss", "training_latents", "training_seconds", "parameters")
         }
     if name == REAL_TEST_CONTROL:
         result = {
