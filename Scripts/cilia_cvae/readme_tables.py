@@ -161,8 +161,9 @@ def _usefulness_rows(contenders):
             runs = f"{seeds} seed{'' if seeds == 1 else 's'}"
             runs += f" x {repeats} classifiers" if repeats > 1 else ""
             gains = ", ".join(f"{gain:+.3f}" for gain in values.get("gain_per_seed", [])) or "not recorded"
+            # A spread over one seed is zero by construction: shown only when there are several.
             scores = " | ".join(
-                f"{values[f'{arm}_f1']:.3f} +- {values[f'{arm}_f1_std']:.3f}"
+                f"{values[f'{arm}_f1']:.3f}" + (f" +- {values[f'{arm}_f1_std']:.3f}" if seeds != 1 else "")
                 for arm in ("real_only", "real_plus_synthetic", "synthetic_only")
             )
             rows.append(f"| {name} | {_percent(float(fraction))} ({runs}) | {scores} | {gains} |")
