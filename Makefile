@@ -17,10 +17,12 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # The formatter and the linter first (configured in pyproject.toml): seconds, and a failure names the line.
+# The tests run in one process per core, a test file per process (its module fixtures built once):
+# most of a test is a subprocess starting TensorFlow, busy on one core, so a second core overlaps them.
 test: $(STAMP)
 	$(PYTHON) -m ruff format --check --quiet .
 	$(PYTHON) -m ruff check --quiet .
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --numprocesses=auto --dist=loadfile tests
 
 demo: $(STAMP)
 	$(PYTHON) Scripts/demo.py

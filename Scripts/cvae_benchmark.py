@@ -465,11 +465,21 @@ EXTRA_MEASUREMENTS = {
 }
 
 
+# A QUICK run measures everything in one child (each TensorFlow start costs seconds, and a
+# QUICK run only checks that everything works); it keeps the extra measurements' results here.
+quick_extra_results = {}
+
+
+def extra_results(name):
+    """One of EXTRA_MEASUREMENTS, in its own child (or the QUICK run's one child's result)."""
+    return quick_extra_results[name] if QUICK else contender_results(name)[name]
+
+
 def generate_images_per_s():
     """Generation at 224, each way in its own child: the original's loop, our decoding alone, ours end to end."""
-    original = contender_results("generation_original_loop")["generation_original_loop"]
-    default = contender_results("generation_default")["generation_default"]
-    diffusion = contender_results("generation_diffusion")["generation_diffusion"]
+    original = extra_results("generation_original_loop")
+    default = extra_results("generation_default")
+    diffusion = extra_results("generation_diffusion")
     speeds = {
         "original_loop_224": original.get("original_loop"),
         "default_224": default.get("default_end_to_end"),
@@ -510,7 +520,7 @@ def compute_efficiency(details, speeds):
 
 def preprocess_images_per_s():
     """Preprocessing at 224 of ~520 px phantom crops on every core, in its own child."""
-    return contender_results("preprocessing")["preprocessing"].get("images_per_s")
+    return extra_results("preprocessing").get("images_per_s")
 
 
 def start_contender(names, original_448_batch_size=ORIGINAL_448_BATCH_SIZE):
@@ -551,9 +561,11 @@ def contender_results(names, original_448_batch_size=ORIGINAL_448_BATCH_SIZE):
 
 def measure_all_contenders():
     """One child per contender, one at a time, so that no contender shares the cores or the
-    memory with another. A QUICK run only checks that everything works: one child measures all."""
+    memory with another. A QUICK run only checks that everything works: one child measures all, the extra
+    measurements too."""
     if QUICK:
-        measured = contender_results(",".join(CONTENDERS))
+        measured = contender_results(",".join([*CONTENDERS, *EXTRA_MEASUREMENTS]))
+        quick_extra_results.update({name: measured[name] for name in EXTRA_MEASUREMENTS})
         return {name: {**contender_summary(name), **measured[name]} for name in CONTENDERS}
     results = {name: {**contender_summary(name), **contender_results(name)[name]} for name in CONTENDERS}
     # The original 448 model needs ~22 GB at batch 8: when other programs hold memory it does
@@ -654,7 +666,7 @@ print(
     f"generating {generation_memory['images_written']} images: peak memory {generation_memory['peak_memory_mb'] or 0:.0f} MB"
 )
 print(f"preprocessing at 224 of ~520 px crops: {preprocessing_speed or 0:.0f} images/s")
-prior_training = contender_results("prior_training")["prior_training"]
+prior_training = extra_results("prior_training")
 if prior_training.get("latents_per_s"):
     prior_training["minutes_for_the_comparison_prior"] = (
         PRIOR_TRAINING_EPOCHS * PRIOR_TRAINING_LATENTS / prior_training["latents_per_s"] / 60

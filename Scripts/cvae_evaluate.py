@@ -30,7 +30,6 @@ from pathlib import Path
 
 from cilia_cvae import config, locks
 from cilia_cvae.config import UserError, configure
-from cilia_cvae.evaluation import evaluate_generated, write_report
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
 from cilia_cvae.preprocessing import read_processed_facts
 from cilia_cvae.usefulness import parse_fractions
@@ -86,6 +85,8 @@ if not generated.all_images():
         f"no generated images in {generated_dir}; run python Scripts/cvae_inference.py "
         f"--image_size={generated_size} first"
     )
+# TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
+from cilia_cvae.evaluation import evaluate_generated, write_report  # noqa: E402
 
 # The report is written beside the images: no generation may add to them meanwhile.
 locks.hold_folder_lock(generated_dir)

@@ -16,9 +16,10 @@ last finished epoch when started again with the same command. See the README for
 GPUs or hosts (TF_CONFIG).
 """
 
-from cilia_cvae import config, prior_training, training
+from cilia_cvae import config
 from cilia_cvae.config import configure
 from cilia_cvae.preprocessing import read_processed_facts
+from cilia_cvae.training_settings import check_prior_settings, check_settings
 
 IMAGE_SIZE = 224  # side of the square images; that size must have been preprocessed
 ARCHITECTURE = "default"  # "default" (ours) or "original" (the first implementation, ported to Keras 3)
@@ -64,7 +65,11 @@ settings = configure(globals())
 # The preprocessing stage recorded class names, resize mode and a fingerprint of the data;
 # a size it never made is refused here with one line.
 facts = read_processed_facts(PROCESSED_IMAGES_DIR, IMAGE_SIZE)
-prior_training.check_prior_settings(settings)
+# Every setting is checked before TensorFlow loads (seconds), so a mistyped value is answered
+# at once, and a bad prior setting before the CVAE trains for hours.
+check_settings(settings, len(facts["class_names"]))
+check_prior_settings(settings)
+from cilia_cvae import prior_training, training  # noqa: E402 (TensorFlow loads here)
 
 # Train or resume, keep the best validation epoch, save the encoder, decoder and latents.
 parameters = training.train(settings, facts)

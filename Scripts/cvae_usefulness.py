@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 
 from cilia_cvae import config, usefulness
-from cilia_cvae.classifier import list_images, load_images, train_classifier
 from cilia_cvae.config import UserError, configure
 from cilia_cvae.files import write_json_atomic
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout, RunLayout, size_folder_name
@@ -95,6 +94,9 @@ if uses_prior and not model_parameters.get("latent_prior"):
         f"the evaluated images were drawn by a latent prior, but {parameters_path} records none; "
         f"train it with --prior_epochs first"
     )
+# TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
+from cilia_cvae.classifier import list_images, load_images, train_classifier  # noqa: E402
+
 # Posterior draws at temperature 1 keep the names they always had, so earlier runs are reused.
 sampling_tag = (
     ""

@@ -47,9 +47,8 @@ import tensorflow as tf
 from keras import layers, ops
 
 from cilia_cvae.models import SERIALIZATION_PACKAGE, FiLM, _group_count
+from cilia_cvae.training_settings import LOSS_WEIGHTINGS, PREDICTIONS
 
-PREDICTIONS = ("v", "noise")
-LOSS_WEIGHTINGS = ("min_snr", "uniform")
 # Min-SNR-gamma (Hang et al. 2023): the loss of a noise level is weighted as if the clean map's
 # error were weighted by min(SNR, gamma). Nearly clean maps (huge SNR) are easy and teach little
 # about the layout of a cilium; capping their weight lets the steps that decide it learn faster.

@@ -34,7 +34,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from cilia_cvae import data, latent_prior, training
-from cilia_cvae.config import UserError, check_choice, jsonable
+from cilia_cvae.config import jsonable
 from cilia_cvae.files import atomic_path, move_aside, sha256_of_file, write_json_atomic
 from cilia_cvae.layout import RunLayout
 from cilia_cvae.model_config import ModelConfig
@@ -44,26 +44,6 @@ PRIOR_SETTINGS_FREE_TO_CHANGE = ("PRIOR_EPOCHS", "PRIOR_SAMPLE_EVERY")
 SAMPLE_GRID_COLUMNS = 6
 SAMPLE_GRID_STEPS, SAMPLE_GRID_GUIDANCE = 20, 2.0
 CRASH_AFTER_PRIOR_CHECKPOINT_VARIABLE = "CILIA_CVAE_CRASH_AFTER_PRIOR_CHECKPOINT"  # tests only
-
-
-def check_prior_settings(settings):
-    """Refuse prior settings no run can use, before the CVAE trains for hours first."""
-    for name, lowest in (
-        ("PRIOR_EPOCHS", 0),
-        ("PRIOR_BATCH_SIZE", 1),
-        ("PRIOR_WIDTH", 1),
-        ("PRIOR_SAMPLE_EVERY", 0),
-    ):
-        if settings[name] < lowest:
-            raise UserError(f"--{name.lower()} must be at least {lowest}, not {settings[name]}")
-    if not settings["PRIOR_LEARNING_RATE"] > 0:
-        raise UserError(f"--prior_learning_rate must be positive, not {settings['PRIOR_LEARNING_RATE']}")
-    if not 0 <= settings["PRIOR_LABEL_DROPOUT"] < 1:
-        raise UserError(
-            f"--prior_label_dropout must be at least 0 and below 1, not {settings['PRIOR_LABEL_DROPOUT']}"
-        )
-    check_choice("PRIOR_PREDICTION", settings["PRIOR_PREDICTION"], list(latent_prior.PREDICTIONS))
-    check_choice("PRIOR_LOSS_WEIGHTING", settings["PRIOR_LOSS_WEIGHTING"], list(latent_prior.LOSS_WEIGHTINGS))
 
 
 def prior_settings(settings):

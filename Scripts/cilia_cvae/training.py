@@ -48,6 +48,7 @@ from cilia_cvae.config import UserError, jsonable
 from cilia_cvae.files import atomic_path, sha256_of_file, write_csv_atomic, write_json_atomic
 from cilia_cvae.layout import RunLayout
 from cilia_cvae.model_config import ModelConfig
+from cilia_cvae.training_settings import check_settings
 
 LOSS_TERMS = ("loss", "reconstruction_loss", "kl_loss", "squared_error")
 SAMPLE_GRID_COLUMNS = 8
@@ -237,41 +238,6 @@ def reference_images(paths, labels, num_classes, image_size):
 
 
 # --------------------------------------------------------------------------- starting or resuming a run
-
-
-def check_settings(settings, num_classes):
-    """Refuse values no run can use, naming the setting, before anything is built or written;
-    return the model the settings describe."""
-    for name in (
-        "EPOCHS",
-        "BATCH_SIZE",
-        "LATENT_DIM",
-        "LATENT_MAP_CHANNELS",
-        "SAMPLE_EVERY",
-        "BASE_CHANNELS",
-        "MAX_CHANNELS",
-    ):
-        if settings[name] < 1:
-            raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
-    for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES", "STRUCTURAL_WEIGHT"):
-        if not settings[name] >= 0:  # also refuses nan
-            raise UserError(f"--{name.lower()} must be 0 or more, not {settings[name]}")
-    if not 0 <= settings["VALIDATION_FRACTION"] < 1:
-        raise UserError(
-            f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}"
-        )
-    if not settings["LEARNING_RATE"] > 0:
-        raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
-    if settings["SEED"] < 0:
-        raise UserError(f"--seed must be 0 or more, not {settings['SEED']}")
-    if num_classes < 1:
-        raise UserError(
-            "the preprocessed data holds no classes; run python Scripts/cvae_pre_processing.py again"
-        )
-    try:
-        return ModelConfig.from_settings(settings, num_classes=num_classes)
-    except ValueError as error:
-        raise UserError(str(error)) from None
 
 
 @dataclass

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, recall_score
 
-from cilia_cvae.classifier import predict
 from cilia_cvae.model_config import reconstruction_loss_kind
 
 # Settings of the evaluated model that the fraction's generator copies; the rest are per fraction
@@ -171,6 +170,8 @@ def prior_training_arguments(prior_record, fraction):
 
 
 def scores(model, images, labels, class_count):
+    from cilia_cvae.classifier import predict  # Keras: loaded only by the scripts that classify
+
     predicted = predict(model, images)[0].argmax(axis=1)
     return {
         "macro_f1": float(
