@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from cilia_cvae import config
 from cilia_cvae.config import UserError, check_choice, check_range, configure
-from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
+from cilia_cvae.layout import GeneratedLayout, ProcessedLayout, RunLayout
+from cilia_cvae.stored_run import SAMPLING_MODES, read_parameters
 
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
@@ -54,15 +55,10 @@ check_range("GUIDANCE", GUIDANCE, 0.0)
 check_range("SAMPLING_STEPS", SAMPLING_STEPS, 1, 1000)
 check_range("EDIT_STRENGTH", EDIT_STRENGTH, 0.0, 1.0)
 check_range("SEED", SEED, 0)
-
-# TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
-from cilia_cvae import diffusion_figures, figures, generation, locks  # noqa: E402
-
-check_choice("SAMPLING", SAMPLING, generation.SAMPLING_MODES)
+check_choice("SAMPLING", SAMPLING, SAMPLING_MODES)
 
 # The model records its class names, size and latent size; nothing is asked twice.
-generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
-parameters = generator["parameters"]
+parameters = read_parameters(RunLayout(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE), IMAGE_SIZE)
 all_classes = list(parameters["class_names"])
 requested = (
     all_classes
@@ -79,6 +75,11 @@ if COUNTERFACTUAL_FROM and COUNTERFACTUAL_FROM not in all_classes:
     raise UserError(
         f"--counterfactual_from={COUNTERFACTUAL_FROM} is not a class of this model; it knows: {', '.join(all_classes)}"
     )
+
+# TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
+from cilia_cvae import diffusion_figures, figures, generation, locks  # noqa: E402
+
+generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
 diffusion = None
 if SAMPLING == "diffusion" or COUNTERFACTUAL_FROM:
     # The prior must be this run's, the very file its training recorded: checked before anything is written.

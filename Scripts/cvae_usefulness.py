@@ -44,6 +44,7 @@ import numpy as np
 from cilia_cvae import config, usefulness
 from cilia_cvae.config import UserError, configure
 from cilia_cvae.files import write_json_atomic
+from cilia_cvae.images import list_images, load_images
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout, RunLayout, size_folder_name
 from cilia_cvae.preprocessing import read_processed_facts
 
@@ -94,8 +95,6 @@ if uses_prior and not model_parameters.get("latent_prior"):
         f"the evaluated images were drawn by a latent prior, but {parameters_path} records none; "
         f"train it with --prior_epochs first"
     )
-# TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
-from cilia_cvae.classifier import list_images, load_images, train_classifier  # noqa: E402
 
 # Posterior draws at temperature 1 keep the names they always had, so earlier runs are reused.
 sampling_tag = (
@@ -238,6 +237,10 @@ def score_run(fraction, seed, subset, generated_dir):
     initialisation and batch order: one classifier measures its initialisation as much as the
     data it was given, and the effect of synthetic data is smaller than that.
     """
+    # TensorFlow loads with the first classifier (seconds): refusals, and a generator killed before
+    # its classifiers, never wait for it.
+    from cilia_cvae.classifier import train_classifier
+
     synthetic_paths, synthetic_labels = list_images(generated_dir, class_names, SYNTHETIC_PER_CLASS)
     synthetic_images = load_images(synthetic_paths, CLASSIFIER_SIZE)
     real_images, real_labels = train_images[subset], train_labels[subset]

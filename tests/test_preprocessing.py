@@ -528,7 +528,7 @@ def test_a_killed_preprocessing_leaves_no_pool_workers_behind(tmp_path):
 
 
 def test_listings_never_read_the_hidden_files_of_writes_in_progress(tmp_path):
-    from cilia_cvae.classifier import list_images
+    from cilia_cvae.images import list_images
     from cilia_cvae.layout import GeneratedLayout
 
     folder = tmp_path / "32x32" / "ODA"

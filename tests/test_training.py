@@ -161,13 +161,11 @@ def test_fresh_moves_the_old_run_aside(finished_run, tmp_path):
     assert json.loads((tmp_path / "models" / "32x32" / "cvae_parameters.json").read_text())["latent_dim"] == 6
 
 
-def test_a_finished_run_continues_with_more_epochs_even_after_the_project_moved(tmp_path):
+def test_a_finished_run_continues_with_more_epochs_even_after_the_project_moved(finished_run, tmp_path):
     import shutil
 
-    write_processed_split(tmp_path / "first" / "processed")
-    assert train(tmp_path / "first", "--epochs=1").returncode == 0
     # A run is its settings and data, not its folders: the whole project moved elsewhere continues there.
-    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    shutil.copytree(finished_run, tmp_path / "moved")
     base = tmp_path / "moved"
     model_dir = base / "models" / "32x32"
     first = json.loads((model_dir / "cvae_parameters.json").read_text())

@@ -12,38 +12,11 @@ from pathlib import Path
 import keras
 import numpy as np
 from keras import layers
-from PIL import Image
 
 from cilia_cvae.files import atomic_path, write_json_atomic
-from cilia_cvae.layout import is_visible
 
 FEATURE_LAYER_NAME = "features"
 FEATURE_LAYER_WIDTH = 128  # values in the feature layer, the space of FID, KID and the k-NN measures
-
-
-def list_images(folder, class_names, limit_per_class=None):
-    """(paths, labels) of the PNGs in folder/<Class>/ for each class, in name order."""
-    paths, labels = [], []
-    for label, class_name in enumerate(class_names):
-        # Hidden files are the temporary names of writes in progress (or of a killed run), never images.
-        class_paths = sorted(path for path in (Path(folder) / class_name).glob("*.png") if is_visible(path))[
-            :limit_per_class
-        ]
-        paths.extend(class_paths)
-        labels.extend([label] * len(class_paths))
-    return paths, np.array(labels, dtype=np.int64)
-
-
-def load_images(paths, size):
-    """Grayscale images as a uint8 array (n, size, size), squashed to a square when they are not."""
-    images = np.empty((len(paths), size, size), dtype=np.uint8)
-    for index, path in enumerate(paths):
-        with Image.open(path) as image:
-            image = image.convert("L")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            images[index] = np.asarray(image)
-    return images
 
 
 def build_classifier(image_size, class_count, width=16, steps=None, learning_rate=2e-3):

@@ -9,9 +9,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cilia_cvae import metrics  # noqa: E402
-from cilia_cvae.classifier import cached_domain_classifier, list_images, load_images, predict  # noqa: E402
+from cilia_cvae.classifier import cached_domain_classifier, predict  # noqa: E402
 from cilia_cvae.config import UserError  # noqa: E402
 from cilia_cvae.files import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
+from cilia_cvae.images import list_images, load_images  # noqa: E402
 
 
 def quality_metrics(features, labels, predictions, class_names, seed):

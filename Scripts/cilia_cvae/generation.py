@@ -29,8 +29,8 @@ from cilia_cvae import latent_prior, models  # noqa: F401  (models registers the
 from cilia_cvae.config import UserError
 from cilia_cvae.files import sha256_of_file, write_csv_atomic, write_png_atomic
 from cilia_cvae.layout import RunLayout
+from cilia_cvae.stored_run import read_parameters, training_script_for
 
-SAMPLING_MODES = ("posterior", "prior", "class_density", "diffusion")
 # New columns go at the end: a manifest written before them keeps its columns where they were.
 MANIFEST_COLUMNS = [
     "file",
@@ -53,30 +53,6 @@ COUNTERFACTUAL_STREAM = 1_000_003
 # The tEXt key under which each generated PNG carries its own manifest row.
 MANIFEST_ROW_KEY = "cilia_cvae_manifest_row"
 FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
-
-
-def training_script_for(image_size):
-    if image_size in (224, 448):
-        return f"python Scripts/cvae_training_{image_size}x{image_size}.py"
-    return f"python Scripts/cvae_training_224x224.py --image_size={image_size}"
-
-
-def read_parameters(layout, image_size):
-    """A finished run's cvae_parameters.json, or one line saying what is wrong with it."""
-    if not layout.parameters.is_file() or not layout.decoder.is_file():
-        raise UserError(
-            f"no trained model in {layout.directory}; run {training_script_for(image_size)} first"
-        )
-    try:
-        parameters = json.loads(layout.parameters.read_text(encoding="utf-8"))
-        for key in ("class_names", "latent_dim", "image_size"):
-            parameters[key]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(
-            f"{layout.parameters} is damaged ({type(error).__name__}: {error}); "
-            f"train again with {training_script_for(image_size)} --fresh=True"
-        ) from None
-    return parameters
 
 
 def load_saved_model(path, remedy):

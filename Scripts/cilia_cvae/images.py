@@ -4,12 +4,17 @@ Research groups' folders hold every format a microscope or a slide scanner write
 16-bit grayscale, RGB exports, palette GIFs, CMYK TIFFs from publishing tools, JPEGs rotated
 by an EXIF tag. Everything goes through `read_grayscale`, which either returns the image as a
 2-D uint8 array or raises `UnreadableImage` with the reason the manifest will show.
+`list_images` and `load_images` read the processed folders back for the classifiers, without
+TensorFlow, so that a script can read its images before it decides it needs a network.
 """
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from cilia_cvae.layout import is_visible
 
 MINIMUM_SIDE = 16
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -133,3 +138,31 @@ def make_square(pixels, size, resize_mode):
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, not {resize_mode!r}")
     image = Image.fromarray(np.ascontiguousarray(pixels))
     return image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+# --------------------------------------------------------------------------- folders of processed images
+
+
+def list_images(folder, class_names, limit_per_class=None):
+    """(paths, labels) of the PNGs in folder/<Class>/ for each class, in name order."""
+    paths, labels = [], []
+    for label, class_name in enumerate(class_names):
+        # Hidden files are the temporary names of writes in progress (or of a killed run), never images.
+        class_paths = sorted(path for path in (Path(folder) / class_name).glob("*.png") if is_visible(path))[
+            :limit_per_class
+        ]
+        paths.extend(class_paths)
+        labels.extend([label] * len(class_paths))
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def load_images(paths, size):
+    """Grayscale images as a uint8 array (n, size, size), squashed to a square when they are not."""
+    images = np.empty((len(paths), size, size), dtype=np.uint8)
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            image = image.convert("L")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            images[index] = np.asarray(image)
+    return images
