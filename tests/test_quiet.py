@@ -1,5 +1,6 @@
 """Quiet start-up: on a machine without a GPU a script shows its own messages, not TensorFlow's notices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -33,11 +34,22 @@ def notice_lines(stderr):
     return [line for line in stderr.splitlines() if any(marker in line for marker in NOTICE_MARKERS)]
 
 
+def damaged_run(tmp_path):
+    """A run whose record reads well and whose decoder does not load: refused after TensorFlow started."""
+    run = tmp_path / "models" / "32x32"
+    run.mkdir(parents=True)
+    (run / "cvae_parameters.json").write_text(
+        json.dumps({"class_names": ["CP", "Normal"], "latent_dim": 16, "image_size": 32})
+    )
+    (run / "cvae_decoder.keras").write_bytes(b"not a Keras file")
+    return tmp_path / "models"
+
+
 def test_a_script_importing_tensorflow_shows_its_error_and_no_notice(tmp_path):
-    # Generation imports TensorFlow before it looks for the model, so its refusal comes after the start-up.
-    finished = run_as_user("cvae_inference", "--image_size=32", f"--models_dir={tmp_path / 'no_models'}")
+    # Generation reads the run's record first, then starts TensorFlow to load the decoder, which fails.
+    finished = run_as_user("cvae_inference", "--image_size=32", f"--models_dir={damaged_run(tmp_path)}")
     assert finished.returncode == 2, finished.stderr
-    assert "error:" in finished.stderr and "no_models" in finished.stderr, finished.stderr
+    assert "error:" in finished.stderr and "cvae_decoder.keras cannot be loaded" in finished.stderr
     assert notice_lines(finished.stderr) == [], finished.stderr
 
 
@@ -46,7 +58,7 @@ def test_the_users_own_log_level_wins(tmp_path):
     finished = run_as_user(
         "cvae_inference",
         "--image_size=32",
-        f"--models_dir={tmp_path / 'no_models'}",
+        f"--models_dir={damaged_run(tmp_path)}",
         environment={"TF_CPP_MIN_LOG_LEVEL": "0"},
     )
     assert finished.returncode == 2, finished.stderr
@@ -73,3 +85,36 @@ def test_fid_of_a_singular_covariance_is_unchanged_and_silent():
         - 2 * np.trace(root)
     )
     assert distance == expected
+
+
+def test_refusals_of_settings_answer_before_tensorflow_loads(tmp_path):
+    from test_training import write_processed_split
+
+    # TensorFlow takes 5-15 s to start on 2 cores: a mistyped value is refused without it.
+    # `python -X importtime` lists every module the refused run imported.
+    models, processed = damaged_run(tmp_path), write_processed_split(tmp_path / "processed")
+    for name, argument, words in (
+        ("cvae_training_224x224", "--prior_epochs=-1", "--prior_epochs must be at least 0"),
+        ("cvae_training_224x224", "--latent_map_channels=0", "--latent_map_channels must be at least 1"),
+        ("cvae_training_224x224", "--image_size=64", "64"),  # a size that was never preprocessed
+        ("cvae_inference", "--classes=Nonsense", "unknown class(es) Nonsense"),
+        ("cvae_inference", "--sampling=best", "--sampling='best' is not one of"),
+        ("cvae_evaluate", "--usefulness=True --usefulness_fractions=0,0.5", "--usefulness_fractions must be"),
+        ("cvae_usefulness", "--fractions=2", "--fractions must be shares above 0"),
+    ):
+        finished = subprocess.run(
+            [sys.executable, "-X", "importtime", str(SCRIPTS_DIR / f"{name}.py"), *argument.split()]
+            + ["--image_size=32"] * ("--image_size" not in argument)
+            + [f"--models_dir={models}", f"--processed_images_dir={processed}"],
+            cwd=REPOSITORY_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert finished.returncode == 2, (name, argument, finished.stderr[-2000:])
+        last_line = finished.stderr.strip().splitlines()[-1]
+        assert last_line.startswith("error:") and words in last_line, (name, argument, last_line)
+        imported = [
+            line.split("|")[-1].strip() for line in finished.stderr.splitlines() if "import time:" in line
+        ]
+        assert imported and "tensorflow" not in imported, (name, argument)
