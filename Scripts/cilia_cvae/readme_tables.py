@@ -202,7 +202,8 @@ def evaluation_table(relative_path):
             f"| {cells['pixel_memorisation']} | {result['training']['best_epoch']} of {result['training']['epochs']} |"
         )
     rows += _usefulness_rows(contenders)
-    commands = comparison.get("commands", [comparison["command"]])
+    # (a default in .get would be evaluated, and fail, even when "commands" is there)
+    commands = comparison.get("commands") or [comparison["command"]]
     introduction = (
         "Commands (each row's contenders were run by one of them): " if len(commands) > 1 else "Command: "
     )
