@@ -54,6 +54,7 @@ PRIOR_LEARNING_RATE = (
     1e-3  # Adam step size of the prior (2e-4 left the loss at 0.69 after 2 epochs at 224, 1e-3 at 0.62)
 )
 PRIOR_WIDTH = 32  # channels of the prior's U-Net at the map's resolution (doubled at the lower levels)
+PRIOR_ATTENTION_SIDE = 0  # self-attention after each residual block of the prior's levels whose map side is at most this (14: the 14 x 14 level too, where the ring of doublets can agree with itself), besides the one at its lowest map (0: that one only)
 PRIOR_LABEL_DROPOUT = 0.1  # share of prior training examples shown no class, for classifier-free guidance
 PRIOR_PREDICTION = "v"  # what the prior's network predicts: "v" (velocity) or "noise"
 PRIOR_LOSS_WEIGHTING = (

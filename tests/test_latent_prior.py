@@ -22,8 +22,9 @@ from cilia_cvae import latent_prior
 from cilia_cvae.latent_prior import PriorConfig
 from conftest import SCRIPTS_DIR
 
-# Three levels (4, 2, 2) with attention: every kind of layer the full-size denoiser holds.
-TINY = PriorConfig(map_side=4, latent_channels=4, num_classes=2, width=16)
+# Three levels (4, 2, 2) with attention at the lowest map and after the blocks of the 2 x 2
+# levels: every kind of layer a full-size denoiser can hold.
+TINY = PriorConfig(map_side=4, latent_channels=4, num_classes=2, width=16, attention_side=2)
 # Two levels, one block each and no attention: a quarter of the layers, for what is trained here.
 SMALL = PriorConfig(
     map_side=4,
@@ -77,6 +78,8 @@ def toy_latents(count_per_class, seed):
         ({"prediction": "x0"}, "prediction"),
         ({"loss_weighting": "snr"}, "loss_weighting"),
         ({"ema_decay": 1.0}, "ema_decay"),
+        ({"attention_side": -1}, "attention_side"),
+        ({"attention_side": 14.0}, "attention_side"),
         ({"latent_scale": 0.0}, "latent_scale"),
         ({"latent_shift": math.inf}, "latent_shift"),
     ],
@@ -104,6 +107,23 @@ def test_min_snr_weights_cap_the_clean_maps_error_at_gamma():
     np.testing.assert_allclose(noise_weights * snr[:-1], np.minimum(snr[:-1], 5.0), rtol=1e-5)
     assert v_weights[-1] == 0.0 and np.all(np.isfinite(v_weights)) and v_weights[0] < 0.01
     np.testing.assert_array_equal(np.asarray(latent_prior.loss_weights(alpha, sigma, "v", "uniform")), 1.0)
+
+
+def test_attention_side_adds_attention_after_the_blocks_of_the_levels_no_wider():
+    """At 28: 0 keeps the lowest map's attention only (what every prior saved before the setting
+    had), 14 adds it after each of the 2 + 2 blocks of the 14 and 7 levels, 28 to every level."""
+
+    def attended_levels(attention_side):
+        denoiser = latent_prior.build_denoiser(PriorConfig(map_side=28, attention_side=attention_side))
+        names = [layer.name for layer in denoiser.layers if layer.name.endswith("_attention")]
+        return sorted(name.split("_")[0] for name in names)
+
+    assert attended_levels(0) == ["middle"]
+    assert attended_levels(7) == ["down2", "down2", "middle", "up2", "up2"]
+    assert attended_levels(14) == ["down1", "down1", "down2", "down2", "middle", "up1", "up1", "up2", "up2"]
+    assert len(attended_levels(28)) == 13
+    recorded_before_the_setting = {key: value for key, value in PriorConfig().to_json().items() if key != "attention_side"}
+    assert PriorConfig.from_json(recorded_before_the_setting).attention_side == 0
 
 
 def test_unet_halves_only_even_sides():

@@ -84,6 +84,7 @@ class PriorConfig:
     channel_multipliers: tuple = (1, 2, 2)  # width of each level, in units of width; a level per halving
     blocks_per_level: int = 2  # residual blocks per level, on the way down and on the way up
     attention: bool = True  # self-attention at the lowest level (7 x 7 at 28: cheap)
+    attention_side: int = 0  # also self-attention after every residual block of the levels whose side is at most this (0: none)
     label_dropout: float = 0.1  # share of training examples shown the null class instead of theirs
     prediction: str = "v"  # what the network predicts: "v" (alpha noise - sigma x0) or "noise"
     loss_weighting: str = "uniform"  # "min_snr" (min-SNR-5 weights per noise level) or "uniform"
@@ -98,6 +99,8 @@ class PriorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"prior {name} must be a whole number of at least 1, not {value!r}")
+        if not isinstance(self.attention_side, int) or self.attention_side < 0:
+            raise ValueError(f"prior attention_side must be a whole number of at least 0, not {self.attention_side!r}")
         multipliers = self.channel_multipliers
         if not multipliers or not all(isinstance(value, int) and value >= 1 for value in multipliers):
             raise ValueError(
@@ -227,7 +230,7 @@ def _residual_block(x, condition, channels, name):
 
 
 def _attention_block(x, name):
-    """Self-attention over every cell of the lowest map, so distant doublets can agree with each other."""
+    """Self-attention over every cell of a map, so distant doublets can agree with each other."""
     side, channels = x.shape[1], x.shape[-1]
     attended = layers.GroupNormalization(groups=_group_count(channels), name=f"{name}_norm")(x)
     attended = layers.Reshape((side * side, channels), name=f"{name}_to_sequence")(attended)
@@ -270,7 +273,8 @@ def level_sides(prior_config):
 
 
 def build_denoiser(prior_config, name="denoiser"):
-    """The U-Net: residual blocks at each level, skip connections, attention at the lowest map."""
+    """The U-Net: residual blocks at each level, skip connections, attention at the lowest map
+    (and after each block of the levels no wider than attention_side)."""
     noisy_maps = keras.Input(prior_config.map_shape, name="noisy_latents")
     noise_levels = keras.Input((1,), name="noise_levels")
     class_indices = keras.Input((), dtype="int32", name="class_indices")
@@ -285,6 +289,8 @@ def build_denoiser(prior_config, name="denoiser"):
             x = layers.AveragePooling2D(2, name=f"down{level}_pool")(x)
         for block in range(prior_config.blocks_per_level):
             x = _residual_block(x, condition, channels, f"down{level}_block{block}")
+            if sides[level] <= prior_config.attention_side:
+                x = _attention_block(x, f"down{level}_block{block}_attention")
             skips.append(x)
     x = _residual_block(x, condition, widths[-1], "middle_block_a")
     if prior_config.attention:
@@ -294,6 +300,8 @@ def build_denoiser(prior_config, name="denoiser"):
         for block in range(prior_config.blocks_per_level):
             x = layers.Concatenate(name=f"up{level}_block{block}_skip")([x, skips.pop()])
             x = _residual_block(x, condition, widths[level], f"up{level}_block{block}")
+            if sides[level] <= prior_config.attention_side:
+                x = _attention_block(x, f"up{level}_block{block}_attention")
         if level and sides[level] < sides[level - 1]:
             x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}_upsample")(x)
 

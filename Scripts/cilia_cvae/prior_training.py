@@ -109,6 +109,7 @@ def prior_config_for(settings, model_config, shift, scale):
         latent_channels=model_config.latent_map_channels,
         num_classes=model_config.num_classes,
         width=settings["PRIOR_WIDTH"],
+        attention_side=settings["PRIOR_ATTENTION_SIDE"],
         label_dropout=settings["PRIOR_LABEL_DROPOUT"],
         prediction=settings["PRIOR_PREDICTION"],
         loss_weighting=settings["PRIOR_LOSS_WEIGHTING"],

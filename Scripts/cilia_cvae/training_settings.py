@@ -54,6 +54,7 @@ def check_prior_settings(settings):
         ("PRIOR_EPOCHS", 0),
         ("PRIOR_BATCH_SIZE", 1),
         ("PRIOR_WIDTH", 1),
+        ("PRIOR_ATTENTION_SIDE", 0),
         ("PRIOR_SAMPLE_EVERY", 0),
     ):
         if settings[name] < lowest:
