@@ -36,8 +36,9 @@ BATCH_SIZE = 16  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size
 RECONSTRUCTION_LOSS = "auto"  # "auto" (the architecture's own), "calibrated_gaussian" (a Gaussian whose variance is learnt per image: ours) or "sum_squared_error" (a fixed variance: the original's)
 STRUCTURAL_WEIGHT = 0.0  # weight of a structural-similarity (SSIM) term beside the reconstruction loss (0: none; 1: as much say as the pixel values); the history's reconstruction_loss then includes it
+KL_WEIGHT = 1.0  # weight of the KL term once warmed up (1: the ELBO, the original's; above 1 a beta-VAE, whose latent keeps less detail and is easier for the latent prior to learn)
 KL_WARMUP_EPOCHS = (
-    5  # the KL weight rises linearly to 1 over this many epochs (0: no warm-up, as the original)
+    5  # the KL weight rises linearly to KL_WEIGHT over this many epochs (0: no warm-up, as the original)
 )
 SEED = 123  # seeds the validation split, shuffling, augmentation and initial weights
 VALIDATION_FRACTION = 0.1  # share of the train split held out to choose the best epoch

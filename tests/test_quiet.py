@@ -96,6 +96,8 @@ def test_refusals_of_settings_answer_before_tensorflow_loads(tmp_path):
     for name, argument, words in (
         ("cvae_training_224x224", "--prior_epochs=-1", "--prior_epochs must be at least 0"),
         ("cvae_training_224x224", "--latent_map_channels=0", "--latent_map_channels must be at least 1"),
+        ("cvae_training_224x224", "--kl_weight=0", "--kl_weight must be a positive number"),
+        ("cvae_training_224x224", "--prior_attention_side=-1", "--prior_attention_side must be at least 0"),
         ("cvae_training_224x224", "--image_size=64", "64"),  # a size that was never preprocessed
         ("cvae_inference", "--classes=Nonsense", "unknown class(es) Nonsense"),
         ("cvae_inference", "--sampling=best", "--sampling='best' is not one of"),

@@ -378,13 +378,23 @@ def test_settings_of_old_runs_and_spelled_out_defaults_compare_as_the_run_they_a
             "EPOCHS": 40,
             "RECONSTRUCTION_LOSS": "calibrated_gaussian",
             "STRUCTURAL_WEIGHT": 0,
+            "KL_WEIGHT": 1,
         }
     )
+    assert old != resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "KL_WEIGHT": 4})
     assert old != resolved_settings(
         {"ARCHITECTURE": "default", "EPOCHS": 40, "RECONSTRUCTION_LOSS": "sum_squared_error"}
     )
     assert old != resolved_settings({"ARCHITECTURE": "default", "EPOCHS": 40, "STRUCTURAL_WEIGHT": 1})
     assert resolved_settings({"ARCHITECTURE": "original"})["RECONSTRUCTION_LOSS"] == "sum_squared_error"
+
+
+def test_kl_weight_warms_up_to_its_setting():
+    from cilia_cvae.training import kl_weight_for_epoch
+
+    assert [kl_weight_for_epoch(epoch, 4) for epoch in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert [kl_weight_for_epoch(epoch, 4, kl_weight=4.0) for epoch in (1, 2, 4, 9)] == [1.0, 2.0, 4.0, 4.0]
+    assert kl_weight_for_epoch(1, 0, kl_weight=2.5) == 2.5
 
 
 def test_killed_run_resumes_without_repeating_or_losing_epochs(tmp_path):

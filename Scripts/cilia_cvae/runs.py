@@ -20,7 +20,7 @@ from cilia_cvae.model_config import reconstruction_loss_kind
 # trained so far (more or fewer epochs continue the same run).
 SETTINGS_FREE_TO_CHANGE = ("FRESH", "CONTINUE_FINISHED", "SAMPLE_EVERY", "EPOCHS", "MAX_MINUTES")
 # What a run started before a setting existed ran with.
-SETTINGS_ADDED_LATER = {"RECONSTRUCTION_LOSS": "auto", "STRUCTURAL_WEIGHT": 0.0}
+SETTINGS_ADDED_LATER = {"RECONSTRUCTION_LOSS": "auto", "STRUCTURAL_WEIGHT": 0.0, "KL_WEIGHT": 1.0}
 # Where a run's files live is not what the run is.
 RUN_LOCATIONS = ("PROCESSED_IMAGES_DIR", "MODELS_DIR", "LATENT_TENSORS_DIR")
 
@@ -33,6 +33,7 @@ def resolved_settings(settings):
         settings,
         RECONSTRUCTION_LOSS=reconstruction_loss_kind(architecture, settings["RECONSTRUCTION_LOSS"]),
         STRUCTURAL_WEIGHT=float(settings["STRUCTURAL_WEIGHT"]),
+        KL_WEIGHT=float(settings["KL_WEIGHT"]),
     )
 
 

@@ -196,9 +196,9 @@ def tracker_results(model):
     return {name: float(tracker.result()) for name, tracker in model.trackers.items()}
 
 
-def kl_weight_for_epoch(epoch, kl_warmup_epochs):
-    """Linear KL warm-up: the weight reaches 1 at epoch kl_warmup_epochs (epochs counted from 1)."""
-    return 1.0 if kl_warmup_epochs <= 0 else min(1.0, epoch / kl_warmup_epochs)
+def kl_weight_for_epoch(epoch, kl_warmup_epochs, kl_weight=1.0):
+    """Linear KL warm-up: the weight reaches kl_weight at epoch kl_warmup_epochs (epochs counted from 1)."""
+    return kl_weight if kl_warmup_epochs <= 0 else kl_weight * min(1.0, epoch / kl_warmup_epochs)
 
 
 # --------------------------------------------------------------------------- history and fixed sample inputs
@@ -428,7 +428,9 @@ def out_of_time(session, epoch, first_epoch, started):
 def train_one_epoch(session, epoch):
     """The training losses of one epoch: its mean over every example, on every replica."""
     model = session.model
-    model.kl_weight.assign(kl_weight_for_epoch(epoch, session.settings["KL_WARMUP_EPOCHS"]))
+    model.kl_weight.assign(
+        kl_weight_for_epoch(epoch, session.settings["KL_WARMUP_EPOCHS"], session.settings["KL_WEIGHT"])
+    )
     model.reset_metrics()
     progress = tqdm(
         range(session.steps_per_epoch),

@@ -6,6 +6,8 @@ So every check that needs nothing but the settings and the preprocessing record 
 in a module that imports no TensorFlow; training.py and prior_training.py use the same checks.
 """
 
+import math
+
 from cilia_cvae.config import UserError, check_choice
 from cilia_cvae.model_config import ModelConfig
 
@@ -34,6 +36,8 @@ def check_settings(settings, num_classes):
         raise UserError(
             f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}"
         )
+    if not (settings["KL_WEIGHT"] > 0 and math.isfinite(settings["KL_WEIGHT"])):
+        raise UserError(f"--kl_weight must be a positive number, not {settings['KL_WEIGHT']}")
     if not settings["LEARNING_RATE"] > 0:
         raise UserError(f"--learning_rate must be positive, not {settings['LEARNING_RATE']}")
     if settings["SEED"] < 0:

@@ -34,6 +34,7 @@ COPIED_TRAINING_SETTINGS = (
     "AUGMENT",
     "RECONSTRUCTION_LOSS",
     "STRUCTURAL_WEIGHT",
+    "KL_WEIGHT",
 )
 VARIANTS = ("real_only", "real_plus_synthetic", "synthetic_only")
 
@@ -64,13 +65,15 @@ def subset_fingerprint(fingerprint, subset, seed):
 
 
 def is_default_choice(model_settings, name):
-    """True for a setting that is "auto", what "auto" stands for on that architecture, or no structural term.
+    """True for a setting that is "auto", what "auto" stands for on that architecture, no structural term or the plain KL weight.
 
     Leaving such a setting out of a generator's arguments keeps the generators trained before
     the setting existed valid, and makes spelling out the default no change.
     """
     if name == "STRUCTURAL_WEIGHT":
         return float(model_settings[name]) == 0.0
+    if name == "KL_WEIGHT":
+        return float(model_settings[name]) == 1.0
     if name != "RECONSTRUCTION_LOSS":
         return model_settings[name] == "auto"
     architecture = model_settings.get("ARCHITECTURE", "default")
