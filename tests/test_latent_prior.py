@@ -122,7 +122,9 @@ def test_attention_side_adds_attention_after_the_blocks_of_the_levels_no_wider()
     assert attended_levels(7) == ["down2", "down2", "middle", "up2", "up2"]
     assert attended_levels(14) == ["down1", "down1", "down2", "down2", "middle", "up1", "up1", "up2", "up2"]
     assert len(attended_levels(28)) == 13
-    recorded_before_the_setting = {key: value for key, value in PriorConfig().to_json().items() if key != "attention_side"}
+    recorded_before_the_setting = {
+        key: value for key, value in PriorConfig().to_json().items() if key != "attention_side"
+    }
     assert PriorConfig.from_json(recorded_before_the_setting).attention_side == 0
 
 

@@ -84,7 +84,9 @@ class PriorConfig:
     channel_multipliers: tuple = (1, 2, 2)  # width of each level, in units of width; a level per halving
     blocks_per_level: int = 2  # residual blocks per level, on the way down and on the way up
     attention: bool = True  # self-attention at the lowest level (7 x 7 at 28: cheap)
-    attention_side: int = 0  # also self-attention after every residual block of the levels whose side is at most this (0: none)
+    attention_side: int = (
+        0  # also self-attention after every residual block of the levels whose side is at most this (0: none)
+    )
     label_dropout: float = 0.1  # share of training examples shown the null class instead of theirs
     prediction: str = "v"  # what the network predicts: "v" (alpha noise - sigma x0) or "noise"
     loss_weighting: str = "uniform"  # "min_snr" (min-SNR-5 weights per noise level) or "uniform"
@@ -100,7 +102,9 @@ class PriorConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"prior {name} must be a whole number of at least 1, not {value!r}")
         if not isinstance(self.attention_side, int) or self.attention_side < 0:
-            raise ValueError(f"prior attention_side must be a whole number of at least 0, not {self.attention_side!r}")
+            raise ValueError(
+                f"prior attention_side must be a whole number of at least 0, not {self.attention_side!r}"
+            )
         multipliers = self.channel_multipliers
         if not multipliers or not all(isinstance(value, int) and value >= 1 for value in multipliers):
             raise ValueError(
