@@ -54,8 +54,11 @@ PRIOR_BATCH_SIZE = 64  # latent maps per prior step, over all replicas together
 PRIOR_LEARNING_RATE = (
     1e-3  # Adam step size of the prior (2e-4 left the loss at 0.69 after 2 epochs at 224, 1e-3 at 0.62)
 )
+PRIOR_LEARNING_RATE_SCHEDULE = "constant"  # "constant" (PRIOR_LEARNING_RATE throughout) or "cosine" (from PRIOR_LEARNING_RATE down to 0 along a half cosine over PRIOR_EPOCHS, so the last steps settle instead of jitter; raising --prior_epochs later stretches the curve)
+PRIOR_CLASS_BALANCED = False  # draw every class's latent maps equally often in the prior's batches (False: as often as the training crops have them, Normal the most)
 PRIOR_WIDTH = 32  # channels of the prior's U-Net at the map's resolution (doubled at the lower levels)
 PRIOR_ATTENTION_SIDE = 0  # self-attention after each residual block of the prior's levels whose map side is at most this (14: the 14 x 14 level too, where the ring of doublets can agree with itself), besides the one at its lowest map (0: that one only)
+PRIOR_POSITION_CHANNEL = False  # give the prior's network each cell's distance from the crop's centre, where the ring and the central pair sit, as one more input channel
 PRIOR_LABEL_DROPOUT = 0.1  # share of prior training examples shown no class, for classifier-free guidance
 PRIOR_PREDICTION = "v"  # what the prior's network predicts: "v" (velocity) or "noise"
 PRIOR_LOSS_WEIGHTING = (

@@ -23,8 +23,10 @@ from cilia_cvae.latent_prior import PriorConfig
 from conftest import SCRIPTS_DIR
 
 # Three levels (4, 2, 2) with attention at the lowest map and after the blocks of the 2 x 2
-# levels: every kind of layer a full-size denoiser can hold.
-TINY = PriorConfig(map_side=4, latent_channels=4, num_classes=2, width=16, attention_side=2)
+# levels, and the radius channel: every kind of layer a full-size denoiser can hold.
+TINY = PriorConfig(
+    map_side=4, latent_channels=4, num_classes=2, width=16, attention_side=2, position_channel=True
+)
 # Two levels, one block each and no attention: a quarter of the layers, for what is trained here.
 SMALL = PriorConfig(
     map_side=4,
@@ -82,6 +84,7 @@ def toy_latents(count_per_class, seed):
         ({"attention_side": 14.0}, "attention_side"),
         ({"latent_scale": 0.0}, "latent_scale"),
         ({"latent_shift": math.inf}, "latent_shift"),
+        ({"position_channel": 1}, "position_channel"),
     ],
 )
 def test_config_refuses_impossible_values_in_one_line(change, message):
@@ -126,6 +129,20 @@ def test_attention_side_adds_attention_after_the_blocks_of_the_levels_no_wider()
         key: value for key, value in PriorConfig().to_json().items() if key != "attention_side"
     }
     assert PriorConfig.from_json(recorded_before_the_setting).attention_side == 0
+
+
+def test_the_radius_channel_is_the_distance_from_the_centre_in_every_orientation():
+    maps = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype("float32")
+    extended = latent_prior.RadiusChannel()(maps).numpy()
+    assert extended.shape == (2, 6, 6, 4) and np.array_equal(extended[..., :3], maps)
+    radius = extended[0, :, :, 3]
+    assert np.array_equal(radius, extended[1, :, :, 3]), "the same for every map"
+    # Cell centres at -5/6 ... 5/6 of the half side: the four middle cells nearest, the corners furthest.
+    assert np.isclose(radius[2, 2], math.hypot(1 / 6, 1 / 6)) and np.isclose(
+        radius[0, 0], math.hypot(5 / 6, 5 / 6)
+    )
+    for oriented in latent_prior.eight_orientations(radius[None, :, :, None]):
+        assert np.allclose(oriented[..., 0], radius), "unchanged by quarter turns and flips"
 
 
 def test_unet_halves_only_even_sides():

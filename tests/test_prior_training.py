@@ -7,11 +7,19 @@ import json
 import numpy as np
 from test_training import TINY_MODEL, folders, write_processed_split
 
-from cilia_cvae.prior_training import mosaic
+from cilia_cvae.prior_training import epoch_order, identity, mosaic, same_identity
 from conftest import run_script
 
 # No sample grid but the last epoch's: its DDIM sampler costs more to trace than the tiny prior to train.
-PRIOR = ["--prior_epochs=2", "--prior_batch_size=16", "--prior_width=8", "--prior_sample_every=0"]
+# The cosine schedule and class balance are on, so that a resumed run is seen to keep to both.
+PRIOR = [
+    "--prior_epochs=2",
+    "--prior_batch_size=16",
+    "--prior_width=8",
+    "--prior_sample_every=0",
+    "--prior_learning_rate_schedule=cosine",
+    "--prior_class_balanced=True",
+]
 
 
 def train(base, *arguments, environment=None):
@@ -57,6 +65,10 @@ def test_the_prior_trains_after_the_cvae_resumes_after_a_kill_and_continues_alon
     assert prior["prior_config"]["map_side"] == 4 and prior["prior_config"]["latent_channels"] == 2
     assert prior["prior_config"]["latent_scale"] > 0
     assert [row["epoch"] for row in prior_rows(run)] == ["1", "2"]
+    # Half-way down the cosine after the first of two epochs, at 0 after the second: the
+    # resumed run went on from the step its checkpoint kept, not from the top of the curve.
+    rates = [float(row["learning_rate"]) for row in prior_rows(run)]
+    assert np.allclose(rates, [0.5e-3, 0.0], atol=1e-9), rates
     assert not (run / "prior_samples_epoch_1.png").exists()
     assert (run / "prior_samples_epoch_2.png").stat().st_size > 0
     assert digest(run / "cvae_decoder.keras") == decoder
@@ -84,6 +96,7 @@ def test_bad_prior_settings_are_refused_in_one_line_before_training(tmp_path):
         ("--prior_label_dropout=1", "--prior_label_dropout must be at least 0 and below 1"),
         ("--prior_prediction=x0", "--prior_prediction='x0' is not one of"),
         ("--prior_learning_rate=0", "--prior_learning_rate must be positive"),
+        ("--prior_learning_rate_schedule=step", "--prior_learning_rate_schedule='step' is not one of"),
     ):
         refused = train(tmp_path, argument)
         assert refused.returncode == 2, (argument, refused.stderr[-2000:])
@@ -100,3 +113,27 @@ def test_the_sample_grid_puts_a_class_in_each_row():
     picture = mosaic(images, rows)
     assert picture.shape == (rows * side, columns * side)
     assert picture[side * 2, side * 3] == 23 and picture[0, side] == 1 and picture[side, 0] == 10
+
+
+def test_an_epoch_visits_each_map_once_or_every_class_equally():
+    labels = np.array([0] * 90 + [1] * 10)
+    order, steps = epoch_order(labels, batch_size=8, seed=3)
+    assert steps == 12 and len(order) == 96 and len(set(order.tolist())) == 96, "each map at most once"
+
+    order, steps = epoch_order(labels, batch_size=8, seed=3, class_balanced=True)
+    assert steps == 12 and len(order) == 96
+    rare_share = np.mean(labels[order] == 1)
+    assert 0.35 < rare_share < 0.65, f"the rare class drawn {rare_share:.0%} of the time, not about half"
+    assert len(set(order[labels[order] == 1].tolist())) > 5, "drawn from all its maps, not one"
+    again, _ = epoch_order(labels, batch_size=8, seed=3, class_balanced=True)
+    assert np.array_equal(order, again), "the same seed, the same epoch: a resumed run repeats it"
+
+
+def test_a_prior_recorded_before_a_setting_existed_keeps_its_identity():
+    settings = {"PRIOR_EPOCHS": 3, "PRIOR_WIDTH": 32, "PRIOR_ATTENTION_SIDE": 0}
+    settings |= {"PRIOR_LEARNING_RATE_SCHEDULE": "constant", "PRIOR_CLASS_BALANCED": False}
+    wanted = identity(settings, "fingerprint")
+    older = {"PRIOR_WIDTH": 32, "RUN_FINGERPRINT": "fingerprint"}
+    assert "PRIOR_EPOCHS" not in wanted and same_identity(older, wanted)
+    assert not same_identity(older, identity(settings | {"PRIOR_CLASS_BALANCED": True}, "fingerprint"))
+    assert not same_identity(older, identity(settings, "another run")) and not same_identity(None, wanted)

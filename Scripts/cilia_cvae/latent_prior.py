@@ -87,6 +87,9 @@ class PriorConfig:
     attention_side: int = (
         0  # also self-attention after every residual block of the levels whose side is at most this (0: none)
     )
+    position_channel: bool = (
+        False  # give the network each cell's distance from the map's centre as one more input channel
+    )
     label_dropout: float = 0.1  # share of training examples shown the null class instead of theirs
     prediction: str = "v"  # what the network predicts: "v" (alpha noise - sigma x0) or "noise"
     loss_weighting: str = "uniform"  # "min_snr" (min-SNR-5 weights per noise level) or "uniform"
@@ -97,6 +100,8 @@ class PriorConfig:
     def __post_init__(self):
         # JSON gives the multipliers back as a list; a frozen config holds a tuple.
         object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
+        if not isinstance(self.position_channel, bool):
+            raise ValueError(f"prior position_channel must be True or False, not {self.position_channel!r}")
         for name in ("map_side", "latent_channels", "num_classes", "width", "blocks_per_level"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -218,6 +223,28 @@ class SinusoidalEmbedding(layers.Layer):
         return {**super().get_config(), "dimension": self.dimension, "max_frequency": self.max_frequency}
 
 
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+class RadiusChannel(layers.Layer):
+    """Maps (n, side, side, C) with one more channel: each cell's distance from the map's centre,
+    1 at the middle of an edge.
+
+    A crop is centred on its cilium, so where a doublet, an arm or the central pair belongs is
+    a matter of distance from the centre; a convolution can only infer that from the padding
+    at the borders, several layers deep. The distance, unlike x and y, is the same in all eight
+    orientations the prior learns from.
+    """
+
+    def call(self, maps):
+        side = maps.shape[1]
+        coordinates = (ops.arange(side, dtype="float32") + 0.5) / side * 2.0 - 1.0
+        radius = ops.sqrt(coordinates[:, None] ** 2 + coordinates[None, :] ** 2)
+        radius = ops.broadcast_to(radius[None, :, :, None], (ops.shape(maps)[0], side, side, 1))
+        return ops.concatenate([maps, ops.cast(radius, maps.dtype)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + 1)
+
+
 def _residual_block(x, condition, channels, name):
     """GroupNorm, swish, conv, then GroupNorm modulated by the noise level and class (FiLM), swish, conv."""
     shortcut = x if x.shape[-1] == channels else layers.Conv2D(channels, 1, name=f"{name}_shortcut")(x)
@@ -286,7 +313,8 @@ def build_denoiser(prior_config, name="denoiser"):
     widths = [prior_config.width * multiplier for multiplier in prior_config.channel_multipliers]
     sides = level_sides(prior_config)
 
-    x = layers.Conv2D(prior_config.width, 3, padding="same", name="stem")(noisy_maps)
+    x = RadiusChannel(name="radius_channel")(noisy_maps) if prior_config.position_channel else noisy_maps
+    x = layers.Conv2D(prior_config.width, 3, padding="same", name="stem")(x)
     skips = []
     for level, channels in enumerate(widths):
         if level and sides[level] < sides[level - 1]:

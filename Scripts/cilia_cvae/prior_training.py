@@ -41,6 +41,13 @@ from cilia_cvae.model_config import ModelConfig
 
 # Settings of the prior stage; the ones that shape what it learns must match to resume it.
 PRIOR_SETTINGS_FREE_TO_CHANGE = ("PRIOR_EPOCHS", "PRIOR_SAMPLE_EVERY")
+# Shaping settings added after priors had been trained without them, with the value those had.
+PRIOR_SETTINGS_ADDED_LATER = {
+    "PRIOR_ATTENTION_SIDE": 0,
+    "PRIOR_LEARNING_RATE_SCHEDULE": "constant",
+    "PRIOR_CLASS_BALANCED": False,
+    "PRIOR_POSITION_CHANNEL": False,
+}
 SAMPLE_GRID_COLUMNS = 6
 SAMPLE_GRID_STEPS, SAMPLE_GRID_GUIDANCE = 20, 2.0
 CRASH_AFTER_PRIOR_CHECKPOINT_VARIABLE = "CILIA_CVAE_CRASH_AFTER_PRIOR_CHECKPOINT"  # tests only
@@ -60,6 +67,14 @@ def identity(settings, run_fingerprint):
     return dict(kept, RUN_FINGERPRINT=run_fingerprint)
 
 
+def same_identity(recorded, wanted):
+    """Whether a recorded identity is the wanted one; a record older than a setting trained with
+    that setting's default, so a prior trained before the setting existed still resumes."""
+    if not recorded:
+        return False
+    return {**PRIOR_SETTINGS_ADDED_LATER, **recorded} == {**PRIOR_SETTINGS_ADDED_LATER, **wanted}
+
+
 def skip_reason(settings, parameters, layout):
     """Why this run's prior is not trained now, or None when it is."""
     model_config = ModelConfig.from_parameters(parameters)
@@ -74,7 +89,7 @@ def skip_reason(settings, parameters, layout):
         )
     recorded = parameters.get("latent_prior") or {}
     if (
-        recorded.get("identity") == identity(settings, parameters["run_fingerprint"])
+        same_identity(recorded.get("identity"), identity(settings, parameters["run_fingerprint"]))
         and recorded.get("epochs_done", 0) >= settings["PRIOR_EPOCHS"]
         and layout.latent_prior.exists()
     ):
@@ -110,6 +125,7 @@ def prior_config_for(settings, model_config, shift, scale):
         num_classes=model_config.num_classes,
         width=settings["PRIOR_WIDTH"],
         attention_side=settings["PRIOR_ATTENTION_SIDE"],
+        position_channel=settings["PRIOR_POSITION_CHANNEL"],
         label_dropout=settings["PRIOR_LABEL_DROPOUT"],
         prediction=settings["PRIOR_PREDICTION"],
         loss_weighting=settings["PRIOR_LOSS_WEIGHTING"],
@@ -118,10 +134,28 @@ def prior_config_for(settings, model_config, shift, scale):
     )
 
 
-def batches_for_epoch(strategy, maps, labels, batch_size, seed):
-    """One epoch of shuffled batches, distributed over the replicas (the last partial batch dropped)."""
-    order = np.random.default_rng(seed).permutation(len(maps))
-    steps = max(1, len(maps) // batch_size)
+def epoch_order(labels, batch_size, seed, class_balanced=False):
+    """The map indices one epoch visits, a whole number of batches of them.
+
+    Shuffled, each map once; or class-balanced: as many draws, each class equally likely and a
+    map drawn with replacement within its class, so a rare class's maps recur within an epoch
+    (under fresh noise each time) as often as it takes to match Normal's share.
+    """
+    generator = np.random.default_rng(seed)
+    steps = max(1, len(labels) // batch_size)
+    if not class_balanced:
+        return generator.permutation(len(labels))[: steps * batch_size], steps
+    classes, counts = np.unique(labels, return_counts=True)
+    share_of_class = dict(zip(classes.tolist(), (1.0 / (len(classes) * counts)).tolist()))
+    probabilities = np.array([share_of_class[label] for label in labels.tolist()])
+    return generator.choice(
+        len(labels), size=steps * batch_size, p=probabilities / probabilities.sum()
+    ), steps
+
+
+def batches_for_epoch(strategy, maps, labels, batch_size, seed, class_balanced=False):
+    """One epoch of batches (epoch_order), distributed over the replicas."""
+    order, steps = epoch_order(labels, batch_size, seed, class_balanced)
 
     def generate():
         for step in range(steps):
@@ -139,13 +173,26 @@ def batches_for_epoch(strategy, maps, labels, batch_size, seed):
 # --------------------------------------------------------------------------- starting or resuming
 
 
+def learning_rate_schedule(settings, map_count):
+    """The prior's step size: a number, or a schedule of the optimizer's step over PRIOR_EPOCHS.
+
+    The cosine follows the step counter the checkpoint keeps, so a resumed run goes on along
+    the same curve; without warm-up, as the constant rate trains stably from the first step.
+    """
+    rate = settings["PRIOR_LEARNING_RATE"]
+    if settings["PRIOR_LEARNING_RATE_SCHEDULE"] == "constant":
+        return rate
+    total_steps = settings["PRIOR_EPOCHS"] * max(1, map_count // settings["PRIOR_BATCH_SIZE"])
+    return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, total_steps), alpha=0.0)
+
+
 def start_prior(strategy, settings, facts, parameters, layout):
     """The prior ready for its next epoch, with its data, checkpoint manager and history so far."""
     model_config = ModelConfig.from_parameters(parameters)
     wanted = identity(settings, parameters["run_fingerprint"])
     if layout.prior_settings.exists():
         recorded = json.loads(layout.prior_settings.read_text(encoding="utf-8"))
-        if recorded != wanted:
+        if not same_identity(recorded, wanted):
             print(
                 f"the latent prior's settings changed: its earlier training moved to {move_aside(layout.prior_checkpoints)}"
             )
@@ -168,7 +215,10 @@ def start_prior(strategy, settings, facts, parameters, layout):
         f"({len(paths)} crops x 8 orientations), standardised by shift {shift:.4f}, scale {scale:.4f}"
     )
     prior = latent_prior.build_latent_prior(
-        prior_config, learning_rate=settings["PRIOR_LEARNING_RATE"], seed=settings["SEED"], strategy=strategy
+        prior_config,
+        learning_rate=learning_rate_schedule(settings, len(standardised)),
+        seed=settings["SEED"],
+        strategy=strategy,
     )
     state = {"epochs_done": tf.Variable(0, dtype=tf.int64), "history_json": tf.Variable("", dtype=tf.string)}
     checkpoint = tf.train.Checkpoint(prior=prior, optimizer=prior.optimizer, **state)
@@ -199,7 +249,12 @@ def train_prior_epoch(strategy, stage, settings, epoch):
     prior = stage["prior"]
     prior.reset_metrics()
     batches, steps = batches_for_epoch(
-        strategy, stage["maps"], stage["labels"], settings["PRIOR_BATCH_SIZE"], settings["SEED"] + epoch
+        strategy,
+        stage["maps"],
+        stage["labels"],
+        settings["PRIOR_BATCH_SIZE"],
+        settings["SEED"] + epoch,
+        settings["PRIOR_CLASS_BALANCED"],
     )
     started = time.time()
     for _ in tqdm(
@@ -216,6 +271,8 @@ def train_prior_epoch(strategy, stage, settings, epoch):
             f"checkpoints; lower --prior_learning_rate and run again with --continue_finished=True"
         )
     row["latents_per_second"] = round(steps * settings["PRIOR_BATCH_SIZE"] / max(row["seconds"], 1e-9), 1)
+    # The step size the epoch ended with: the schedule's course is in the history beside the loss.
+    row["learning_rate"] = float(prior.optimizer.learning_rate)
     return row
 
 

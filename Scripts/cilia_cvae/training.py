@@ -215,7 +215,9 @@ def read_history(path):
 
 
 def write_history(path, rows):
-    write_csv_atomic(path, rows, fieldnames=list(rows[0]))
+    # Every column any row has, in the order they first appear: a run resumed by a newer
+    # version may add one.
+    write_csv_atomic(path, rows, fieldnames=list(dict.fromkeys(name for row in rows for name in row)))
 
 
 def fixed_sample_inputs(num_classes, latent_dim, seed, columns=SAMPLE_GRID_COLUMNS):

@@ -13,6 +13,7 @@ from cilia_cvae.model_config import ModelConfig
 
 PREDICTIONS = ("v", "noise")  # what the latent prior's network predicts
 LOSS_WEIGHTINGS = ("min_snr", "uniform")  # how the prior's loss weighs each noise level
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")  # how the prior's step size changes over its epochs
 
 
 def check_settings(settings, num_classes):
@@ -71,3 +72,8 @@ def check_prior_settings(settings):
         )
     check_choice("PRIOR_PREDICTION", settings["PRIOR_PREDICTION"], list(PREDICTIONS))
     check_choice("PRIOR_LOSS_WEIGHTING", settings["PRIOR_LOSS_WEIGHTING"], list(LOSS_WEIGHTINGS))
+    check_choice(
+        "PRIOR_LEARNING_RATE_SCHEDULE",
+        settings["PRIOR_LEARNING_RATE_SCHEDULE"],
+        list(LEARNING_RATE_SCHEDULES),
+    )
