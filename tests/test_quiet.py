@@ -62,7 +62,10 @@ def test_the_users_own_log_level_wins(tmp_path):
         environment={"TF_CPP_MIN_LOG_LEVEL": "0"},
     )
     assert finished.returncode == 2, finished.stderr
-    assert "oneDNN" in finished.stderr and "error:" in finished.stderr, finished.stderr
+    # An INFO line (I0000...) shows on every processor; the oneDNN notice only where TensorFlow turns
+    # oneDNN on by default (AVX-512 processors), so it cannot be the sign on the slower machine kind.
+    information_lines = [line for line in finished.stderr.splitlines() if line.startswith("I0000")]
+    assert information_lines and "error:" in finished.stderr, finished.stderr
 
 
 def test_fid_of_a_singular_covariance_is_unchanged_and_silent():
