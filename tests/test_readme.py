@@ -47,3 +47,10 @@ def test_the_readme_stays_short_and_links_its_details():
     for link in ("docs/settings.md", "docs/results.md", "docs/phantoms.md"):
         assert f"({link})" in readme, link
         assert (REPOSITORY_ROOT / link).is_file(), link
+
+
+def test_a_share_near_all_or_none_is_not_rounded_to_all_or_none():
+    # 99.5% overall beside a class at 99% once read "100% (CP 99%)"; 0.3% near-copies read "0%".
+    assert readme_tables._percent(0.995) == "99.5%" and readme_tables._percent(0.003) == "0.3%"
+    assert readme_tables._percent(1.0) == "100%" and readme_tables._percent(0.0) == "0%"
+    assert readme_tables._percent(0.42) == "42%" and readme_tables._percent(None) == ""

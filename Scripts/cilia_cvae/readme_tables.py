@@ -96,7 +96,11 @@ def constants_table(script_name):
 
 
 def _percent(value):
-    return "" if value is None else f"{100 * value:.0f}%"
+    """A share in whole percent, or one decimal where whole ones would show 100% or 0% for a share that is not."""
+    if value is None:
+        return ""
+    whole = f"{100 * value:.0f}%"
+    return f"{100 * value:.1f}%" if whole in ("100%", "0%") and value not in (0, 1) else whole
 
 
 def _contenders(relative_path):
