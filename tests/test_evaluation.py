@@ -495,9 +495,28 @@ def test_usefulness_trains_a_generator_per_fraction_and_compares_classifiers(tin
     assert "Usefulness" in (generated / "32x32" / "evaluation_report.md").read_text()
     standalone = json.loads((generated / "32x32" / "usefulness_report.json").read_text())
     assert standalone["usefulness"] == report["usefulness"], "the usefulness script's own results, read back"
-    # That a finished fraction's generator and scores are reused is tested with stand-ins for the
-    # training and inference scripts (test_a_killed_fraction_generator_resumes_and_a_finished_one_is_reused):
-    # a third real run here cost a minute of the suite on the slower machine.
+    # Run again: the fraction's generator and its classifiers' scores are reused, not trained again.
+    # The usefulness script alone, with the settings the evaluation gave it: the judge and the
+    # distribution measures a second evaluation would repeat cost a minute on the slower machine.
+    again = run_script(
+        "cvae_usefulness",
+        "--image_size=32",
+        "--fractions=0.5",
+        "--seeds=1",
+        "--classifier_size=32",
+        "--classifier_epochs=1",
+        "--classifier_repeats=2",
+        "--generator_epochs=1",
+        "--synthetic_per_class=6",
+        f"--processed_images_dir={folders['processed']}",
+        f"--generated_images_dir={generated}",
+        f"--models_dir={models}",
+        f"--output_json={tmp_path / 'usefulness_again.json'}",
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "seed 0: scores reused from" in again.stdout
+    rerun = json.loads((tmp_path / "usefulness_again.json").read_text())
+    assert rerun["usefulness"]["0.5"]["runs"] == report["usefulness"]["0.5"]["runs"]
 
 
 def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_trained_model, tmp_path):
