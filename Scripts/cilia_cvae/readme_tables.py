@@ -3,7 +3,7 @@
 Three kinds of block are generated, in any of DOCUMENTS:
 - `<!-- constants:<script> -->` ... `<!-- /constants -->`: a script's settings (docs/settings.md);
 - `<!-- evaluation:<json path> -->` ... `<!-- /evaluation -->`: every contender of a quality
-  comparison written by cvae_compare.py, with its usefulness runs (docs/results.md);
+  comparison written by cvae_compare.py, with its usefulness runs (docs/results.md, docs/history.md);
 - `<!-- headline:<json path> -->` ... `<!-- /headline -->`: the original against the default
   from the same comparison (README.md).
 
@@ -30,7 +30,8 @@ from cilia_cvae.config import constant_comments  # noqa: E402
 README = REPOSITORY_ROOT / "README.md"
 SETTINGS = REPOSITORY_ROOT / "docs" / "settings.md"
 RESULTS = REPOSITORY_ROOT / "docs" / "results.md"
-DOCUMENTS = (README, SETTINGS, RESULTS)
+HISTORY = REPOSITORY_ROOT / "docs" / "history.md"  # superseded comparisons, generated the same way
+DOCUMENTS = (README, SETTINGS, RESULTS, HISTORY)
 SETTINGS_SCRIPTS = (
     "demo",
     "make_phantom_dataset",
