@@ -6,6 +6,7 @@ so every output is written under a temporary name in the same folder, then renam
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -20,6 +21,16 @@ from pathlib import Path
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+# mkdtemp's folders, likewise: 0777 less the umask, like any folder mkdir makes.
+FOLDER_MODE = 0o777 & ~_UMASK
+
+
+def describe_size(count):
+    """A byte count as people read it: 1.4 kB, 12.0 MB, 3.2 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count:,.0f} bytes"
 
 
 @contextlib.contextmanager
@@ -37,6 +48,11 @@ def atomic_path(final_path):
         if temporary_path.is_file():
             os.chmod(temporary_path, FILE_MODE)
         os.replace(temporary_path, final_path)
+    except OSError as error:
+        if error.errno == errno.ENOSPC and not error.filename:
+            # A full disk met while writing names no file; the one-line message should name where.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final_path)) from None
+        raise
     finally:
         temporary_path.unlink(missing_ok=True)
 
