@@ -37,6 +37,7 @@ GUIDANCE = 2.0  # classifier-free guidance of the latent prior: 1 is the conditi
 SAMPLING_STEPS = 20  # deterministic DDIM steps (eta 0) of the latent prior, for diffusion and counterfactuals
 COUNTERFACTUAL_FROM = ""  # a class name: instead of sampling, redraw that class's real training crops (in file order) as each requested class
 EDIT_STRENGTH = 0.5  # how far a counterfactual's latent is noised before it is denoised as the new class: 0 returns the crop's reconstruction, 1 forgets the crop
+GRAIN = True  # draw the grain the decoder averages away back onto each image, from the grain model measured on the training split (grain.py); False gives the decoder's own, smoother output
 RESTORE_ASPECT = True  # give each image an aspect ratio drawn from the raw statistics, as the original did
 BATCH_SIZE = 64  # images decoded per call
 FIGURES = True  # write the comparison, latent-space and class figures (with the prior also the guidance sweep and counterfactuals)
@@ -80,6 +81,7 @@ if COUNTERFACTUAL_FROM and COUNTERFACTUAL_FROM not in all_classes:
 from cilia_cvae import diffusion_figures, figures, generation, locks  # noqa: E402
 
 generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
+grain_model = generation.load_grain_model(generator, IMAGE_SIZE) if GRAIN else None
 diffusion = None
 if SAMPLING == "diffusion" or COUNTERFACTUAL_FROM:
     # The prior must be this run's, the very file its training recorded: checked before anything is written.
@@ -134,6 +136,7 @@ with tqdm(
         batch_size=BATCH_SIZE,
         progress=progress,
         diffusion=diffusion,
+        grain_model=grain_model,
     )
 elapsed = time.perf_counter() - started
 total = sum(len(paths) for paths in written.values())

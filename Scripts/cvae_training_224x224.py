@@ -33,6 +33,8 @@ BATCH_SIZE = 32  # images per step, over all replicas together
 LEARNING_RATE = 1e-3  # Adam step size
 RECONSTRUCTION_LOSS = "auto"  # "auto" (the architecture's own), "calibrated_gaussian" (a Gaussian whose variance is learnt per image: ours) or "sum_squared_error" (a fixed variance: the original's)
 STRUCTURAL_WEIGHT = 0.0  # weight of a structural-similarity (SSIM) term beside the reconstruction loss (0: none; 1: as much say as the pixel values); the history's reconstruction_loss then includes it
+ADVERSARIAL_WEIGHT = 0.0  # weight of the patch discriminator's hinge loss on the decoder (adversarial.py), relative to the pixels' pull at the decoder's last layer (VQGAN's adaptive weight); 0: none
+ADVERSARIAL_START_EPOCH = 6  # the first epoch the adversarial loss trains the decoder (after the KL warm-up); only epochs from it on can be the saved best epoch
 KL_WEIGHT = 1.0  # weight of the KL term once warmed up (1: the ELBO, the original's; above 1 a beta-VAE, whose latent keeps less detail and is easier for the latent prior to learn)
 KL_WARMUP_EPOCHS = (
     5  # the KL weight rises linearly to KL_WEIGHT over this many epochs (0: no warm-up, as the original)

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cilia_cvae import metrics  # noqa: E402
+from cilia_cvae import metrics, texture_report  # noqa: E402
 from cilia_cvae.classifier import cached_domain_classifier, predict  # noqa: E402
 from cilia_cvae.config import UserError  # noqa: E402
 from cilia_cvae.files import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
@@ -133,6 +133,10 @@ def evaluate_generated(
         labels["generated"], predictions["generated"], len(class_names)
     ).tolist()
     report["class_names"] = list(class_names)
+    # The look, beside the judge's view: blur can pass a classifier and still fail a TEM reader.
+    report["texture"] = texture_report.texture_report(
+        paths["generated"], labels["generated"], paths["test"], labels["test"], seed
+    )
     return report
 
 
@@ -216,6 +220,8 @@ def markdown_report(report):
                 f"| {1000 * row['kid_floor']:.2f} | {report['real_accuracy_per_class'].get(name, float('nan')):.1%} |"
             )
     lines += ["", "![class fidelity](evaluation_fidelity.png)", ""]
+    if report.get("texture"):
+        lines += texture_report.markdown_lines(report["texture"])
     if report.get("usefulness"):
         lines += usefulness_markdown(report["usefulness"], class_names)
     return "\n".join(lines)

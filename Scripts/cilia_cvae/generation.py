@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from cilia_cvae import latent_prior, models  # noqa: F401  (models registers the custom layers the saved models use)
+from cilia_cvae import grain, latent_prior, models  # noqa: F401  (models registers the custom layers the saved models use)
 from cilia_cvae.config import UserError
 from cilia_cvae.files import sha256_of_file, write_csv_atomic, write_png_atomic
 from cilia_cvae.layout import RunLayout
@@ -46,6 +46,7 @@ MANIFEST_COLUMNS = [
     "sampling_steps",
     "edit_strength",
     "counterfactual_source",
+    "grain",
 ]
 # The random stream of a counterfactual's noise and aspect ratio: drawn per source class, not per
 # target class, so that image i of every target class is the same crop under the same noise.
@@ -161,7 +162,30 @@ def load_trained_generator(models_dir, latent_tensors_dir, image_size):
         "latents": latents,
         "fingerprint": fingerprint,
         "model_dir": layout.directory,
+        "run_folders": (models_dir, latent_tensors_dir),
     }
+
+
+def load_grain_model(generator, image_size):
+    """The run's grain model (grain.py), checked against the hash its training recorded; None, with a
+    note, for a run trained before grain models existed (its images are then the decoder's own)."""
+    layout = RunLayout(*generator["run_folders"], image_size)
+    recorded = generator["parameters"].get("grain_model")
+    if recorded is None:
+        print(
+            f"note: the run in {layout.directory} has no grain model (trained before grain models existed); "
+            f"images are written without grain; train a new run (--fresh=True) to have one"
+        )
+        return None
+    remedy = f"run {training_script_for(image_size)} --fresh=True to train and measure it again"
+    if not layout.grain_model.is_file() or sha256_of_file(layout.grain_model) != recorded.get("sha256"):
+        raise UserError(f"{layout.grain_model} is missing or not the one its training measured; {remedy}")
+    try:
+        model = json.loads(layout.grain_model.read_text(encoding="utf-8"))
+        grain.check_model(model, image_size)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{layout.grain_model} cannot be used ({error}); {remedy}") from None
+    return model
 
 
 def prior_training_command(image_size):
@@ -560,6 +584,9 @@ def write_class(
     for start in range(0, drawn["count"], batch_size):
         stop = min(start + batch_size, drawn["count"])
         images = decode_batch(drawn["latents_between"](start, stop), drawn["label"])
+        if request["grain"] is not None:
+            rngs = grain.image_rngs(request["draw"]["seed"], drawn["label"], range(start, stop))
+            images = grain.add_grain(images, request["grain"], rngs)
         rows, jobs = [], []
         for offset, pixels in enumerate(images):
             index = start + offset
@@ -583,9 +610,10 @@ def write_class(
     return paths
 
 
-def manifest_row_fields(generator, sampling, temperature, seed, diffusion):
+def manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model=None):
     """The columns every row of one run shares: how its images were made and by which model."""
     fields = {
+        "grain": grain_model is not None,
         "sampling": sampling,
         "temperature": temperature,
         "seed": seed,
@@ -613,12 +641,14 @@ def generate(
     batch_size,
     progress,
     diffusion=None,
+    grain_model=None,
 ):
     """Decode and write images class by class; append a manifest row per image.
 
     `diffusion`, for sampling "diffusion" or counterfactuals (the generator then holds its prior,
     load_latent_prior), is {"guidance", "steps"} and, for counterfactuals, "edit_strength" and
-    "counterfactual": {"source_class", "source_names" (counterfactual_sources)}."""
+    "counterfactual": {"source_class", "source_names" (counterfactual_sources)}. With `grain_model`
+    (load_grain_model), each decoded image gets grain drawn from it (grain.py)."""
     parameters = generator["parameters"]
     latent_dim = int(parameters["latent_dim"])
     decode_batch = make_decode_function(
@@ -633,7 +663,8 @@ def generate(
             "aspect_statistics": raw_statistics if restore_aspect_ratio else None,
             "diffusion": diffusion,
         },
-        "row": manifest_row_fields(generator, sampling, temperature, seed, diffusion),
+        "row": manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model),
+        "grain": grain_model,
         "batch_size": batch_size,
         "restore_aspect_ratio": restore_aspect_ratio,
         "resize_mode": parameters.get("resize_mode", "squash"),

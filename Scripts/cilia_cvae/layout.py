@@ -166,6 +166,11 @@ class RunLayout:
         return self.directory / "latent_prior.keras"
 
     @property
+    def grain_model(self):
+        """grain_model.json: the grain the decoder averages away, measured on the train split (grain.py)."""
+        return self.directory / "grain_model.json"
+
+    @property
     def latent_record(self):
         """latents.json: the run fingerprint the latents belong to and each latent file's hash."""
         return self.latent_directory / "latents.json"

@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from cilia_cvae import adversarial
 from cilia_cvae.model_config import smallest_map_size
 
 SERIALIZATION_PACKAGE = "cilia_cvae"
@@ -317,6 +318,7 @@ class CVAE(keras.Model):
         sample_posterior=True,
         seed=None,
         structural_weight=0.0,
+        adversarial_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -333,14 +335,26 @@ class CVAE(keras.Model):
         # The KL weight is a variable so that warm-up can change it between epochs without retracing.
         self.kl_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="kl_weight")
         self.pixel_count = math.prod(decoder.output_shape[1:])
-        self.trackers = {
-            name: keras.metrics.Mean(name=name)
-            for name in ("loss", "reconstruction_loss", "kl_loss", "squared_error")
-        }
+        tracked = ["loss", "reconstruction_loss", "kl_loss", "squared_error"]
+        # The adversarial patch loss (adversarial.py): its discriminator and optimizer belong to the
+        # model, so they travel in its checkpoint. Off (weight 0), the model is exactly as before.
+        self.adversarial_weight = float(adversarial_weight)
+        self.discriminator = self.discriminator_optimizer = None
+        # Switched on between epochs after the warm-up (training.py retraces the step then).
+        self.adversarial_active = False
+        if self.adversarial_weight > 0:
+            self.discriminator = adversarial.build_patch_discriminator(decoder.output_shape[1])
+            tracked += ["adversarial_loss", "discriminator_loss", "adversarial_weight"]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in tracked}
 
     @property
     def metrics(self):
         return list(self.trackers.values())
+
+    @property
+    def generator_variables(self):
+        """What the CVAE's optimizer trains: the encoder and decoder, never the discriminator."""
+        return self.encoder.trainable_weights + self.decoder.trainable_weights
 
     def call(self, inputs, training=False):
         images, labels = inputs
@@ -353,7 +367,7 @@ class CVAE(keras.Model):
         noise = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * noise
 
-    def per_example_losses(self, images, labels, training):
+    def per_example_losses(self, images, labels, training, with_reconstructions=False):
         z_mean, z_log_var = self.encoder([images, labels], training=training)
         reconstructions = self.decoder([self.sample(z_mean, z_log_var), labels], training=training)
         squared_error = ops.sum(ops.square(ops.cast(images, "float32") - reconstructions), axis=(1, 2, 3))
@@ -379,29 +393,89 @@ class CVAE(keras.Model):
             )
         kl_loss = -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1)
         loss = reconstruction_loss + self.kl_weight * kl_loss
-        return {
+        losses = {
             "loss": loss,
             "reconstruction_loss": reconstruction_loss,
             "kl_loss": kl_loss,
             "squared_error": squared_error,
         }
+        return (losses, reconstructions) if with_reconstructions else losses
 
     def _update_trackers(self, losses, weights):
+        # Terms a step does not compute (the adversarial ones before the warm-up ends, and in
+        # validation) keep their trackers untouched.
         for name, tracker in self.trackers.items():
-            tracker.update_state(losses[name], sample_weight=weights)
+            if name in losses:
+                tracker.update_state(losses[name], sample_weight=weights)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def train_step(self, data):
         images, labels, weights = data
+        if self.adversarial_active:
+            return self._adversarial_train_step(images, labels, weights)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             losses = self.per_example_losses(images, labels, training=True)
-            batch_loss = ops.sum(losses["loss"] * weights) / ops.maximum(ops.sum(weights), 1.0)
+            batch_loss = _weighted_mean(losses["loss"], weights)
             scaled_loss = self.optimizer.scale_loss(batch_loss / replicas)
-        gradients = tape.gradient(scaled_loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        variables = self.generator_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self._update_trackers(losses, weights)
+
+    def _adversarial_train_step(self, images, labels, weights):
+        """One step of the CVAE with the patch discriminator's hinge loss, then one of the discriminator."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        images = ops.cast(images, "float32")
+        last_kernel = self.decoder.layers[-1].trainable_weights[0]
+        with tf.GradientTape(persistent=True) as tape:
+            losses, reconstructions = self.per_example_losses(
+                images, labels, training=True, with_reconstructions=True
+            )
+            adversarial_losses = adversarial.generator_hinge_losses(
+                self.discriminator(reconstructions, training=False)
+            )
+            adversarial_mean = _weighted_mean(adversarial_losses, weights)
+            reconstruction_mean = _weighted_mean(losses["reconstruction_loss"], weights)
+            with tape.stop_recording():
+                weight = adversarial.adaptive_weight(
+                    tape.gradient(reconstruction_mean, last_kernel),
+                    tape.gradient(adversarial_mean, last_kernel),
+                    self.adversarial_weight,
+                )
+            batch_loss = _weighted_mean(losses["loss"], weights) + weight * adversarial_mean
+            scaled_loss = self.optimizer.scale_loss(batch_loss / replicas)
+        variables = self.generator_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        del tape
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        with tf.GradientTape() as discriminator_tape:
+            discriminator_losses = adversarial.discriminator_hinge_losses(
+                self.discriminator(images, training=True),
+                self.discriminator(ops.stop_gradient(reconstructions), training=True),
+            )
+            scaled_discriminator_loss = self.discriminator_optimizer.scale_loss(
+                _weighted_mean(discriminator_losses, weights) / replicas
+            )
+        discriminator_variables = self.discriminator.trainable_weights
+        self.discriminator_optimizer.apply_gradients(
+            zip(
+                discriminator_tape.gradient(scaled_discriminator_loss, discriminator_variables),
+                discriminator_variables,
+            )
+        )
+        losses.update(
+            adversarial_loss=adversarial_losses,
+            discriminator_loss=discriminator_losses,
+            adversarial_weight=ops.ones_like(adversarial_losses) * weight,
+        )
         return self._update_trackers(losses, weights)
 
     def test_step(self, data):
         images, labels, weights = data
         return self._update_trackers(self.per_example_losses(images, labels, training=False), weights)
+
+
+def _weighted_mean(values, weights):
+    """The mean over a replica's real examples (padding has weight 0)."""
+    return ops.sum(values * weights) / ops.maximum(ops.sum(weights), 1.0)

@@ -43,7 +43,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from cilia_cvae import data, figures, locks, models, runs
+from cilia_cvae import adversarial, data, figures, grain, locks, models, runs
 from cilia_cvae.config import UserError, jsonable
 from cilia_cvae.files import atomic_path, sha256_of_file, write_csv_atomic, write_json_atomic
 from cilia_cvae.layout import RunLayout
@@ -52,6 +52,9 @@ from cilia_cvae.training_settings import check_settings
 
 LOSS_TERMS = ("loss", "reconstruction_loss", "kl_loss", "squared_error")
 SAMPLE_GRID_COLUMNS = 8
+# The grain model is measured on at most this many train-split crops (their residuals' spectrum and
+# strength settle well before; 1,000 at 224 take about 10 s).
+GRAIN_IMAGES = 1000
 
 
 class TrainingDiverged(SystemExit):
@@ -104,7 +107,16 @@ def any_worker(strategy, flag):
 # --------------------------------------------------------------------------- model and data
 
 
-def build_cvae(strategy, model_config, *, learning_rate, seed=None, sample_posterior=True, optimizer=None):
+def build_cvae(
+    strategy,
+    model_config,
+    *,
+    learning_rate,
+    seed=None,
+    sample_posterior=True,
+    optimizer=None,
+    adversarial_weight=0.0,
+):
     """Encoder, decoder and the CVAE around them, with its optimizer built, under the strategy's scope.
 
     The optimizer is Adam(learning_rate) unless one is given (the distribution tests use plain
@@ -120,10 +132,14 @@ def build_cvae(strategy, model_config, *, learning_rate, seed=None, sample_poste
             sample_posterior=sample_posterior,
             seed=seed,
             structural_weight=model_config.structural_weight,
+            adversarial_weight=adversarial_weight,
         )
         model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate))
-        # Build the optimizer's slots now, inside the scope, rather than lazily inside a replica.
-        model.optimizer.build(model.trainable_variables)
+        # Build the optimizers' slots now, inside the scope, rather than lazily inside a replica.
+        model.optimizer.build(model.generator_variables)
+        if model.discriminator is not None:
+            model.discriminator_optimizer = adversarial.discriminator_optimizer(learning_rate)
+            model.discriminator_optimizer.build(model.discriminator.trainable_weights)
     return model
 
 
@@ -346,7 +362,15 @@ def restore_checkpoint(session):
         "history_json": tf.Variable("", dtype=tf.string),
     }
     layout = session.layout
-    checkpoint = tf.train.Checkpoint(model=session.model, optimizer=session.model.optimizer, **session.state)
+    # The discriminator's weights are the model's; its optimizer is named too, so both resume.
+    discriminator = (
+        {"discriminator_optimizer": session.model.discriminator_optimizer}
+        if session.model.discriminator is not None
+        else {}
+    )
+    checkpoint = tf.train.Checkpoint(
+        model=session.model, optimizer=session.model.optimizer, **discriminator, **session.state
+    )
     session.checkpoint_dir = (
         layout.checkpoints if session.chief else Path(tempfile.mkdtemp(prefix="cvae_worker_checkpoint_"))
     )
@@ -373,7 +397,11 @@ def start_or_resume(settings, facts):
         "batch_size": settings["BATCH_SIZE"],
     }
     session.model = build_cvae(
-        strategy, model_config, learning_rate=settings["LEARNING_RATE"], seed=settings["SEED"]
+        strategy,
+        model_config,
+        learning_rate=settings["LEARNING_RATE"],
+        seed=settings["SEED"],
+        adversarial_weight=settings.get("ADVERSARIAL_WEIGHT", 0.0),
     )
     session.train_step, session.test_step = make_step_functions(
         session.model, strategy, jit_compile=session.on_gpu
@@ -427,9 +455,20 @@ def out_of_time(session, epoch, first_epoch, started):
     )
 
 
+def adversarial_epoch(settings, epoch):
+    """Whether the patch discriminator's loss trains the decoder in this epoch (after its warm-up)."""
+    return settings.get("ADVERSARIAL_WEIGHT", 0.0) > 0 and epoch >= settings.get("ADVERSARIAL_START_EPOCH", 1)
+
+
 def train_one_epoch(session, epoch):
     """The training losses of one epoch: its mean over every example, on every replica."""
     model = session.model
+    if adversarial_epoch(session.settings, epoch) != model.adversarial_active:
+        # The step changes shape (a discriminator joins it): traced again, once.
+        model.adversarial_active = adversarial_epoch(session.settings, epoch)
+        session.train_step, session.test_step = make_step_functions(
+            model, session.strategy, jit_compile=session.on_gpu
+        )
     model.kl_weight.assign(
         kl_weight_for_epoch(epoch, session.settings["KL_WARMUP_EPOCHS"], session.settings["KL_WEIGHT"])
     )
@@ -468,7 +507,10 @@ def validate(session):
     validation_iterator = iter(session.validation_batches)
     for _ in range(session.validation_steps):
         session.test_step(next(validation_iterator))
-    return {f"val_{name}": value for name, value in tracker_results(session.model).items()}
+    # The adversarial terms are training's alone: a validation step computes none of them.
+    return {
+        f"val_{name}": value for name, value in tracker_results(session.model).items() if name in LOSS_TERMS
+    }
 
 
 def keep_best(session, row, epoch):
@@ -476,7 +518,10 @@ def keep_best(session, row, epoch):
     loss it does not change meaning while the KL weight warms up."""
     state, prefix = session.state, "val_" if session.has_validation else ""
     monitored = row[f"{prefix}reconstruction_loss"] + row[f"{prefix}kl_loss"]
-    if math.isfinite(monitored) and monitored < float(state["best_value"]):
+    settings = session.settings
+    # With the adversarial loss, only epochs it trained count: the ELBO prefers the blur it removes.
+    eligible = not adversarial_epoch(settings, settings["EPOCHS"]) or adversarial_epoch(settings, epoch)
+    if eligible and math.isfinite(monitored) and monitored < float(state["best_value"]):
         state["best_value"].assign(monitored)
         state["best_epoch"].assign(epoch)
         state["epochs_without_improvement"].assign(0)
@@ -666,6 +711,40 @@ def save_models_and_latents(session, best_epoch):
     return run_fingerprint
 
 
+def fit_grain_model(encoder, decoder, paths, labels, *, num_classes, image_size, batch_size, run_fingerprint):
+    """What the decoder averages away: residuals of train-split crops against their reconstructions
+    (the posterior mean decoded), as grain.py's model; the file names the run it was measured on."""
+    chosen = np.random.default_rng(0).permutation(len(paths))[:GRAIN_IMAGES]
+    chosen.sort()
+    reconstruct = tf.function(
+        lambda images, one_hot: decoder(
+            [encoder([images, one_hot], training=False)[0], one_hot], training=False
+        )
+    )
+    accumulator = grain.GrainAccumulator(image_size)
+    batches = data.images_in_order(
+        np.asarray(paths)[chosen], np.asarray(labels)[chosen], num_classes, image_size, batch_size
+    )
+    for images, one_hot in batches:
+        accumulator.add(images.numpy()[..., 0], reconstruct(images, one_hot).numpy()[..., 0])
+    return accumulator.model({"run_fingerprint": run_fingerprint, "fitted_on": "train split"})
+
+
+def save_grain_model(session, run_fingerprint):
+    model = session.model
+    grain_model = fit_grain_model(
+        model.encoder,
+        model.decoder,
+        *session.all_images,
+        num_classes=session.model_config.num_classes,
+        image_size=session.model_config.image_size,
+        batch_size=session.settings["BATCH_SIZE"],
+        run_fingerprint=run_fingerprint,
+    )
+    write_json_atomic(session.layout.grain_model, grain_model)
+    return grain_model
+
+
 def run_parameters(session, best_epoch, seconds):
     """What cvae_parameters.json records: every setting, the model, the data and the outcome."""
     settings, facts, history, model_config = (
@@ -706,8 +785,18 @@ def finish(session, seconds):
     """Save the models, the latents and the loss plot, then the parameters, whose presence marks a finished run."""
     best_epoch = int(session.state["best_epoch"])
     run_fingerprint = save_models_and_latents(session, best_epoch)
+    grain_model = save_grain_model(session, run_fingerprint)
     figures.save_loss_plot(session.layout.loss_plot, session.history, LOSS_TERMS)
-    parameters = dict(run_parameters(session, best_epoch, seconds), run_fingerprint=run_fingerprint)
+    parameters = dict(
+        run_parameters(session, best_epoch, seconds),
+        run_fingerprint=run_fingerprint,
+        grain_model={
+            "file": session.layout.grain_model.name,
+            "sha256": sha256_of_file(session.layout.grain_model),
+            "grain_std": grain_model["grain_std"],
+            "residual_std": grain_model["residual_std"],
+        },
+    )
     write_json_atomic(session.layout.parameters, parameters)
     session.layout.continued_parameters.unlink(missing_ok=True)
     print(

@@ -30,9 +30,24 @@ def check_settings(settings, num_classes):
     ):
         if settings[name] < 1:
             raise UserError(f"--{name.lower()} must be at least 1, not {settings[name]}")
-    for name in ("KL_WARMUP_EPOCHS", "EARLY_STOPPING_PATIENCE", "MAX_MINUTES", "STRUCTURAL_WEIGHT"):
+    for name in (
+        "KL_WARMUP_EPOCHS",
+        "EARLY_STOPPING_PATIENCE",
+        "MAX_MINUTES",
+        "STRUCTURAL_WEIGHT",
+    ):
         if not settings[name] >= 0:  # also refuses nan
             raise UserError(f"--{name.lower()} must be 0 or more, not {settings[name]}")
+    # Settings dicts written before the adversarial loss existed (usefulness generators) lack these.
+    adversarial_weight = settings.get("ADVERSARIAL_WEIGHT", 0.0)
+    if not (adversarial_weight >= 0 and math.isfinite(adversarial_weight)):
+        raise UserError(
+            f"--adversarial_weight must be 0 or a positive finite number, not {adversarial_weight}"
+        )
+    if settings.get("ADVERSARIAL_START_EPOCH", 1) < 1:
+        raise UserError(
+            f"--adversarial_start_epoch must be at least 1, not {settings['ADVERSARIAL_START_EPOCH']}"
+        )
     if not 0 <= settings["VALIDATION_FRACTION"] < 1:
         raise UserError(
             f"--validation_fraction must be at least 0 and below 1, not {settings['VALIDATION_FRACTION']}"
