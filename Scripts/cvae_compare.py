@@ -88,6 +88,14 @@ CONTENDER_SETTINGS = {
     "fixed_variance": {"training": ["--reconstruction_loss=sum_squared_error"], "inference": []},
     "structural_similarity": {"training": ["--structural_weight=1"], "inference": []},
     "prior_sampling": {"training": [], "inference": ["--sampling=prior"]},
+    # The first stage's look: the decoder's own output (no grain drawn onto it), and the adversarial
+    # patch loss (adversarial.py) with and without grain.
+    "default_without_grain": {"training": [], "inference": ["--grain=False"]},
+    "adversarial_patch": {"training": ["--adversarial_weight=0.5"], "inference": []},
+    "adversarial_patch_without_grain": {
+        "training": ["--adversarial_weight=0.5"],
+        "inference": ["--grain=False"],
+    },
     # New latent maps from the default's latent prior, at three classifier-free guidance scales.
     **{
         f"diffusion_guidance_{guidance}": {
@@ -194,6 +202,11 @@ def contender_report(name):
     # Images drawn by an earlier prior are drawn again by the current one.
     generation_record = {
         "images_per_class": IMAGES_PER_CLASS,
+        # Images drawn under other inference settings (an older default's) are drawn again.
+        "inference": CONTENDER_SETTINGS[name]["inference"],
+        "grain_model_sha256": (
+            json.loads(parameters_path.read_text(encoding="utf-8")).get("grain_model") or {}
+        ).get("sha256"),
         **({"prior_sha256": prior.get("sha256")} if needs_prior(name) else {}),
     }
     done = (

@@ -82,6 +82,8 @@ from cilia_cvae import diffusion_figures, figures, generation, locks  # noqa: E4
 
 generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
 grain_model = generation.load_grain_model(generator, IMAGE_SIZE) if GRAIN else None
+# The figures show images as they are written: with grain when GRAIN draws it.
+generator["grain"] = grain_model
 diffusion = None
 if SAMPLING == "diffusion" or COUNTERFACTUAL_FROM:
     # The prior must be this run's, the very file its training recorded: checked before anything is written.
@@ -178,7 +180,9 @@ if FIGURES:
         reference_class = "Normal" if "Normal" in all_classes else largest
         reference_latent = generator["latents"][reference_class][0][0]
         figures.class_interpolation(
-            lambda latents, labels: generation.decode_mixed(generator["decoder"], latents, labels),
+            lambda latents, labels: generation.decode_mixed(
+                generator["decoder"], latents, labels, grain_model=grain_model
+            ),
             int(parameters["latent_dim"]),
             all_classes,
             reference_class,

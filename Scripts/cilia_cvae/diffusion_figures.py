@@ -33,7 +33,7 @@ def decoded_prior_draws(generator, labels, noise, *, guidance, steps):
     labels = np.asarray(labels, np.int32)
     latents = generation.prior_latents(generator, labels, noise, {"guidance": guidance, "steps": steps})
     one_hot = np.eye(len(generator["parameters"]["class_names"]), dtype=np.float32)[labels]
-    return generation.decode_mixed(generator["decoder"], latents, one_hot)
+    return generation.decode_mixed(generator["decoder"], latents, one_hot, grain_model=generator.get("grain"))
 
 
 def same_noise_under_each_class(generator, class_names, path, *, seed, guidance, steps):
@@ -92,7 +92,9 @@ def counterfactuals(generator, processed_layout, source_class, written, class_na
     source_label = list(generator["parameters"]["class_names"]).index(source_class)
     one_hot = np.zeros((count, len(generator["parameters"]["class_names"])), np.float32)
     one_hot[:, source_label] = 1.0
-    reconstructions = generation.decode_mixed(generator["decoder"], z_mean[sources], one_hot)
+    reconstructions = generation.decode_mixed(
+        generator["decoder"], z_mean[sources], one_hot, grain_model=generator.get("grain")
+    )
     rows = []
     for row, source in enumerate(sources):
         with Image.open(crops[source]) as crop:

@@ -371,15 +371,19 @@ def make_decode_function(decoder, batch_size, latent_dim, num_classes):
     return decode_batch
 
 
-def decode_mixed(decoder, latents, label_vectors, batch_size=64):
-    """Decode any latents under any (possibly blended) label vectors; for figures."""
+def decode_mixed(decoder, latents, label_vectors, batch_size=64, grain_model=None):
+    """Decode any latents under any (possibly blended) label vectors; for figures, which show images as
+    inference writes them: with `grain_model`, grain drawn onto them (a fixed stream, seed 0)."""
     outputs = []
     for start in range(0, len(latents), batch_size):
         images = decoder(
             [latents[start : start + batch_size], label_vectors[start : start + batch_size]], training=False
         )
         outputs.append(np.asarray(images)[..., 0])
-    return np.clip(np.rint(np.concatenate(outputs) * 255.0), 0, 255).astype(np.uint8)
+    images = np.clip(np.rint(np.concatenate(outputs) * 255.0), 0, 255).astype(np.uint8)
+    if grain_model is None:
+        return images
+    return grain.add_grain(images, grain_model, grain.image_rngs(0, 0, range(len(images))))
 
 
 def save_generated(path, pixels, aspect_ratio, resize_mode, row):

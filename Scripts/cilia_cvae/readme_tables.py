@@ -137,7 +137,19 @@ def _quality_cells(result):
             if "pixel_memorisation_ratio" in result
             else "not measured"
         ),
+        "texture": _texture_cell(result.get("texture")),
     }
+
+
+def _texture_cell(texture):
+    """Realism statistics whose median lies in the real test images' 5-95 band, and the finest-scale power."""
+    if not texture:
+        return "not measured"
+    return (
+        f"{texture['statistics_in_band']} of {texture['statistics_measured']} "
+        f"(texture {texture['texture_statistics_in_band']} of {texture['texture_statistics_measured']}); "
+        f"{texture['finest_scale_power_ratio']:.2f}"
+    )
 
 
 def _budget_sentence(comparison, contenders):
@@ -184,16 +196,16 @@ def evaluation_table(relative_path):
             "| contender | change against the default | class fidelity (lowest class) "
             "| KID +- spread (floor) | KID distance to the floor closed vs original | FID (floor) "
             "| precision / recall | memorisation ratio (near-copies) | pixel-space memorisation (near-copies) "
-            "| best epoch |"
+            "| realism statistics in the real band (texture); finest-scale power vs real | best epoch |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, result in contenders.items():
         cells = _quality_cells(result)
         if "training" not in result:  # the real-test control
             rows.append(
                 f"| {name} | real test images, judged the same way | {cells['fidelity']} | {cells['kid']} | "
-                f"| | | {cells['memorisation']} | {cells['pixel_memorisation']} | |"
+                f"| | | {cells['memorisation']} | {cells['pixel_memorisation']} | {cells['texture']} | |"
             )
             continue
         overrides = result["training"]["overrides"] + result["inference"]["overrides"]
@@ -204,7 +216,8 @@ def evaluation_table(relative_path):
         rows.append(
             f"| {name} | `{change}` | {cells['fidelity']} | {cells['kid']} | {closed} "
             f"| {cells['fid']} | {cells['precision_recall']} | {cells['memorisation']} "
-            f"| {cells['pixel_memorisation']} | {result['training']['best_epoch']} of {result['training']['epochs']} |"
+            f"| {cells['pixel_memorisation']} | {cells['texture']} "
+            f"| {result['training']['best_epoch']} of {result['training']['epochs']} |"
         )
     rows += _usefulness_rows(contenders)
     # (a default in .get would be evaluated, and fail, even when "commands" is there)
@@ -229,14 +242,18 @@ def headline_table(relative_path):
         (
             "| model | class fidelity (lowest class) | KID +- spread (floor) "
             "| precision / recall | memorisation ratio (near-copies) | pixel-space memorisation (near-copies) "
+            "| realism statistics in the real band (texture); finest-scale power vs real "
             "| macro-F1 with 10% of the real data: real + synthetic (real only) |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     # The original, the default, the latent prior's sampling and the real-test control, if measured.
     shown = [
         "original",
         "default",
+        # The first stage's look: the decoder's own output, and the adversarial lever.
+        "default_without_grain",
+        "adversarial_patch",
         *sorted(name for name in contenders if name.startswith("diffusion_")),
         "real_test",
     ]
@@ -252,7 +269,8 @@ def headline_table(relative_path):
         )
         rows.append(
             f"| {name} | {cells['fidelity']} | {cells['kid']} "
-            f"| {cells['precision_recall']} | {cells['memorisation']} | {cells['pixel_memorisation']} | {usefulness} |"
+            f"| {cells['precision_recall']} | {cells['memorisation']} | {cells['pixel_memorisation']} "
+            f"| {cells['texture']} | {usefulness} |"
         )
     rows += ["", _budget_sentence(comparison, contenders).rstrip()]
     return "\n".join(rows) + "\n"

@@ -115,7 +115,7 @@ def generator_training_arguments(model_settings, *, image_size, fraction, full_d
 
 # How the evaluated images were drawn, read from their manifest; each fraction's generator draws
 # its synthetic images the same way. Older manifests lack the diffusion columns.
-SAMPLING_COLUMNS = ("sampling", "temperature", "guidance", "sampling_steps")
+SAMPLING_COLUMNS = ("sampling", "temperature", "guidance", "sampling_steps", "grain")
 # The latent prior's settings a fraction's prior copies from the evaluated model's (its epochs
 # are stretched like the CVAE's, so that every prior takes as many steps).
 COPIED_PRIOR_SETTINGS = (
@@ -158,6 +158,9 @@ def inference_arguments(sampling):
         arguments += [
             f"--{name}={sampling[name]}" for name in ("guidance", "sampling_steps") if sampling.get(name)
         ]
+    # Grain is drawn by default; images drawn without it are repeated without it.
+    if sampling.get("grain") == "False":
+        arguments.append("--grain=False")
     return arguments
 
 
