@@ -9,11 +9,16 @@ The judge is a CNN trained on the real training split only; its accuracy on the 
 split comes first, because every other number depends on it. Then, against the real test
 split: class fidelity (does the classifier see the class that was asked for?), FID and KID
 beside the real-vs-real floor (train vs test), precision/recall and density/coverage, and
-memorisation (are generated images near-copies of training images?). With --usefulness=True
+memorisation (are generated images near-copies of training images?), and the look: each realism
+statistic of realism.py placed among the real test images' (texture_report.py). With --usefulness=True
 it also runs cvae_usefulness.py with these settings and adds its results to the report.
+
+With --blind_sheet=PATH it writes only a blinded look instead (seconds, no judge): a shuffled,
+numbered sheet of BLIND_SHEET_IMAGES real test images and as many generated ones, its key apart.
 
 Example:
     python Scripts/cvae_evaluate.py --image_size=224 --images_per_class=200
+    python Scripts/cvae_evaluate.py --blind_sheet=/tmp/sheet.png --seed=1   # which tiles are generated?
     python Scripts/cvae_evaluate.py --image_size=224 --generated_size=448   # the 448 model, same judge
 
 Expected run time: about 18 minutes on 2 cores the first time for 5,210 images, nearly all
@@ -28,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from cilia_cvae import config, locks
-from cilia_cvae.config import UserError, configure
+from cilia_cvae import blind_sheet, config, locks
+from cilia_cvae.config import UserError, check_range, configure
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout
 from cilia_cvae.preprocessing import read_processed_facts
 from cilia_cvae.usefulness import parse_fractions
@@ -60,6 +65,9 @@ PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # the real train and test sp
 GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # the generated images; the report is written beside them
 MODELS_DIR = config.MODELS_DIR  # read: the evaluated model's settings, which the usefulness generators copy
 JUDGE_DIR = ""  # where the judge is cached ("" : MODELS_DIR; one judge can serve several models' evaluations)
+BLIND_SHEET = ""  # if set, write only a blinded look instead: a shuffled, numbered sheet (PNG) of real test images and generated images, its key beside it (<name>_key.json)
+BLIND_SHEET_IMAGES = 8  # images of each source on the blind sheet, drawn with SEED across the classes
+BLIND_SHEET_TILE = 256  # side in pixels of each tile on the blind sheet
 
 settings = configure(globals())
 if QUICK:
@@ -86,6 +94,24 @@ if not generated.all_images():
         f"--image_size={generated_size} first"
     )
 # TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
+if BLIND_SHEET:
+    # The eye's test, repeatable by anyone: which tiles are generated? (No judge, no TensorFlow.)
+    check_range("BLIND_SHEET_IMAGES", BLIND_SHEET_IMAGES, 1, 64)
+    check_range("BLIND_SHEET_TILE", BLIND_SHEET_TILE, 32, 1024)
+    try:
+        key = blind_sheet.sheet_of_generated_and_real(
+            ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).split("test"),
+            generated_dir,
+            facts["class_names"],
+            count=BLIND_SHEET_IMAGES,
+            tile_side=BLIND_SHEET_TILE,
+            seed=SEED,
+            sheet_path=Path(BLIND_SHEET),
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    print(f"blind sheet: {BLIND_SHEET} ({len(key['tiles'])} tiles); key: {key['key_path']}")
+    sys.exit(0)
 from cilia_cvae.evaluation import evaluate_generated, write_report  # noqa: E402
 
 # The report is written beside the images: no generation may add to them meanwhile.

@@ -102,11 +102,11 @@ def grain_run(tmp_path_factory):
     return base
 
 
-def generate(base, name, *arguments):
+def generate(base, name, *arguments, images_per_class=3):
     return run_script(
         "cvae_inference",
         "--image_size=32",
-        "--images_per_class=3",
+        f"--images_per_class={images_per_class}",
         "--restore_aspect=False",
         "--figures=False",
         "--temperature=0",
@@ -238,3 +238,32 @@ def test_the_discriminator_resumes_with_its_training_after_a_kill(tmp_path):
     header = history[0].split(",")
     losses = [float(row.split(",")[header.index("discriminator_loss")]) for row in history[1:]]
     assert losses[0] == 0 and all(0 < value < 4 for value in losses[1:])
+
+
+def test_a_blind_sheet_shuffles_real_and_generated_images_with_its_key_apart(grain_run, tmp_path):
+    assert generate(grain_run, "for_sheet", images_per_class=4).returncode == 0
+    sheet = tmp_path / "sheet.png"
+    arguments = [
+        "--image_size=32",
+        f"--processed_images_dir={grain_run / 'processed'}",
+        f"--generated_images_dir={grain_run / 'for_sheet'}",
+        f"--blind_sheet={sheet}",
+        "--blind_sheet_images=3",
+        "--blind_sheet_tile=64",
+    ]
+    result = run_script("cvae_evaluate", *arguments, "--seed=1")
+    assert result.returncode == 0, result.stderr
+    key = json.loads((tmp_path / "sheet_key.json").read_text())
+    assert sorted(key["tiles_by_source"]) == ["generated", "real_test"]
+    assert sorted(key["tiles_by_source"]["generated"] + key["tiles_by_source"]["real_test"]) == list(
+        range(1, 7)
+    )
+    # Nothing on the sheet names a source: its tiles are only numbered.
+    with Image.open(sheet) as image:
+        assert image.size == (4 * (64 + 8), 2 * (64 + 8 + 22))
+    again = run_script("cvae_evaluate", *arguments, "--seed=2", f"--blind_sheet={tmp_path / 'other.png'}")
+    assert again.returncode == 0
+    other = json.loads((tmp_path / "other_key.json").read_text())
+    assert other["tiles"] != key["tiles"], "another seed gave the same sheet"
+    refused = run_script("cvae_evaluate", *arguments, "--blind_sheet_images=500")
+    assert refused.returncode == 2 and "--blind_sheet_images must be between 1 and 64" in refused.stderr
