@@ -4,7 +4,8 @@ Reads   MODELS_DIR/<S>x<S>/cvae_decoder.keras and cvae_parameters.json (class na
         MODELS_DIR/<S>x<S>/latent_prior.keras (for --sampling=diffusion and counterfactuals)
         LATENT_TENSORS_DIR/<S>x<S>/z_mean_<Class>.npy, z_log_var_<Class>.npy
         PROCESSED_IMAGES_DIR/raw_image_statistics.csv and <S>x<S>/train/ (real examples for the figures)
-Writes  GENERATED_IMAGES_DIR/<S>x<S>/<Class>/Synthetic_<Class>_<NNNNN>.png (numbering continues: nothing is overwritten)
+Writes  GENERATED_IMAGES_DIR/<S>x<S>/<Class>/Synthetic_<Class>_<NNNNN>.png (numbering continues: nothing is
+        overwritten, no name given twice; the same command again writes only what a killed run left out)
         GENERATED_IMAGES_DIR/<S>x<S>/generation_manifest.csv (one row per image: how it was made)
         GENERATED_IMAGES_DIR/<S>x<S>/image_comparison.png, latent_space.png, class_interpolation.png
         (with the prior also guidance_sweep.png; with --counterfactual_from also counterfactuals.png)
@@ -30,7 +31,7 @@ from cilia_cvae.stored_run import SAMPLING_MODES, read_parameters
 
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
-IMAGES_PER_CLASS = 100  # images generated for each requested class
+IMAGES_PER_CLASS = 100  # images of each requested class under this seed: the same command again writes only those missing, a larger number continues the seed's images
 SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" (texture only with a latent map), "class_density" or "diffusion" (the run's latent prior)
 TEMPERATURE = 1.0  # scales the sampling noise (with "diffusion", the starting noise): below 1 gives safer, less varied images
 GUIDANCE = 2.0  # classifier-free guidance of the latent prior: 1 is the conditional model alone (most varied), above 1 truer to the class
@@ -51,7 +52,8 @@ settings = configure(globals())
 check_range("IMAGES_PER_CLASS", IMAGES_PER_CLASS, 1)
 # A batch is decoded in memory at once: beyond a few thousand it only risks running out of memory.
 check_range("BATCH_SIZE", BATCH_SIZE, 1, 4096)
-check_range("TEMPERATURE", TEMPERATURE, 0.0)
+# Beyond a few standard deviations the draws leave the latent space the decoder learnt: black and white only.
+check_range("TEMPERATURE", TEMPERATURE, 0.0, 10.0)
 check_range("GUIDANCE", GUIDANCE, 0.0)
 check_range("SAMPLING_STEPS", SAMPLING_STEPS, 1, 1000)
 check_range("EDIT_STRENGTH", EDIT_STRENGTH, 0.0, 1.0)
@@ -66,6 +68,11 @@ requested = (
     if CLASSES.strip().lower() == "all"
     else [name.strip() for name in CLASSES.split(",") if name.strip()]
 )
+repeated = sorted({name for name in requested if requested.count(name) > 1})
+if repeated:
+    # A class named twice is one request: its images would otherwise be made, and counted, twice.
+    print(f"note: {', '.join(repeated)} named more than once in --classes; generated once")
+    requested = list(dict.fromkeys(requested))
 unknown = [name for name in requested if name not in all_classes]
 if unknown or not requested:
     raise UserError(
@@ -120,7 +127,6 @@ generation.check_room_for(output_dir, IMAGES_PER_CLASS * len(requested), IMAGE_S
 output_dir.mkdir(parents=True, exist_ok=True)
 # One generation at a time per folder: two would number their files alike and interleave the manifest.
 locks.hold_folder_lock(output_dir)
-generation.reconcile_with_disk(generated, all_classes)
 started = time.perf_counter()
 with tqdm(
     total=IMAGES_PER_CLASS * len(requested), desc="generating", unit="image", mininterval=1.0
@@ -142,14 +148,22 @@ with tqdm(
     )
 elapsed = time.perf_counter() - started
 total = sum(len(paths) for paths in written.values())
-print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {output_dir}")
+if total:
+    print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {output_dir}")
+else:
+    # The same command again is answered, not repeated: a second copy of each image would leak
+    # across the train/test split of whatever model is trained on them.
+    print(
+        f"nothing written: every image asked for is in {output_dir} already; for more, pass another "
+        f"--seed, or raise --images_per_class above {IMAGES_PER_CLASS} to continue seed {SEED}'s images"
+    )
 
 if FIGURES:
     # Real training examples beside generated ones; the latents on a map; one latent under each label.
     real_paths = figures.first_images(processed.split("train"), requested, 4)
     figures.image_comparison(
         real_paths,
-        {name: paths[:4] for name, paths in written.items()},
+        {name: paths[:4] for name, paths in written.requested.items()},
         requested,
         output_dir / "image_comparison.png",
     )
@@ -195,7 +209,7 @@ if FIGURES:
             generator,
             processed,
             COUNTERFACTUAL_FROM,
-            written,
+            written.requested,
             requested,
             output_dir / diffusion_figures.COUNTERFACTUAL_FIGURE_NAME,
             edit_strength=EDIT_STRENGTH,

@@ -57,23 +57,36 @@ def test_counts_names_manifest_figures_and_numbering(tiny_trained_model, tmp_pat
         "the aspect ratio restored is the one recorded"
     )
 
-    # A second run continues the numbering and, with the same seed, makes the same images.
+    # The same command again writes nothing: its images are there; a larger count continues the
+    # seed's images (the first 7 are the same, so they are not written twice).
     first_run = {path.name: pixels(path) for path in (size_dir / "ODA").glob("*.png")}
-    finished = generate(
-        folders,
-        "--classes=ODA",
-        "--images_per_class=7",
-        "--batch_size=3",
-        "--figures=False",
-        generated=output,
-    )
+    again = ("--classes=ODA", "--images_per_class=7", "--batch_size=3", "--figures=False")
+    finished = generate(folders, *again, generated=output)
     assert finished.returncode == 0, finished.stderr
+    assert "nothing written: every image asked for is in" in finished.stdout
+    assert "another --seed" in finished.stdout and "--images_per_class above 7" in finished.stdout
+    assert (
+        len(list((size_dir / "ODA").glob("*.png"))) == 7 and len(pd.read_csv(manifest_path(size_dir))) == 14
+    )
+    finished = generate(folders, *again[:1], "--images_per_class=10", *again[2:], generated=output)
+    assert finished.returncode == 0, finished.stderr
+    assert "7 of the 10 images asked for (seed 0)" in finished.stdout and "wrote 3 images" in finished.stdout
     names = sorted(path.name for path in (size_dir / "ODA").glob("*.png"))
-    assert names == [f"Synthetic_ODA_{number:05d}.png" for number in range(1, 15)], "nothing overwritten"
-    for number in range(1, 8):
-        again = pixels(size_dir / "ODA" / f"Synthetic_ODA_{number + 7:05d}.png")
-        assert np.array_equal(again, first_run[f"Synthetic_ODA_{number:05d}.png"]), "same seed, same images"
-    assert len(pd.read_csv(size_dir / "generation_manifest.csv")) == 21, "the manifest is appended to"
+    assert names == [f"Synthetic_ODA_{number:05d}.png" for number in range(1, 11)], "nothing overwritten"
+    fresh = tmp_path / "fresh"
+    finished = generate(folders, *again[:1], "--images_per_class=10", *again[2:], generated=fresh)
+    assert finished.returncode == 0, finished.stderr
+    for number in range(1, 11):
+        name = f"Synthetic_ODA_{number:05d}.png"
+        same = pixels(fresh / "32x32" / "ODA" / name)
+        assert np.array_equal(same, pixels(size_dir / "ODA" / name)), "the continued stream is the seed's"
+        if number <= 7:
+            assert np.array_equal(same, first_run[name]), "same seed, same images"
+    assert len(pd.read_csv(manifest_path(size_dir))) == 17, "the manifest is appended to"
+
+
+def manifest_path(size_dir):
+    return size_dir / "generation_manifest.csv"
 
 
 def test_every_sampling_mode_runs_and_square_output_when_asked(tiny_trained_model, tmp_path):

@@ -12,12 +12,16 @@ And counterfactuals: a real training crop's latent, noised part-way and denoised
 under another class (SDEdit), "this cilium, with that defect".
 """
 
+import contextlib
 import csv
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import keras
@@ -27,7 +31,7 @@ from PIL import Image
 
 from cilia_cvae import grain, latent_prior, models  # noqa: F401  (models registers the custom layers the saved models use)
 from cilia_cvae.config import UserError
-from cilia_cvae.files import sha256_of_file, write_csv_atomic, write_png_atomic
+from cilia_cvae.files import FILE_MODE, describe_size, sha256_of_file, write_csv_atomic, write_png_atomic
 from cilia_cvae.layout import RunLayout
 from cilia_cvae.stored_run import read_parameters, training_script_for
 
@@ -47,6 +51,7 @@ MANIFEST_COLUMNS = [
     "edit_strength",
     "counterfactual_source",
     "grain",
+    "stream_index",
 ]
 # The random stream of a counterfactual's noise and aspect ratio: drawn per source class, not per
 # target class, so that image i of every target class is the same crop under the same noise.
@@ -54,6 +59,17 @@ COUNTERFACTUAL_STREAM = 1_000_003
 # The tEXt key under which each generated PNG carries its own manifest row.
 MANIFEST_ROW_KEY = "cilia_cvae_manifest_row"
 FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
+# The random streams of one (seed, class) besides its first draw (the latent noise): one per
+# quantity, so that image i is the same whatever the number of images asked for, and a larger
+# --images_per_class continues the seed's images instead of drawing others.
+SOURCE_STREAM, ASPECT_STREAM = 1, 2
+# The columns that differ between the images of one request; the others say what was asked for.
+PER_IMAGE_COLUMNS = ("file", "source_latent_index", "aspect_ratio", "counterfactual_source", "stream_index")
+# A manifest row names an image of its own class folder; anything else in the file is damage.
+MANIFEST_FILE_PATTERN = re.compile(r"^(?P<class_name>[^/]+)/Synthetic_(?P=class_name)_(?P<number>\d+)\.png$")
+# The columns of the first manifests: a row of at least these can be read without its header.
+OLDEST_MANIFEST_COLUMNS = 9
+HEADER_NAME_PATTERN = re.compile(r"^[a-z_]+$")
 
 
 def load_saved_model(path, remedy):
@@ -90,6 +106,11 @@ def check_provenance(layout, parameters, decoder_fingerprint, image_size):
         raise UserError(
             f"{layout.decoder} is not the decoder its cvae_parameters.json was written with "
             f"(another run's file?); copy the whole run folder again or train again with --fresh=True"
+        )
+    if not layout.latent_record.is_file():
+        raise UserError(
+            f"{layout.latent_record} is missing, so the latents in {layout.latent_directory} cannot be checked "
+            f"against the model; copy that folder again with it, or run {training_script_for(image_size)} --fresh=True"
         )
     try:
         record = json.loads(layout.latent_record.read_text(encoding="utf-8"))
@@ -207,6 +228,16 @@ def read_prior_record(layout, parameters, image_size):
             f"the latent prior's entry in {layout.parameters} is damaged ({type(error).__name__}: {error}); "
             f"train it again with {prior_training_command(image_size)}"
         ) from None
+    recorded_config_hash = record.get("prior_config_sha256")
+    if (
+        recorded_config_hash is not None
+        and recorded_config_hash
+        != hashlib.sha256(json.dumps(record["prior_config"], sort_keys=True).encode()).hexdigest()
+    ):
+        raise UserError(
+            f"the latent prior's configuration in {layout.parameters} (its standardisation included) was "
+            f"changed after training; copy the run folder again or train it again with {prior_training_command(image_size)}"
+        )
     if recorded_run != parameters.get("run_fingerprint"):
         raise UserError(
             f"{layout.latent_prior} was trained on another CVAE run than {layout.directory} holds; "
@@ -270,19 +301,23 @@ ANNOUNCE_ABOVE_IMAGES = 100_000
 
 
 def check_room_for(output_dir, image_count, image_size):
-    """Say what a large request will take, and refuse one the disk cannot hold, before writing anything."""
-    needed = image_count * (image_size * image_size * BYTES_PER_PIXEL_ESTIMATE + 400)
+    """Say what a large request will take, and refuse one the disk cannot hold, before writing anything.
+
+    Each image takes whole blocks of the file system (4 kB on most), which at small sizes is most of it."""
     existing = next(folder for folder in (Path(output_dir), *Path(output_dir).parents) if folder.exists())
+    block = os.statvfs(existing).f_frsize or 4096
+    image_bytes = image_size * image_size * BYTES_PER_PIXEL_ESTIMATE + 1000  # headers and the embedded row
+    needed = image_count * block * np.ceil(image_bytes / block)
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise UserError(
-            f"{image_count:,} images of {image_size} px need about {needed / 1e9:,.1f} GB, but the disk "
-            f"holding {output_dir} has {free / 1e9:,.1f} GB free; ask for fewer with --images_per_class"
+            f"{image_count:,} images of {image_size} px need about {describe_size(needed)}, but the disk "
+            f"holding {output_dir} has {describe_size(free)} free; ask for fewer with --images_per_class"
         )
     if image_count > ANNOUNCE_ABOVE_IMAGES:
         print(
-            f"generating {image_count:,} images: about {needed / 1e9:,.1f} GB in {output_dir} "
-            f"({free / 1e9:,.1f} GB free); at a few hundred images/s on 2 cores this takes hours"
+            f"generating {image_count:,} images: about {describe_size(needed)} in {output_dir} "
+            f"({describe_size(free)} free); at a few hundred images/s on 2 cores this takes hours"
         )
 
 
@@ -297,17 +332,21 @@ def fit_class_density(z_mean, seed):
     return mixture.fit(z_mean)
 
 
-def draw_latents(sampling, count, temperature, z_mean, z_log_var, rng, seed):
-    """(latents, source index per latent): the training latent drawn around, the mixture component, or -1."""
+def draw_latents(sampling, count, temperature, z_mean, z_log_var, rng, seed, source_rng):
+    """(latents, source index per latent): the training latent drawn around, the mixture component, or -1.
+    The noise is `rng`'s first draw and the sources come from `source_rng`, so that the first k of
+    any count are the same k."""
     dimension = z_mean.shape[1]
     noise = rng.standard_normal((count, dimension)).astype(np.float32)
     if sampling == "prior":
         return noise * temperature, np.full(count, -1)
     if sampling == "posterior":
-        sources = rng.integers(0, len(z_mean), count)
+        sources = source_rng.integers(0, len(z_mean), count)
         return z_mean[sources] + np.exp(0.5 * z_log_var[sources]) * noise * temperature, sources
     mixture = fit_class_density(z_mean, seed)
-    sources = rng.choice(len(mixture.weights_), size=count, p=mixture.weights_ / mixture.weights_.sum())
+    sources = source_rng.choice(
+        len(mixture.weights_), size=count, p=mixture.weights_ / mixture.weights_.sum()
+    )
     if mixture.covariance_type == "full":
         factors = np.linalg.cholesky(mixture.covariances_)
         offsets = np.einsum("nij,nj->ni", factors[sources], noise)
@@ -343,14 +382,18 @@ def restore_aspect(image, aspect_ratio, resize_mode):
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
-def next_file_number(generated_layout, class_name):
-    """One past the highest Synthetic_<Class>_<N>.png already there, so nothing is overwritten."""
-    numbers = [
-        int(match.group(1))
-        for path in generated_layout.images(class_name)
-        if (match := FILE_NUMBER_PATTERN.match(path.name))
-    ]
+def next_file_number(generated_layout, class_name, manifest_rows=()):
+    """One past the highest number a Synthetic_<Class>_<N>.png there or a manifest row of the class has
+    held, so that nothing is overwritten and no name is given twice (a deleted image keeps its row)."""
+    folder = generated_layout.class_folder(class_name)
+    names = [path.name for path in folder.glob(f"Synthetic_{glob_escape(class_name)}_*.png")]
+    names += [row["file"].split("/", 1)[1] for row in manifest_rows if row["class"] == class_name]
+    numbers = [int(match.group(1)) for name in names if (match := FILE_NUMBER_PATTERN.match(name))]
     return max(numbers, default=0) + 1
+
+
+def glob_escape(text):
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def make_decode_function(decoder, batch_size, latent_dim, num_classes):
@@ -395,86 +438,185 @@ def save_generated(path, pixels, aspect_ratio, resize_mode, row):
     write_png_atomic(path, image, compress_level=1, text={MANIFEST_ROW_KEY: json.dumps(row)})
 
 
-def read_manifest_files(manifest_path):
-    """The image files the manifest names; a manifest without its header is refused in one line."""
+def parse_manifest_line(raw):
+    """The fields of one manifest line, or None for bytes that are not a line of text."""
+    try:
+        text = raw.decode("utf-8")
+        return next(csv.reader([text.rstrip("\r")]), [])
+    except (UnicodeDecodeError, csv.Error):
+        return None
+
+
+def manifest_row(fields, header):
+    """A line's row when it names an image of its class; without a valid header, the columns are taken
+    in order (every manifest's columns begin with the first manifest's)."""
+    if fields is None:
+        return None
+    columns = header or MANIFEST_COLUMNS[: len(fields)]
+    if len(fields) != len(columns) or len(fields) < OLDEST_MANIFEST_COLUMNS:
+        return None
+    row = dict(zip(columns, fields))
+    match = MANIFEST_FILE_PATTERN.match(row["file"])
+    return row if match and row["class"] == match["class_name"] else None
+
+
+def read_manifest(manifest_path):
+    """(the manifest's valid rows, how many of its lines are damaged, whether it must be written again).
+
+    Damage is a last row cut short (a disk that filled up, a kill), bytes that are not text, a row that
+    names no image of its class (a row glued to a partial one, junk); a header without the newest columns
+    is rewritten too. A header of other columns (another program's file) is refused in one line."""
     if not manifest_path.exists():
-        return set()
-    with open(manifest_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            return set()
-        if "file" not in reader.fieldnames:
+        return [], 0, False
+    lines = manifest_path.read_bytes().split(b"\n")
+    damaged = int(bool(lines.pop().strip()))  # what follows the last newline: a row cut short
+    if not lines:
+        return [], damaged, bool(damaged)
+    header = parse_manifest_line(lines[0])
+    if header and header != MANIFEST_COLUMNS[: len(header)] and all(map(HEADER_NAME_PATTERN.match, header)):
+        raise UserError(
+            f"{manifest_path} has other columns than this version writes; move it aside and run again"
+        )
+    if not header or header != MANIFEST_COLUMNS[: len(header)] or "file" not in header:
+        header, damaged = None, damaged + 1
+    rows = []
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        row = manifest_row(parse_manifest_line(line), header)
+        if row is None:
+            damaged += 1
+        else:
+            rows.append(row)
+    return rows, damaged, bool(damaged) or header != MANIFEST_COLUMNS
+
+
+def embedded_row(path, class_name):
+    """The manifest row a generated PNG carries; a placeholder for an image without one; None when the
+    file cannot be read (damaged, a dangling link)."""
+    name = f"{class_name}/{path.name}"
+    try:
+        with Image.open(path) as image:
+            stored = getattr(image, "text", {}).get(MANIFEST_ROW_KEY)
+        row = json.loads(stored) if stored else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if not isinstance(row, dict) or row.get("file") != name:
+        row = {"file": name, "class": class_name, "sampling": "unknown"}
+    return row
+
+
+def refuse_links(generated_layout, class_names):
+    """Generation writes only inside its folder: a manifest or class folder that is a symbolic link
+    would be written through to wherever it points, so it is refused."""
+    for path in (generated_layout.manifest, *map(generated_layout.class_folder, class_names)):
+        if path.is_symlink():
+            kind = "file" if path == generated_layout.manifest else "folder"
             raise UserError(
-                f"{manifest_path} does not start with its header row; move it aside and run again"
+                f"{path} is a symbolic link, and generation writes only inside {generated_layout.directory}; "
+                f"replace the link with a real {kind}, then run again"
             )
-        return {row["file"] for row in reader}
+
+
+def rewrite_manifest(manifest_path, rows, damaged):
+    """Write the manifest anew, atomically; a damaged one is kept beside it first (nothing is deleted)."""
+    if damaged:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        kept = manifest_path.with_name(f"{manifest_path.name}.damaged-{stamp}")
+        shutil.copyfile(manifest_path, kept)
+        print(f"the damaged manifest is kept as {kept}")
+    write_csv_atomic(
+        manifest_path, [{name: row.get(name) for name in MANIFEST_COLUMNS} for row in rows], MANIFEST_COLUMNS
+    )
 
 
 def reconcile_with_disk(generated_layout, class_names):
-    """Before a run: remove the hidden partial files a killed run left, and give each image a killed
-    run wrote without its manifest row that row, read back from the image itself."""
+    """Before a run: refuse links, remove the hidden partial files a killed run left, repair a damaged
+    manifest and give each image without a row the row it carries itself. Returns the manifest's rows."""
+    refuse_links(generated_layout, class_names)
     manifest_path = generated_layout.manifest
-    known = read_manifest_files(manifest_path)
-    recovered = []
+    rows, damaged, rewrite = read_manifest(manifest_path)
+    known = {row["file"] for row in rows}
+    recovered, unreadable = [], []
     for class_name in class_names:
-        folder = generated_layout.class_folder(class_name)
-        for leftover in folder.glob(".*.partial*"):
+        for leftover in generated_layout.class_folder(class_name).glob(".*.partial*"):
             leftover.unlink(missing_ok=True)
         for path in generated_layout.images(class_name):
-            if f"{class_name}/{path.name}" in known:
-                continue
-            with Image.open(path) as image:
-                stored = image.text.get(MANIFEST_ROW_KEY) if hasattr(image, "text") else None
-            recovered.append(
-                json.loads(stored)
-                if stored
-                else {"file": f"{class_name}/{path.name}", "class": class_name, "sampling": "unknown"}
-            )
-    if recovered:
-        append_manifest_rows(manifest_path, recovered)
+            if f"{class_name}/{path.name}" not in known:
+                row = embedded_row(path, class_name)
+                (unreadable if row is None else recovered).append(row or f"{class_name}/{path.name}")
+    if rewrite or recovered:
+        rewrite_manifest(manifest_path, rows + recovered, damaged)
+    if damaged:
+        print(
+            f"repaired {manifest_path}: {damaged} damaged line(s) left out, {len(rows)} row(s) kept, "
+            f"{len(recovered)} row(s) recovered from the images' embedded rows"
+        )
+    elif recovered:
         print(
             f"recorded {len(recovered)} image(s) a killed run wrote without manifest rows in {manifest_path}"
         )
-    return len(recovered)
+    if unreadable:
+        print(
+            f"note: {len(unreadable)} image(s) in {generated_layout.directory} cannot be read and have no "
+            f"manifest row, left as they are: {', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}"
+        )
+    return rows + recovered
 
 
 def upgrade_manifest_header(manifest_path):
     """Give a manifest written before the newest columns existed those columns (empty for its rows),
     so that rows appended now line up with the header; another header is refused in one line."""
-    if not manifest_path.exists() or manifest_path.stat().st_size == 0:
-        return
-    with open(manifest_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        if header == MANIFEST_COLUMNS:
-            return
-        if header != MANIFEST_COLUMNS[: len(header)]:
-            raise UserError(
-                f"{manifest_path} has other columns than this version writes; move it aside and run again"
-            )
-        rows = list(reader)
-    write_csv_atomic(manifest_path, rows, MANIFEST_COLUMNS)
+    rows, damaged, rewrite = read_manifest(manifest_path)
+    if rewrite:
+        rewrite_manifest(manifest_path, rows, damaged)
+
+
+@contextlib.contextmanager
+def manifest_appender(manifest_path):
+    """A function appending whole rows to the manifest: each call's rows go to the file in one write,
+    and a write the disk cannot finish is cut back, so no reader sees part of a row."""
+    descriptor = os.open(manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+
+    def append(rows, header=False):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(
+            buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", restval="", extrasaction="ignore"
+        )
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        remaining = memoryview(buffer.getvalue().encode("utf-8"))
+        size = os.fstat(descriptor).st_size
+        try:
+            while remaining:
+                remaining = remaining[os.write(descriptor, remaining) :]
+        except OSError as error:
+            os.ftruncate(descriptor, size)
+            raise OSError(error.errno, error.strerror, str(manifest_path)) from None
+
+    try:
+        if os.fstat(descriptor).st_size == 0:
+            append([], header=True)
+        yield append
+    finally:
+        os.close(descriptor)
 
 
 def append_manifest_rows(manifest_path, rows):
     upgrade_manifest_header(manifest_path)
-    new_manifest = not manifest_path.exists() or manifest_path.stat().st_size == 0
-    with open(manifest_path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", restval="")
-        if new_manifest:
-            writer.writeheader()
-        writer.writerows(rows)
+    with manifest_appender(manifest_path) as append:
+        append(rows)
 
 
-def finish_batch(pending, manifest, manifest_file, progress):
+def finish_batch(pending, append, progress):
     """Wait for a batch's PNGs, then record them: a manifest row never names a missing file."""
     if pending is None:
         return
     jobs, rows = pending
     for job in jobs:
         job.result()
-    manifest.writerows(rows)
-    manifest_file.flush()
+    append(rows)
     progress.update(len(rows))
 
 
@@ -504,30 +646,31 @@ def counterfactual_request(generator, label, count, seed, aspect_statistics, dif
     counterfactual = diffusion["counterfactual"]
     source_class = counterfactual["source_class"]
     source_label = list(generator["parameters"]["class_names"]).index(source_class)
-    rng = np.random.default_rng([seed, source_label, COUNTERFACTUAL_STREAM])
+    stream = [seed, source_label, COUNTERFACTUAL_STREAM]
     z_mean = generator["latents"][source_class][0]
     sources = np.arange(count) % len(z_mean)
-    noise = rng.standard_normal((count, *generator["prior"]["config"].map_shape)).astype(np.float32)
+    noise = np.random.default_rng(stream).standard_normal((count, *generator["prior"]["config"].map_shape))
+    noise = noise.astype(np.float32)
 
-    def latents_between(start, stop):
-        chosen = z_mean[sources[start:stop]]
+    def latents_for(indices):
+        chosen = z_mean[sources[indices]]
         if diffusion["edit_strength"] == 0:
             # The stored latent itself, not its round trip through the standardisation: strength 0
             # returns the source's reconstruction bit for bit.
             return chosen
         standardised = latent_prior.from_model_latents(chosen, generator["prior"]["config"])
         return prior_latents(
-            generator, np.full(stop - start, label), noise[start:stop], diffusion, edited=standardised
+            generator, np.full(len(indices), label), noise[indices], diffusion, edited=standardised
         )
 
     return {
         "label": label,
         "count": count,
-        "latents_between": latents_between,
+        "latents_for": latents_for,
         "sources": sources,
         "source_names": [counterfactual["source_names"][index] for index in sources],
         "aspects": (
-            draw_aspect_ratios(count, aspect_statistics, rng)
+            draw_aspect_ratios(count, aspect_statistics, np.random.default_rng([*stream, ASPECT_STREAM]))
             if aspect_statistics is not None
             else np.ones(count)
         ),
@@ -537,12 +680,13 @@ def counterfactual_request(generator, label, count, seed, aspect_statistics, dif
 def class_request(
     generator, class_name, *, images_per_class, sampling, temperature, seed, aspect_statistics, diffusion=None
 ):
-    """What one class's images are made of: its label, a function giving the decoder latents of images
-    start to stop, the source latent of each image and its aspect ratio.
+    """What one class's images are made of: its label, a function giving the decoder latents of the
+    images at some stream indices, the source latent of each image and its aspect ratio.
 
-    One random generator per (seed, class): the same seed gives the same images, whatever other
-    classes are asked for in the same run. A diffusion image starts from noise of the map's shape,
-    the generator's first draw (times the temperature); the prior then denoises it batch by batch."""
+    Random generators per (seed, class): the same seed gives the same images, whatever other
+    classes are asked for in the same run, and image i of the stream is the same whatever the count
+    asked for. A diffusion image starts from noise of the map's shape, the first generator's first
+    draw (times the temperature); the prior then denoises it batch by batch."""
     label = list(generator["parameters"]["class_names"]).index(class_name)
     if diffusion and diffusion.get("counterfactual"):
         return counterfactual_request(generator, label, images_per_class, seed, aspect_statistics, diffusion)
@@ -552,66 +696,141 @@ def class_request(
         noise = rng.standard_normal((images_per_class, *map_shape)).astype(np.float32) * temperature
         sources = np.full(images_per_class, -1)
 
-        def latents_between(start, stop):
-            return prior_latents(generator, np.full(stop - start, label), noise[start:stop], diffusion)
+        def latents_for(indices):
+            return prior_latents(generator, np.full(len(indices), label), noise[indices], diffusion)
     else:
         z_mean, z_log_var = generator["latents"][class_name]
-        latents, sources = draw_latents(sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed)
+        source_rng = np.random.default_rng([seed, label, SOURCE_STREAM])
+        latents, sources = draw_latents(
+            sampling, images_per_class, temperature, z_mean, z_log_var, rng, seed, source_rng
+        )
 
-        def latents_between(start, stop):
-            return latents[start:stop]
+        def latents_for(indices):
+            return latents[indices]
 
     aspects = (
-        draw_aspect_ratios(images_per_class, aspect_statistics, rng)
+        draw_aspect_ratios(
+            images_per_class, aspect_statistics, np.random.default_rng([seed, label, ASPECT_STREAM])
+        )
         if aspect_statistics is not None
         else np.ones(images_per_class)
     )
     return {
         "label": label,
         "count": images_per_class,
-        "latents_between": latents_between,
+        "latents_for": latents_for,
         "sources": sources,
         "source_names": None,
         "aspects": aspects,
     }
 
 
+def stream_key(row):
+    """What makes two images draws of one stream: their class, how and by which model they were made
+    (every column but the per-image ones) and, for counterfactuals, the class of the source crops."""
+    shared = tuple(
+        "" if row.get(name) is None else str(row.get(name))
+        for name in MANIFEST_COLUMNS
+        if name not in PER_IMAGE_COLUMNS
+    )
+    return (*shared, str(row.get("counterfactual_source") or "").split("/")[0])
+
+
+def images_of_request(manifest_rows, template, count):
+    """{stream index: file} of the manifest's images of the request `template` describes, below `count`."""
+    key, found = stream_key(template), {}
+    for row in manifest_rows:
+        try:
+            index = int(row.get("stream_index"))
+        except (TypeError, ValueError):
+            continue  # a row written before stream indices were recorded, or recovered without its own
+        if 0 <= index < count and stream_key(row) == key:
+            found.setdefault(index, row["file"])
+    return found
+
+
+def say_what_exists(class_name, folder, count, existing, seed):
+    if len(existing) == count:
+        print(
+            f"{class_name}: the {count} images asked for (seed {seed}) are in {folder} already; none written"
+        )
+    elif existing:
+        print(
+            f"{class_name}: {len(existing)} of the {count} images asked for (seed {seed}) are in {folder} "
+            f"already; writing the other {count - len(existing)}"
+        )
+
+
 def write_class(
-    generator, generated_layout, class_name, request, *, decode_batch, writers, manifest, progress
+    generator,
+    generated_layout,
+    class_name,
+    request,
+    *,
+    decode_batch,
+    writers,
+    append,
+    progress,
+    manifest_rows,
 ):
-    """Decode and write one class's images a batch at a time, each batch's PNGs finishing while the
-    next is drawn and decoded; a batch's manifest rows are written once its files exist. Returns the paths."""
+    """Decode and write the images of one class's request that are not there yet, a batch at a time, each
+    batch's PNGs finishing while the next is drawn and decoded; a batch's manifest rows are written once
+    its files exist. Returns (the paths written, the paths of every image of the request)."""
     drawn = class_request(generator, class_name, **request["draw"])
-    generated_layout.class_folder(class_name).mkdir(parents=True, exist_ok=True)
-    first_number = next_file_number(generated_layout, class_name)
-    paths, pending, batch_size = [], None, request["batch_size"]
-    for start in range(0, drawn["count"], batch_size):
-        stop = min(start + batch_size, drawn["count"])
-        images = decode_batch(drawn["latents_between"](start, stop), drawn["label"])
+    template = {"class": class_name, **request["row"]}
+    if drawn["source_names"] is not None:
+        template["counterfactual_source"] = drawn["source_names"][0]
+    existing = images_of_request(manifest_rows, template, drawn["count"])
+    folder = generated_layout.class_folder(class_name)
+    say_what_exists(class_name, folder, drawn["count"], existing, request["draw"]["seed"])
+    progress.update(len(existing))
+    to_write = np.array([index for index in range(drawn["count"]) if index not in existing], dtype=np.int64)
+    folder.mkdir(parents=True, exist_ok=True)
+    first_number = next_file_number(generated_layout, class_name, manifest_rows)
+    paths = {index: generated_layout.directory / name for index, name in existing.items()}
+    pending, batch_size, written = None, request["batch_size"], []
+    for start in range(0, len(to_write), batch_size):
+        indices = to_write[start : start + batch_size]
+        images = decode_batch(drawn["latents_for"](indices), drawn["label"])
         if request["grain"] is not None:
-            rngs = grain.image_rngs(request["draw"]["seed"], drawn["label"], range(start, stop))
+            rngs = grain.image_rngs(request["draw"]["seed"], drawn["label"], indices)
             images = grain.add_grain(images, request["grain"], rngs)
         rows, jobs = [], []
-        for offset, pixels in enumerate(images):
-            index = start + offset
-            path = generated_layout.image(class_name, first_number + index)
-            row = {
-                "file": f"{class_name}/{path.name}",
-                "class": class_name,
-                **request["row"],
-                "source_latent_index": int(drawn["sources"][index]),
-                "aspect_ratio": round(float(drawn["aspects"][index]), 4),
-            }
-            if drawn["source_names"] is not None:
-                row["counterfactual_source"] = drawn["source_names"][index]
+        for offset, (index, pixels) in enumerate(zip(indices.tolist(), images)):
+            path = generated_layout.image(class_name, first_number + start + offset)
+            row = image_row(template, drawn, index, path)
             aspect = drawn["aspects"][index] if request["restore_aspect_ratio"] else None
             jobs.append(writers.submit(save_generated, path, pixels, aspect, request["resize_mode"], row))
-            paths.append(path)
+            paths[index] = path
+            written.append(path)
             rows.append(row)
-        finish_batch(pending, *manifest, progress)
+        finish_batch(pending, append, progress)
         pending = (jobs, rows)
-    finish_batch(pending, *manifest, progress)
-    return paths
+    finish_batch(pending, append, progress)
+    return written, [paths[index] for index in sorted(paths)]
+
+
+def image_row(template, drawn, index, path):
+    """One image's manifest row: the request's columns, then what is the image's own."""
+    row = {
+        **template,
+        "file": f"{template['class']}/{path.name}",
+        "source_latent_index": int(drawn["sources"][index]),
+        "aspect_ratio": round(float(drawn["aspects"][index]), 4),
+        "stream_index": index,
+    }
+    if drawn["source_names"] is not None:
+        row["counterfactual_source"] = drawn["source_names"][index]
+    return row
+
+
+class Written(dict):
+    """The paths a generation wrote, per class; `requested` holds, per class, every image of the
+    request in stream order, the ones an earlier run had written included (for the figures)."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = {}
 
 
 def manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model=None):
@@ -647,7 +866,8 @@ def generate(
     diffusion=None,
     grain_model=None,
 ):
-    """Decode and write images class by class; append a manifest row per image.
+    """Decode and write images class by class; append a manifest row per image. Images of the request
+    that an earlier run wrote (the same command again, after a kill or not) are not written again.
 
     `diffusion`, for sampling "diffusion" or counterfactuals (the generator then holds its prior,
     load_latent_prior), is {"guidance", "steps"} and, for counterfactuals, "edit_strength" and
@@ -673,26 +893,24 @@ def generate(
         "restore_aspect_ratio": restore_aspect_ratio,
         "resize_mode": parameters.get("resize_mode", "squash"),
     }
-    generated_layout.manifest.parent.mkdir(parents=True, exist_ok=True)
-    upgrade_manifest_header(generated_layout.manifest)
-    new_manifest = not generated_layout.manifest.exists() or generated_layout.manifest.stat().st_size == 0
+    generated_layout.directory.mkdir(parents=True, exist_ok=True)
+    # What an earlier or killed run wrote is recorded first: its images are not written again.
+    manifest_rows = reconcile_with_disk(generated_layout, list(parameters["class_names"]))
+    written = Written()
     with (
-        open(generated_layout.manifest, "a", newline="", encoding="utf-8") as manifest_file,
+        manifest_appender(generated_layout.manifest) as append,
         ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers,
     ):
-        manifest = csv.DictWriter(manifest_file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", restval="")
-        if new_manifest:
-            manifest.writeheader()
-        return {
-            class_name: write_class(
+        for class_name in dict.fromkeys(class_names):
+            written[class_name], written.requested[class_name] = write_class(
                 generator,
                 generated_layout,
                 class_name,
                 request,
                 decode_batch=decode_batch,
                 writers=writers,
-                manifest=(manifest, manifest_file),
+                append=append,
                 progress=progress,
+                manifest_rows=manifest_rows,
             )
-            for class_name in class_names
-        }
+    return written
