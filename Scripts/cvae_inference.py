@@ -31,7 +31,7 @@ from cilia_cvae.stored_run import SAMPLING_MODES, read_parameters
 
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
-IMAGES_PER_CLASS = 100  # images of each requested class under this seed: the same command again writes only those missing, a larger number continues the seed's images
+IMAGES_PER_CLASS = 100  # images generated for each requested class
 SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" (texture only with a latent map), "class_density" or "diffusion" (the run's latent prior)
 TEMPERATURE = 1.0  # scales the sampling noise (with "diffusion", the starting noise): below 1 gives safer, less varied images
 GUIDANCE = 2.0  # classifier-free guidance of the latent prior: 1 is the conditional model alone (most varied), above 1 truer to the class
