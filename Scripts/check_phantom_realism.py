@@ -7,14 +7,21 @@ each real crop's value within the phantoms' distribution as a percentile. The ph
 every statistic of every real crop lies between their 5th and 95th percentiles: a reader who
 measured these could not single out the real crops by any of them.
 
+With --blind_sheet=PATH it does something else: the eye's test. It writes a shuffled, numbered
+sheet of every real crop and SHEET_PHANTOMS phantoms (all squashed to SHEET_TILE px squares, the
+same way), and the key (which number is which) to a separate file, for an observer who sees only
+the sheet and is asked to pick the real crops. SHEET_SEED chooses the phantoms and the order.
+
 Reads   REAL_SAMPLES_DIR (real crops: .jpg, .png, .tif in any mode)
 Writes  REPORT_JSON if set: the phantoms' percentiles and each real crop's values and percentiles;
         prints a table and the verdict; exit code 1 when a real crop falls outside the 5-95 band
+        or, with BLIND_SHEET: the sheet (PNG) and BLIND_KEY (JSON; default beside it, *_key.json)
 
 Example:
     python Scripts/check_phantom_realism.py --report_json=docs/realism.json
+    python Scripts/check_phantom_realism.py --blind_sheet=/tmp/sheet.png --sheet_seed=3 --phantom_seed=31
 
-Expected run time: about 40 s on 2 cores for 500 phantoms.
+Expected run time: about 40 s on 2 cores for 500 phantoms; a sheet takes a few seconds.
 """
 
 import math
@@ -22,12 +29,14 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from cilia_cvae import config, phantoms, realism
 from cilia_cvae.config import UserError, configure
-from cilia_cvae.files import write_json_atomic
+from cilia_cvae.files import atomic_path, write_json_atomic
 from cilia_cvae.preprocessing import end_with_parent
 
 NUM_IMAGES = 500  # phantoms to measure, in the generator's class proportions
@@ -36,6 +45,12 @@ REAL_SAMPLES_DIR = config.REPOSITORY_ROOT.parent / "shared" / "real-tem-samples"
 WORKERS = 0  # processes rendering and measuring in parallel; 0 uses every core
 LOW_PERCENTILE, HIGH_PERCENTILE = 5.0, 95.0  # the band every real crop's every statistic must fall in
 REPORT_JSON = ""  # if set, also write the numbers here
+BLIND_SHEET = ""  # if set, write only a shuffled, numbered sheet of real crops and phantoms here (PNG)
+BLIND_KEY = ""  # where the sheet's key goes; default: beside the sheet, <name>_key.json
+SHEET_SEED = 0  # chooses the sheet's phantoms and shuffles the tiles
+SHEET_PHANTOMS = 12  # phantoms on the sheet, beside every real crop
+SHEET_TILE = 256  # side of each square tile, px
+SHEET_CLASSES = "all"  # "all": phantoms in the generator's class proportions; or one class name
 
 settings = configure(globals())
 SCHEME = "five"
@@ -48,6 +63,59 @@ if not REAL_SAMPLES_DIR.is_dir():
 real_paths = sorted(path for path in REAL_SAMPLES_DIR.iterdir() if path.suffix.lower() in REAL_SUFFIXES)
 if not real_paths:
     raise UserError(f"{REAL_SAMPLES_DIR} holds no real crops (.jpg, .png or .tif)")
+if BLIND_SHEET:
+    if SHEET_PHANTOMS < 1 or SHEET_TILE < 32:
+        raise UserError(
+            f"--sheet_phantoms must be at least 1 and --sheet_tile at least 32, not {SHEET_PHANTOMS}, {SHEET_TILE}"
+        )
+    proportions = phantoms.CLASS_PROPORTIONS[SCHEME]
+    if SHEET_CLASSES != "all" and SHEET_CLASSES not in proportions:
+        raise UserError(
+            f"--sheet_classes must be 'all' or one of {', '.join(proportions)}, not {SHEET_CLASSES!r}"
+        )
+    sheet_path = Path(BLIND_SHEET)
+    key_path = Path(BLIND_KEY) if BLIND_KEY else sheet_path.with_name(sheet_path.stem + "_key.json")
+    # The phantoms: classes in the generator's proportions (or one class), numbers drawn without
+    # repeats from far beyond any data set's, so the sheet's phantoms are new ones.
+    sheet_rng = np.random.default_rng(SHEET_SEED)
+    names = list(proportions) if SHEET_CLASSES == "all" else [SHEET_CLASSES]
+    shares = np.array([proportions[name] for name in names])
+    chosen_classes = sheet_rng.choice(names, size=SHEET_PHANTOMS, p=shares / shares.sum())
+    numbers = sheet_rng.choice(np.arange(10_001, 1_000_000), size=SHEET_PHANTOMS, replace=False)
+    entries = [{"source": "real", "file": path.name} for path in real_paths]
+    images = [realism.grey_array(path) for path in real_paths]
+    for class_name, number in zip(chosen_classes.tolist(), numbers.tolist()):
+        pixels, _ = phantoms.render_phantom(PHANTOM_SEED, SCHEME, class_name, number)
+        entries.append({"source": "phantom", "class": class_name, "seed": PHANTOM_SEED, "number": number})
+        images.append(pixels.astype(np.float64))
+    order = sheet_rng.permutation(len(entries))
+    columns = 4
+    label_height = 22
+    rows = math.ceil(len(order) / columns)
+    cell = SHEET_TILE + 8
+    sheet = Image.new("L", (columns * cell, rows * (cell + label_height)), 255)
+    draw = ImageDraw.Draw(sheet)
+    tiles = []
+    for position, index in enumerate(order.tolist()):
+        # Every tile squashed to a square the same way: neither size nor aspect tells the source.
+        tile = Image.fromarray(np.clip(images[index], 0, 255).astype(np.uint8), mode="L")
+        tile = tile.resize((SHEET_TILE, SHEET_TILE), Image.Resampling.LANCZOS)
+        left, top = (position % columns) * cell + 4, (position // columns) * (cell + label_height)
+        sheet.paste(tile, (left, top + label_height))
+        draw.text((left + 2, top + 4), str(position + 1), fill=0, font_size=16)
+        tiles.append({"tile": position + 1, **entries[index]})
+    with atomic_path(sheet_path) as temporary_path:
+        sheet.save(temporary_path, format="PNG")
+    key = {
+        "sheet": str(sheet_path),
+        "settings": {"SHEET_SEED": SHEET_SEED, "PHANTOM_SEED": PHANTOM_SEED, "SHEET_CLASSES": SHEET_CLASSES},
+        "real_tiles": [tile["tile"] for tile in tiles if tile["source"] == "real"],
+        "tiles": tiles,
+    }
+    write_json_atomic(key_path, key)
+    print(f"sheet of {len(tiles)} tiles ({len(real_paths)} real) written to {sheet_path}; key in {key_path}")
+    sys.exit(0)
+
 counts = phantoms.class_counts(NUM_IMAGES, SCHEME)
 tasks = [(name, number) for name in counts for number in range(1, counts[name] + 1)]
 

@@ -20,8 +20,8 @@ def render_with(seed, class_name, number, change):
         state, drawn = copy.deepcopy(rng), copy.deepcopy(cilium)
         if altered:
             change(drawn)
-        density, pixels_per_nm = phantoms.compose_section(state, drawn, width, height)
-        images.append(phantoms.apply_microscope(state, density, pixels_per_nm))
+        density, texture, pixels_per_nm = phantoms.compose_section(state, drawn, width, height)
+        images.append(phantoms.apply_microscope(state, density, texture, pixels_per_nm))
     return images
 
 
@@ -86,3 +86,45 @@ def test_the_script_places_each_crop_and_refuses_a_folder_without_crops(tmp_path
     refused = script("check_phantom_realism", f"--real_samples_dir={empty}", "--num_images=40")
     assert refused.returncode == 2
     assert "holds no real crops" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_blind_sheet_hides_the_key_and_repeats_with_its_seed(tmp_path, script):
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for number in (1, 2):
+        Image.new("L", (90, 70), 40 * number).save(crops / f"real_{number}.png")
+    sheets = {}
+    for name, seed in (("first", 3), ("again", 3), ("other", 4)):
+        finished = script(
+            "check_phantom_realism",
+            f"--real_samples_dir={crops}",
+            f"--blind_sheet={tmp_path / name}.png",
+            "--sheet_phantoms=3",
+            "--sheet_tile=48",
+            f"--sheet_seed={seed}",
+            "--phantom_seed=8",
+        )
+        assert finished.returncode == 0, finished.stderr
+        key = json.loads((tmp_path / f"{name}_key.json").read_text())
+        sheets[name] = ((tmp_path / f"{name}.png").read_bytes(), key)
+    sheet, key = sheets["first"]
+    # Five numbered tiles: the two real crops somewhere among three phantoms, the key apart.
+    assert sorted(tile["tile"] for tile in key["tiles"]) == [1, 2, 3, 4, 5]
+    assert sorted(tile["file"] for tile in key["tiles"] if tile["source"] == "real") == [
+        "real_1.png",
+        "real_2.png",
+    ]
+    assert key["real_tiles"] == [tile["tile"] for tile in key["tiles"] if tile["source"] == "real"]
+    assert all(tile["seed"] == 8 for tile in key["tiles"] if tile["source"] == "phantom")
+    assert b"real_1" not in sheet
+    with Image.open(tmp_path / "first.png") as image:
+        assert image.mode == "L" and image.width == 4 * (48 + 8)
+        # A real crop's tile holds its flat grey (40 or 80) after squashing: the sheet shows the crops.
+        pixels = np.asarray(image)
+    position = key["real_tiles"][0] - 1
+    real_grey = 40 * int(key["tiles"][position]["file"][5])
+    left, top = (position % 4) * 56 + 4, (position // 4) * (56 + 22) + 22
+    assert abs(float(np.median(pixels[top : top + 48, left : left + 48])) - real_grey) <= 1
+    # The same seed repeats the sheet byte for byte; another seed draws other phantoms.
+    assert sheets["again"][0] == sheet and sheets["again"][1]["tiles"] == key["tiles"]
+    assert sheets["other"][1]["tiles"] != key["tiles"]
