@@ -23,6 +23,7 @@ Under several workers (TF_CONFIG) the stage is skipped with a note: run it after
 host with --continue_finished=True.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -33,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from cilia_cvae import data, latent_prior, training
-from cilia_cvae.config import jsonable
+from cilia_cvae import data, latent_prior, runs, training
+from cilia_cvae.config import UserError, jsonable
 from cilia_cvae.files import atomic_path, move_aside, sha256_of_file, write_json_atomic
 from cilia_cvae.layout import RunLayout
 from cilia_cvae.model_config import ModelConfig
@@ -93,8 +94,38 @@ def skip_reason(settings, parameters, layout):
         and recorded.get("epochs_done", 0) >= settings["PRIOR_EPOCHS"]
         and layout.latent_prior.exists()
     ):
-        return f"the latent prior of this run is trained ({recorded['epochs_done']} epochs)"
+        if sha256_of_file(layout.latent_prior) == recorded.get("sha256"):
+            return f"the latent prior of this run is trained ({recorded['epochs_done']} epochs)"
+        # Damaged or replaced: written again from the prior's last checkpoint (trained again without one).
+        print(
+            f"{layout.latent_prior} is not the file its training recorded (damaged or replaced): "
+            f"writing it again from the prior's checkpoints in {layout.prior_checkpoints}"
+        )
     return None
+
+
+def config_hash(prior_config_json):
+    """The sha256 of a prior's configuration, its standardisation (latent_shift, latent_scale) included:
+    recorded beside it, so that an edit of cvae_parameters.json cannot change what the prior's maps mean."""
+    return hashlib.sha256(json.dumps(prior_config_json, sort_keys=True).encode()).hexdigest()
+
+
+def load_encoder(layout):
+    """The run's encoder in safe mode, the very file its training saved (its hash in latents.json, for
+    runs that recorded it); a damaged or foreign file is one line naming it."""
+    from cilia_cvae.generation import load_saved_model
+
+    remedy = "copy the run folder again or train the CVAE again with --fresh=True"
+    try:
+        recorded = json.loads(layout.latent_record.read_text(encoding="utf-8")).get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    expected = recorded.get(layout.encoder.name)
+    if expected is not None and (not layout.encoder.is_file() or sha256_of_file(layout.encoder) != expected):
+        raise UserError(
+            f"{layout.encoder} is not the encoder its run saved (its sha256 differs from {layout.latent_record}); {remedy}"
+        )
+    return load_saved_model(layout.encoder, f"it is damaged or not this project's: {remedy}")
 
 
 # --------------------------------------------------------------------------- the latents it learns
@@ -199,7 +230,7 @@ def start_prior(strategy, settings, facts, parameters, layout):
     layout.prior_checkpoints.mkdir(parents=True, exist_ok=True)
     write_json_atomic(layout.prior_settings, wanted)
 
-    encoder = keras.models.load_model(layout.encoder, safe_mode=True)
+    encoder = load_encoder(layout)
     paths, labels = data.list_training_images(
         settings["PROCESSED_IMAGES_DIR"], model_config.image_size, facts["class_names"]
     )
@@ -353,6 +384,7 @@ def finish_prior(stage, settings, layout, parameters, seconds):
         parameters,
         latent_prior={
             "prior_config": stage["prior_config"].to_json(),
+            "prior_config_sha256": config_hash(stage["prior_config"].to_json()),
             "settings": prior_settings(settings),
             "identity": identity(settings, parameters["run_fingerprint"]),
             "epochs_done": int(history[-1]["epoch"]),
@@ -372,14 +404,20 @@ def finish_prior(stage, settings, layout, parameters, seconds):
 def train_prior(settings, facts, parameters, strategy=None):
     """Train (or resume, or skip) the latent prior of the finished run `parameters` describes."""
     layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
+    # The prior-only stage writes the run's folder too: one at a time (a no-op after the CVAE's stage).
+    runs.lock_run(layout, settings)
     reason = skip_reason(settings, parameters, layout)
     if reason:
         print(reason)
         return parameters
+    from cilia_cvae.generation import load_saved_model
+
     started = time.time()
     strategy = strategy or training.choose_strategy()
     stage = start_prior(strategy, settings, facts, parameters, layout)
-    decoder = keras.models.load_model(layout.decoder, safe_mode=True)
+    decoder = load_saved_model(
+        layout.decoder, "it is damaged or not this project's: copy it again or train again with --fresh=True"
+    )
     first_epoch = int(stage["state"]["epochs_done"]) + 1
     for epoch in range(first_epoch, settings["PRIOR_EPOCHS"] + 1):
         row = train_prior_epoch(strategy, stage, settings, epoch)

@@ -12,8 +12,10 @@ import os
 
 import tensorflow as tf
 
+from cilia_cvae import locks
 from cilia_cvae.config import UserError, jsonable
 from cilia_cvae.files import move_aside, write_json_atomic
+from cilia_cvae.layout import ProcessedLayout
 from cilia_cvae.model_config import reconstruction_loss_kind
 
 # Settings that may change between a killed run and its resumption without changing what was
@@ -67,8 +69,29 @@ def changed_settings(recorded, comparable, settings):
     )
 
 
+def fingerprint_before_settings_counted(settings):
+    """The fingerprint a run started before the data fingerprint covered the resize mode and size would
+    have recorded of these processed images, when they were made with the defaults (squash, no
+    stretch) that nearly every such run used; None otherwise. Such a run resumes on them."""
+    try:
+        facts = json.loads(
+            ProcessedLayout(settings["PROCESSED_IMAGES_DIR"], settings["IMAGE_SIZE"]).facts.read_text(
+                encoding="utf-8"
+            )
+        )
+    except (OSError, ValueError):
+        return None
+    if facts.get("resize_mode") != "squash" or facts.get("stretch_percentiles"):
+        return None
+    return facts.get("pixels_fingerprint")
+
+
 def _recorded_changes(layout, comparable, settings):
-    return changed_settings(json.loads(layout.run_settings.read_text(encoding="utf-8")), comparable, settings)
+    recorded = json.loads(layout.run_settings.read_text(encoding="utf-8"))
+    legacy = fingerprint_before_settings_counted(settings)
+    if legacy is not None and recorded.get("DATA_FINGERPRINT") == legacy:
+        recorded["DATA_FINGERPRINT"] = comparable["DATA_FINGERPRINT"]
+    return changed_settings(recorded, comparable, settings)
 
 
 def prepare_run(layout, settings, data_fingerprint):
@@ -168,3 +191,14 @@ def remove_other_best_weights(layout, best_epoch):
     for path in layout.all_best_weights():
         if path != layout.best_weights(best_epoch):
             path.unlink()
+
+
+def lock_run(layout, settings):
+    """Hold, until the process ends, the run's folders (written, the prior-only stage included) and the
+    processed images (read for the whole run, so that preprocessing into them is refused meanwhile).
+    Under several workers the chief locks the run's folders once its strategy says it is the chief."""
+    processed = ProcessedLayout(settings["PROCESSED_IMAGES_DIR"], settings["IMAGE_SIZE"]).directory
+    locks.hold_folder_lock(processed, shared=True)
+    if not os.environ.get("TF_CONFIG"):
+        for folder in (layout.directory, layout.latent_directory):
+            locks.hold_folder_lock(folder)

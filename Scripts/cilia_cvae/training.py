@@ -611,6 +611,7 @@ def report_epoch(session, row):
 def train(settings, facts):
     """Train (or resume) the CVAE described by a training script's settings; write every output."""
     layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
+    runs.lock_run(layout, settings)
     kept = runs.finished_run_to_keep(layout, settings, facts["fingerprint"])
     if kept is not None:
         return kept
@@ -705,6 +706,7 @@ def save_models_and_latents(session, best_epoch):
             with atomic_path(path) as temporary_path:
                 np.save(temporary_path, values[all_labels == label], allow_pickle=False)
             hashes[path.name] = sha256_of_file(path)
+    hashes[layout.encoder.name] = sha256_of_file(layout.encoder)  # the prior stage encodes with it
     # The decoder's hash names the run: inference refuses latents or a decoder of another run.
     run_fingerprint = sha256_of_file(layout.decoder)[:16]
     write_json_atomic(layout.latent_record, {"run_fingerprint": run_fingerprint, "sha256": hashes})
