@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cilia_cvae.config import UserError
-from cilia_cvae.files import write_csv_atomic, write_json_atomic
+from cilia_cvae.files import FOLDER_MODE, write_csv_atomic, write_json_atomic
 from cilia_cvae.images import UnreadableImage, make_square, read_grayscale
 from cilia_cvae.layout import FACTS_FILE_NAME, MANIFEST_FILE_NAME, SPLITS, ProcessedLayout, size_folder_name
 from cilia_cvae.locks import folder_lock
@@ -52,6 +52,11 @@ MANIFEST_COLUMNS = [
 
 # Larger images than this would need gigabytes per image in the model; no microscope crop needs it.
 LARGEST_IMAGE_SIZE = 4096
+# A crop of a cross section is roughly square (the real samples: 1.04 +- 0.12); one longer than 4:1
+# either way is a strip, a scale bar or a whole micrograph, and would be squashed beyond recognition.
+LARGEST_ASPECT_RATIO = 4.0
+# The normal distribution's standard deviation is 1.4826 times its median absolute deviation.
+MAD_TO_STANDARD_DEVIATION = 1.4826
 
 
 def check_image_size(image_size):
@@ -142,9 +147,20 @@ def _process_one(task):
     """Worker: decode, hash and resize one raw file; stage its PNG under its content hash."""
     raw_path, staging_dir, image_size, resize_mode, stretch_percentiles = task
     try:
+        if Path(raw_path).stat().st_size == 0:
+            return {"reason": "empty file (0 bytes)"}
         pixels, facts = read_grayscale(raw_path, stretch_percentiles)
     except UnreadableImage as error:
         return {"reason": str(error)}
+    except OSError as error:
+        return {"reason": f"cannot be read ({error.strerror or error})"}
+    aspect_ratio = facts["width"] / facts["height"]
+    if not 1 / LARGEST_ASPECT_RATIO <= aspect_ratio <= LARGEST_ASPECT_RATIO:
+        return {
+            **facts,
+            "reason": f"{facts['width']}x{facts['height']} px is longer than {LARGEST_ASPECT_RATIO:g}:1; "
+            f"not a crop of one cross section",
+        }
     digest = hashlib.sha256()
     digest.update(f"{pixels.shape[0]}x{pixels.shape[1]}:".encode())
     digest.update(np.ascontiguousarray(pixels).tobytes())
@@ -198,19 +214,23 @@ def output_names(kept_by_class):
     return names
 
 
+def robust_centre_and_spread(values):
+    """The median and 1.4826 x the median absolute deviation: for normal data the mean and standard
+    deviation, but one outlier among many cannot move them."""
+    centre = float(np.median(values))
+    return centre, MAD_TO_STANDARD_DEVIATION * float(np.median(np.abs(values - centre)))
+
+
 def raw_statistics(rows):
-    """The original six-column statistics of the raw image sizes (aspect ratio = width / height)."""
+    """The original six columns of the raw image sizes (aspect ratio = width / height), robust: each
+    "mean" is the median and each "std" the spread robust_centre_and_spread gives, so that one odd
+    image cannot move the aspect ratios generation draws."""
     widths = np.array([row["width"] for row in rows], dtype=np.float64)
     heights = np.array([row["height"] for row in rows], dtype=np.float64)
-    aspects = widths / heights
-    return {
-        "width_mean": widths.mean(),
-        "width_std": widths.std(),
-        "height_mean": heights.mean(),
-        "height_std": heights.std(),
-        "aspect_ratio_mean": aspects.mean(),
-        "aspect_ratio_std": aspects.std(),
-    }
+    statistics = {}
+    for name, values in (("width", widths), ("height", heights), ("aspect_ratio", widths / heights)):
+        statistics[f"{name}_mean"], statistics[f"{name}_std"] = robust_centre_and_spread(values)
+    return statistics
 
 
 def manifest_rows_and_candidates(raw_images_dir):
@@ -324,6 +344,14 @@ def copy_into_splits(work_dir, staging_dir, rows, split_of, names):
     return fingerprint.hexdigest()
 
 
+def data_fingerprint(pixels_fingerprint, image_size, recorded):
+    """The data fingerprint: which raw images went where (copy_into_splits) and how they were made
+    square, since the same images padded instead of squashed, or at another size, are other data."""
+    made = {name: recorded[name] for name in ("resize_mode", "stretch_percentiles")}
+    made = json.dumps(dict(made, image_size=image_size), sort_keys=True)
+    return hashlib.sha256(f"{made}\n{pixels_fingerprint}".encode()).hexdigest()
+
+
 def preprocess(
     *,
     raw_images_dir,
@@ -396,6 +424,8 @@ def build_processed_folder(
     image_size = layout.image_size
     # Built in a hidden folder beside the final one, then swapped in: a killed run leaves the old output.
     work_dir = Path(tempfile.mkdtemp(prefix=f".{layout.directory.name}.partial-", dir=layout.root))
+    # mkdtemp makes a folder only its owner may open; the output gets the usual permissions.
+    os.chmod(work_dir, FOLDER_MODE)
     try:
         staging_dir = work_dir / "staging"
         staging_dir.mkdir()
@@ -415,7 +445,9 @@ def build_processed_folder(
         for split in SPLITS:
             for class_name in class_names:
                 (work_dir / split / class_name).mkdir(parents=True, exist_ok=True)
-        fingerprint = copy_into_splits(work_dir, staging_dir, rows, split_of, output_names(kept_by_class))
+        pixels_fingerprint = copy_into_splits(
+            work_dir, staging_dir, rows, split_of, output_names(kept_by_class)
+        )
         shutil.rmtree(staging_dir)
 
         manifest_rows = [rows[relative] for relative in found]
@@ -429,9 +461,11 @@ def build_processed_folder(
             "seed": seed,
             "stretch_percentiles": list(stretch_percentiles) if stretch_percentiles else None,
         }
+        fingerprint = data_fingerprint(pixels_fingerprint, image_size, recorded)
         facts = processed_facts(
             layout, raw_images_dir, class_names, counts, fingerprint, manifest_rows, recorded
         )
+        facts["pixels_fingerprint"] = pixels_fingerprint
         write_json_atomic(work_dir / FACTS_FILE_NAME, facts)
         statistics = raw_statistics([rows[relative] for relative in split_of])
         write_csv_atomic(layout.raw_statistics, [statistics], STATISTICS_COLUMNS)
