@@ -189,3 +189,55 @@ def test_an_unreadable_image_of_another_class_does_not_stop_generation(tiny_trai
     assert "2 image(s) in" in finished.stdout and "cannot be read" in finished.stdout
     assert "Normal/Synthetic_Normal_00001.png" in finished.stdout
     assert len(list((size_dir / "ODA").glob("*.png"))) == 2
+
+
+def test_values_and_missing_files_are_one_line_naming_what_to_do(tiny_trained_model, tmp_path):
+    for argument, words in (
+        ("--guidance=nan", "--guidance must be a finite number, not 'nan'"),
+        ("--temperature=inf", "--temperature must be a finite number"),
+        ("--temperature=1e30", "--temperature must be between 0.0 and 10.0"),
+    ):
+        finished = generate(tiny_trained_model, tmp_path / "g", argument)
+        assert finished.returncode == 2 and words in finished.stderr.strip().splitlines()[-1], argument
+    import shutil
+
+    copy = dict(tiny_trained_model, latents=tmp_path / "latents")
+    shutil.copytree(tiny_trained_model["latents"], copy["latents"])
+    (copy["latents"] / "32x32" / "latents.json").unlink()
+    finished = generate(copy, tmp_path / "g", "--images_per_class=1")
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr
+    line = finished.stderr.strip().splitlines()[-1]
+    assert "latents.json is missing" in line and "belong to another model" not in line
+    assert not list((tmp_path / "g").glob("*/*/*.png")), "nothing generated after a refusal"
+
+
+def test_a_truncated_generated_image_is_named_by_the_evaluation(tiny_trained_model, tmp_path):
+    output = tmp_path / "generated"
+    assert generate(tiny_trained_model, output, "--images_per_class=2").returncode == 0
+    damaged = output / "32x32" / "ODA" / "Synthetic_ODA_00002.png"
+    damaged.write_bytes(damaged.read_bytes()[:120])
+    finished = run_script(
+        "cvae_evaluate",
+        "--image_size=32",
+        "--quick=True",
+        f"--processed_images_dir={tiny_trained_model['processed']}",
+        f"--models_dir={tiny_trained_model['models']}",
+        f"--generated_images_dir={output}",
+        f"--judge_dir={tmp_path / 'judge'}",
+    )
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr[-2000:]
+    assert f"{damaged} cannot be read" in finished.stderr.strip().splitlines()[-1]
+
+
+def test_a_damaged_cached_judge_is_trained_again(tmp_path, capsys):
+    from cilia_cvae.classifier import cached_domain_classifier
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 255, (16, 32, 32), dtype=np.uint8), np.arange(16) % 2
+    arguments = (tmp_path, "f" * 64, images, labels, 2, 1, 0)
+    cached_domain_classifier(*arguments)
+    [cached] = tmp_path.glob("domain_classifier_*.keras")
+    cached.write_bytes(cached.read_bytes()[:500])
+    model, reused = cached_domain_classifier(*arguments)
+    assert not reused and "cannot be loaded" in capsys.readouterr().out
+    assert cached_domain_classifier(*arguments)[1], "the judge trained again is the cache now"

@@ -103,7 +103,15 @@ def cached_domain_classifier(cache_dir, fingerprint, train_images, train_labels,
     key = f"{train_images.shape[1]}px_{epochs}epochs_seed{seed}_{fingerprint[:16]}"
     model_path = Path(cache_dir) / f"domain_classifier_{key}.keras"
     if model_path.is_file():
-        return keras.models.load_model(model_path), True
+        try:
+            return keras.models.load_model(model_path, safe_mode=True), True
+        except (
+            Exception
+        ) as error:  # Keras raises several kinds (ValueError, OSError, zip errors) for one fault
+            # A cache: a damaged (or foreign) file is trained again and replaced, not a dead end.
+            print(
+                f"the cached judge {model_path} cannot be loaded ({type(error).__name__}): training it again"
+            )
     model = train_classifier(train_images, train_labels, class_count, epochs, seed, verbose=2)
     with atomic_path(model_path) as temporary:
         model.save(temporary)

@@ -11,6 +11,7 @@ and exits with code 2. Any other exception is an internal failure: a traceback a
 """
 
 import ast
+import contextlib
 import errno
 import io
 import math
@@ -100,6 +101,10 @@ def parse_value(name, text, default):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
+    if isinstance(default, float) and isinstance(value, str):
+        # "nan" and "inf" are no Python literals, but float() reads them: refused as numbers below.
+        with contextlib.suppress(ValueError):
+            value = float(text)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(default, float) and isinstance(value, float) and not math.isfinite(value):

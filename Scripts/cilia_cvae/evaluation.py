@@ -7,12 +7,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from cilia_cvae import metrics, texture_report  # noqa: E402
 from cilia_cvae.classifier import cached_domain_classifier, predict  # noqa: E402
 from cilia_cvae.config import UserError  # noqa: E402
 from cilia_cvae.files import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
 from cilia_cvae.images import list_images, load_images  # noqa: E402
+
+
+def readable_images(paths, size):
+    """load_images, with a damaged file (Pillow names none) refused in one line naming it."""
+    try:
+        return load_images(paths, size)
+    except (OSError, SyntaxError, ValueError):
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except (OSError, SyntaxError, ValueError) as error:
+                raise UserError(
+                    f"{path} cannot be read ({error}); move it out of the folder (or write it again), then run again"
+                ) from None
+        raise
 
 
 def quality_metrics(features, labels, predictions, class_names, seed):
@@ -95,7 +112,7 @@ def evaluate_generated(
     )
     if unknown:
         raise UserError(f"generated folders {unknown} are not classes of the processed data {class_names}")
-    images = {split: load_images(paths[split], classifier_size) for split in paths}
+    images = {split: readable_images(paths[split], classifier_size) for split in paths}
     judge, reused = cached_domain_classifier(
         classifier_cache_dir,
         fingerprint,
