@@ -260,15 +260,18 @@ def manifest_rows_and_candidates(raw_images_dir):
     return [relative for relative, _, _ in found], rows, candidates
 
 
-def end_with_parent():
+def end_with_parent(parent_pid):
     """In a pool worker: ask Linux to end this process when its parent dies, so a killed stage leaves
-    no worker blocked on a queue nobody reads (elsewhere the workers end when their pipe closes)."""
+    no worker blocked on a queue nobody reads (elsewhere the workers end when their pipe closes). A
+    parent killed before the worker got this far is not seen by Linux: the worker checks itself."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 is PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def stage_images(
@@ -280,7 +283,9 @@ def stage_images(
         for relative in candidates
     ]
     worker_count = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(max_workers=worker_count, initializer=end_with_parent) as executor:
+    with ProcessPoolExecutor(
+        max_workers=worker_count, initializer=end_with_parent, initargs=(os.getpid(),)
+    ) as executor:
         results = executor.map(
             _process_one, tasks, chunksize=max(1, min(32, len(tasks) // (4 * worker_count)))
         )
