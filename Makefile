@@ -9,11 +9,17 @@ SYSTEM_PYTHON ?= python3
 
 install: $(STAMP)
 
-# Re-install only when requirements.txt changes (the stamp is newer than it otherwise).
+# Re-install only when requirements.txt changes (the stamp is newer than it otherwise). A GPU build of
+# TensorFlow installed as the README says is kept: requirements.txt's tensorflow-cpu would overwrite it.
 $(STAMP): requirements.txt
 	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements.txt
+	if $(PYTHON) -m pip show tensorflow > /dev/null 2>&1; then \
+		grep -v '^tensorflow-cpu==' requirements.txt > $(VENV)/requirements-beside-gpu-build.txt; \
+		$(PYTHON) -m pip install --quiet -r $(VENV)/requirements-beside-gpu-build.txt; \
+	else \
+		$(PYTHON) -m pip install --quiet -r requirements.txt; \
+	fi
 	touch $(STAMP)
 
 # The formatter and the linter first (configured in pyproject.toml): seconds, and a failure names the line.

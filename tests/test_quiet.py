@@ -123,3 +123,17 @@ def test_refusals_of_settings_answer_before_tensorflow_loads(tmp_path):
             line.split("|")[-1].strip() for line in finished.stderr.splitlines() if "import time:" in line
         ]
         assert imported and "tensorflow" not in imported, (name, argument)
+
+
+def test_deprecations_inside_libraries_are_filtered_and_the_projects_own_are_not():
+    # The pytest configuration (pyproject.toml) is in force inside a test; catch_warnings keeps it.
+    with warnings.catch_warnings(record=True) as caught:
+        for module in (
+            "keras.src.backend.tensorflow.core",
+            "tensorflow.python.framework.ops",
+            "cilia_cvae.metrics",
+        ):
+            warnings.warn_explicit(
+                "going away", DeprecationWarning, f"{module}.py", 1, module=module, registry={}
+            )
+    assert [warning.filename for warning in caught] == ["cilia_cvae.metrics.py"]

@@ -1,7 +1,7 @@
 """Shared code of the Cilia CVAE scripts (a module per concern).
 
 Importing the package first, as every script does, keeps TensorFlow's start-up notices out of a
-user's terminal: on a machine without a GPU they read like failures but ask for nothing.
+user's terminal: they read like failures but ask for nothing.
 """
 
 import importlib.abc
@@ -10,12 +10,18 @@ import os
 import subprocess
 import sys
 
-# TensorFlow's C++ core hides its INFO lines; its warnings and errors still show. A user's own value wins.
+# TensorFlow's C++ core hides its INFO lines (the CPU-instructions notice); its warnings and errors
+# still show. A user's own value wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-# Copies stdin to stderr line by line, leaving out what TensorFlow prints while it starts before it
-# reads TF_CPP_MIN_LOG_LEVEL (INFO lines and absl's banner), and the failed cuInit that only follows
-# "Could not find cuda drivers": with no driver installed there is no GPU to fail.
+# Measured with TensorFlow 2.21.0 on a machine without a GPU, what TF_CPP_MIN_LOG_LEVEL cannot hide
+# (TensorFlow prints it before it reads the level):
+# - tensorflow-cpu (requirements.txt), on a processor with AVX-512: absl's banner and "oneDNN custom
+#   operations are on", twice, while TensorFlow loads (only TF_ENABLE_ONEDNN_OPTS=0 would hide them,
+#   and that changes the arithmetic);
+# - the GPU build (the README's GPU install), besides: "Could not find cuda drivers" while it loads,
+#   and "failed call to cuInit" when it first lists its devices, which with no driver asks for nothing.
+# This program copies stdin to stderr line by line without them.
 STARTUP_FILTER_PROGRAM = r"""
 import re, sys
 startup_notice = re.compile(rb"I\d{4} |WARNING: All log messages before absl::InitializeLog\(\) is called")
@@ -39,7 +45,8 @@ def run_with_startup_notices_filtered(action):
         return action()
     read_end, write_end = os.pipe()
     try:
-        # A separate process, so that what it has read is still written if this one dies in C++.
+        # A separate process, so that what it has read is still written if this one dies in C++
+        # (an abort while TensorFlow loads, e.g. on a processor it was not built for).
         startup_filter = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", STARTUP_FILTER_PROGRAM], stdin=read_end, stderr=original_stderr
         )
@@ -76,7 +83,7 @@ class QuietTensorFlowLoader(importlib.abc.Loader):
 
         def import_and_find_devices():
             self.loader.exec_module(module)
-            # Listing the devices is where TensorFlow tries CUDA; it leaves every device setting open.
+            # Listing the devices is where the GPU build tries CUDA; it leaves every device setting open.
             module.config.list_physical_devices()
 
         run_with_startup_notices_filtered(import_and_find_devices)
@@ -86,7 +93,8 @@ class QuietTensorFlowLoader(importlib.abc.Loader):
 
 
 class QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
-    """Finds TensorFlow the usual way on its first import (keras's included) and hands back a quiet loader."""
+    """Finds TensorFlow the usual way on its first import (keras's included) and hands back a quiet
+    loader: the scripts import TensorFlow late, after their settings are checked, wherever they need it."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":
