@@ -25,10 +25,11 @@ $(STAMP): requirements.txt
 # The formatter and the linter first (configured in pyproject.toml): seconds, and a failure names the line.
 # The tests run in one process per core, a test file per process (its module fixtures built once):
 # most of a test is a subprocess starting TensorFlow, busy on one core, so a second core overlaps them.
+# The files are handed out longest first (tests/conftest.py), not by their number of tests.
 test: $(STAMP)
 	$(PYTHON) -m ruff format --check --quiet .
 	$(PYTHON) -m ruff check --quiet .
-	$(PYTHON) -m pytest -q --numprocesses=auto --dist=loadfile tests
+	$(PYTHON) -m pytest -q --numprocesses=auto --dist=loadfile --no-loadscope-reorder tests
 
 demo: $(STAMP)
 	$(PYTHON) Scripts/demo.py
