@@ -116,6 +116,8 @@ from cilia_cvae.evaluation import evaluate_generated, write_report  # noqa: E402
 
 # The report is written beside the images: no generation may add to them meanwhile.
 locks.hold_folder_lock(generated_dir)
+# The real splits are read for the whole run: no preprocessing may replace them meanwhile.
+locks.hold_folder_lock(ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).directory, shared=True)
 started = time.perf_counter()
 report = evaluate_generated(
     processed_dir=ProcessedLayout(PROCESSED_IMAGES_DIR, IMAGE_SIZE).directory,

@@ -241,3 +241,46 @@ def test_a_damaged_cached_judge_is_trained_again(tmp_path, capsys):
     model, reused = cached_domain_classifier(*arguments)
     assert not reused and "cannot be loaded" in capsys.readouterr().out
     assert cached_domain_classifier(*arguments)[1], "the judge trained again is the cache now"
+
+
+def test_preprocessing_under_a_running_evaluation_is_refused_naming_it(tiny_trained_model, tmp_path):
+    import shutil
+    import sys
+
+    from test_robustness_stages import wait_for_lock
+
+    from conftest import REPOSITORY_ROOT, SCRIPTS_DIR
+
+    processed, output = tmp_path / "processed", tmp_path / "generated"
+    shutil.copytree(tiny_trained_model["processed"], processed)
+    folders = dict(tiny_trained_model, processed=processed)
+    assert generate(folders, output, "--images_per_class=2").returncode == 0
+    evaluation = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPTS_DIR / "cvae_evaluate.py"),
+            "--image_size=32",
+            "--classifier_epochs=400",
+            "--classifier_size=32",
+            f"--processed_images_dir={processed}",
+            f"--models_dir={tiny_trained_model['models']}",
+            f"--generated_images_dir={output}",
+            f"--judge_dir={tmp_path / 'judge'}",
+        ],
+        cwd=REPOSITORY_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for_lock(processed / ".32x32.lock", f"reading: process {evaluation.pid} ", evaluation)
+        finished = run_script(
+            "cvae_pre_processing",
+            f"--raw_images_dir={tiny_trained_model['raw']}",
+            f"--processed_images_dir={processed}",
+            "--image_size=32",
+        )
+        assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr[-2000:]
+        assert f"is being read by process {evaluation.pid}" in finished.stderr.strip().splitlines()[-1]
+    finally:
+        evaluation.kill()
+        evaluation.wait()
