@@ -219,3 +219,38 @@ def test_one_strip_among_crops_moves_no_aspect_statistic_and_an_empty_file_is_ca
     assert manifest.loc["ODA/strip.png", "outcome"] == "rejected"
     assert "longer than 4:1" in manifest.loc["ODA/strip.png", "reason"]
     assert manifest.loc["ODA/empty.png", "reason"] == "empty file (0 bytes)"
+
+
+def test_images_replaced_between_reading_the_facts_and_the_lock_are_refused(tmp_path):
+    from cilia_cvae import runs
+    from cilia_cvae.config import UserError
+    from cilia_cvae.layout import RunLayout
+
+    write_processed_split(tmp_path / "processed", images_per_class=2, test_images_per_class=1)
+    facts_path = tmp_path / "processed" / "32x32" / "preprocessing.json"
+    facts = json.loads(facts_path.read_text())
+    settings = {"PROCESSED_IMAGES_DIR": tmp_path / "processed", "IMAGE_SIZE": 32}
+    layout = RunLayout(tmp_path / "models", tmp_path / "latents", 32)
+    # What the script read before TensorFlow loaded, then a preprocessing replaced the images.
+    facts_path.write_text(json.dumps(dict(facts, fingerprint="another")))
+    with pytest.raises(UserError, match="were replaced while this training started"):
+        runs.lock_run(layout, settings, facts)
+
+
+@pytest.mark.parametrize("resize_mode, resumes", [("squash", True), ("pad", False)])
+def test_a_run_recorded_before_the_fingerprint_covered_the_resize_mode(tmp_path, resize_mode, resumes):
+    from cilia_cvae import runs
+    from cilia_cvae.layout import RunLayout
+
+    write_processed_split(tmp_path / "processed", images_per_class=2, test_images_per_class=1)
+    facts_path = tmp_path / "processed" / "32x32" / "preprocessing.json"
+    facts = dict(json.loads(facts_path.read_text()), resize_mode=resize_mode)
+    facts.update(fingerprint="covers the resize mode", pixels_fingerprint="the paths and pixels only")
+    facts_path.write_text(json.dumps(facts))
+    settings = {"PROCESSED_IMAGES_DIR": str(tmp_path / "processed"), "IMAGE_SIZE": 32, "EPOCHS": 1}
+    layout = RunLayout(tmp_path / "models", tmp_path / "latents", 32)
+    layout.checkpoints.mkdir(parents=True)
+    comparable = runs.comparable_settings(settings, facts["fingerprint"])
+    layout.run_settings.write_text(json.dumps(dict(comparable, DATA_FINGERPRINT="the paths and pixels only")))
+    changed = runs._recorded_changes(layout, comparable, settings)
+    assert (changed == "") == resumes, changed

@@ -405,7 +405,7 @@ def train_prior(settings, facts, parameters, strategy=None):
     """Train (or resume, or skip) the latent prior of the finished run `parameters` describes."""
     layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
     # The prior-only stage writes the run's folder too: one at a time (a no-op after the CVAE's stage).
-    runs.lock_run(layout, settings)
+    runs.lock_run(layout, settings, facts)
     reason = skip_reason(settings, parameters, layout)
     if reason:
         print(reason)

@@ -193,12 +193,24 @@ def remove_other_best_weights(layout, best_epoch):
             path.unlink()
 
 
-def lock_run(layout, settings):
+def lock_run(layout, settings, facts):
     """Hold, until the process ends, the run's folders (written, the prior-only stage included) and the
     processed images (read for the whole run, so that preprocessing into them is refused meanwhile).
-    Under several workers the chief locks the run's folders once its strategy says it is the chief."""
-    processed = ProcessedLayout(settings["PROCESSED_IMAGES_DIR"], settings["IMAGE_SIZE"]).directory
-    locks.hold_folder_lock(processed, shared=True)
+    Under several workers the chief locks the run's folders once its strategy says it is the chief.
+
+    The facts were read before TensorFlow loaded, seconds before the lock: a preprocessing that
+    replaced the images in between is caught here, by their fingerprint."""
+    processed = ProcessedLayout(settings["PROCESSED_IMAGES_DIR"], settings["IMAGE_SIZE"])
+    locks.hold_folder_lock(processed.directory, shared=True)
+    try:
+        now = json.loads(processed.facts.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        now = None
+    if now != facts["fingerprint"]:
+        raise UserError(
+            f"the processed images in {processed.directory} were replaced while this training started "
+            f"(a preprocessing ran meanwhile); run the training again"
+        )
     if not os.environ.get("TF_CONFIG"):
         for folder in (layout.directory, layout.latent_directory):
             locks.hold_folder_lock(folder)

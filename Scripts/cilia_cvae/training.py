@@ -611,7 +611,7 @@ def report_epoch(session, row):
 def train(settings, facts):
     """Train (or resume) the CVAE described by a training script's settings; write every output."""
     layout = RunLayout(settings["MODELS_DIR"], settings["LATENT_TENSORS_DIR"], settings["IMAGE_SIZE"])
-    runs.lock_run(layout, settings)
+    runs.lock_run(layout, settings, facts)
     kept = runs.finished_run_to_keep(layout, settings, facts["fingerprint"])
     if kept is not None:
         return kept
