@@ -130,7 +130,10 @@ def measure_phantom(task):
 # forked (they inherit the settings above) and end with this process if it is killed.
 context = multiprocessing.get_context("fork")
 with ProcessPoolExecutor(
-    max_workers=WORKERS or os.cpu_count() or 1, mp_context=context, initializer=end_with_parent
+    max_workers=WORKERS or os.cpu_count() or 1,
+    mp_context=context,
+    initializer=end_with_parent,
+    initargs=(os.getpid(),),
 ) as pool:
     measured = list(pool.map(measure_phantom, tasks, chunksize=8))
 reals = {path.name: realism.measure(path) for path in real_paths}

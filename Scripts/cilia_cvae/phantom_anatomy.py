@@ -218,7 +218,7 @@ def rough_faces(rng, amplitude):
 
 def sample_doublets(rng, ring_radius):
     """Nine doublets, unevenly spaced on a slightly oval ring, each sized, tilted and stained its own way."""
-    size = rng.uniform(0.95, 1.12)
+    size = rng.uniform(0.84, 1.0)
     crispness = rng.uniform(0.3, 1.0)
     oval, oval_angle = rng.uniform(0.0, 0.05), rng.uniform(0, math.pi)
     spacing = rng.normal(0.0, 0.07, size=9)
@@ -262,7 +262,7 @@ def sample_normal_cilium(rng):
     # matrix (about a tenth of the diameter) between the doublets' outer face and the membrane.
     membrane_radius = rng.uniform(118.0, 140.0)
     harmonics, blebs, darkness, width = sample_membrane(rng)
-    doublets = sample_doublets(rng, DOUBLET_RING_RADIUS * rng.uniform(0.99, 1.09))
+    doublets = sample_doublets(rng, DOUBLET_RING_RADIUS * rng.uniform(1.04, 1.14))
     central_angle = rng.uniform(0, math.pi)
     centre = rng.normal(0.0, 2.0, size=2)
     axis = np.array([math.cos(central_angle), math.sin(central_angle)])

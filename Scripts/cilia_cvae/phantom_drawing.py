@@ -37,7 +37,7 @@ from cilia_cvae.phantom_anatomy import (
 
 TEXTURE_REDUCTION = 4  # the texture layer is painted at this fraction of the canvas
 # How strongly each region takes up the clumpy texture of the stain (phantom_microscope.stain).
-TEXTURE = {"resin": 0.2, "pale_band": 0.7, "axoneme": 1.6, "centre": 1.45, "cytoplasm": 1.6}
+TEXTURE = {"resin": 0.2, "pale_band": 0.7, "axoneme": 1.8, "centre": 1.25, "cytoplasm": 1.6}
 
 
 @dataclass

@@ -68,7 +68,7 @@ def stain(rng, density, texture, pixels_per_nm):
     drift = upsampled_noise(rng, shape, max(6.0, rng.uniform(100.0, 250.0) * pixels_per_nm))
     uptake = 1.0 + rng.uniform(0.05, 0.2) * drift
     clumps = np.maximum(upsampled_noise(rng, shape, max(1.5, rng.uniform(3.0, 6.0) * pixels_per_nm)), -0.35)
-    clouds = upsampled_noise(rng, shape, max(2.5, rng.uniform(9.0, 18.0) * pixels_per_nm))
+    clouds = np.maximum(upsampled_noise(rng, shape, max(2.5, rng.uniform(9.0, 18.0) * pixels_per_nm)), -0.5)
     patches = upsampled_noise(rng, shape, max(4.0, rng.uniform(20.0, 60.0) * pixels_per_nm))
     grains = grain(rng, shape, rng.uniform(0.5, 1.4))
     # The texture's strength itself changes across the crop: stain is never stationary.
@@ -76,7 +76,7 @@ def stain(rng, density, texture, pixels_per_nm):
         1.0 + rng.uniform(0.3, 0.8) * upsampled_noise(rng, shape, max(shape) / 3.0), 0.0
     )
     structured = local * (
-        rng.uniform(0.05, 0.13) * clumps + rng.uniform(0.04, 0.1) * clouds + rng.uniform(0.01, 0.06) * grains
+        rng.uniform(0.06, 0.15) * clumps + rng.uniform(0.04, 0.1) * clouds + rng.uniform(0.01, 0.06) * grains
     )
     # Patches of stain lie mostly on material; the resin around the cells stays smoother.
     texture_sum = (
@@ -85,7 +85,9 @@ def stain(rng, density, texture, pixels_per_nm):
         + rng.uniform(0.015, 0.1) * grains
     )
     # Protein-dense structures take up stain unevenly too: their walls come out grainy.
-    return density * uptake + 0.02 + texture_sum * (0.6 + density)
+    stained = density * uptake + 0.02 + texture_sum * (0.6 + density)
+    # Texture never bleaches material below a third of its density: no holes paler than the resin.
+    return np.maximum(stained, 0.35 * density)
 
 
 def defocus(rng, density, pixels_per_nm):
