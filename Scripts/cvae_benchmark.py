@@ -320,19 +320,14 @@ def measure_matmul_gflops(side=1024):
     return statistics.median(speeds)
 
 
-def measure_diffusion_generation(image_size, images_per_class, steps=20, guidance=2.0):
-    """Generation with the latent prior, end to end (DDIM over the latent maps, decoding, PNGs written
-    by cvae_inference's own code), and each network's FLOPs per image.
-
-    The networks are untrained (the cost of a forward pass does not depend on its weights)."""
+def untrained_diffusion_generator(image_size):
+    """The default decoder and latent prior at image_size, untrained (the cost of a forward pass does
+    not depend on its weights), with one stored latent per class, as cvae_inference's code takes them."""
     import dataclasses
 
     import numpy as np
-    import tensorflow as tf
-    from tqdm import tqdm
 
-    from cilia_cvae import generation, latent_prior, models
-    from cilia_cvae.layout import GeneratedLayout
+    from cilia_cvae import latent_prior, models
     from cilia_cvae.model_config import PRESETS
 
     model_config = dataclasses.replace(PRESETS[224].model, image_size=image_size, num_classes=NUM_CLASSES)
@@ -348,6 +343,16 @@ def measure_diffusion_generation(image_size, images_per_class, steps=20, guidanc
     stored = {name: (np.zeros((1, latent_dim), "float32"),) * 2 for name in class_names}
     generator = benchmark_generator(decoder, class_names, latent_dim, image_size, stored)
     generator["prior"] = {"denoiser": denoiser, "config": prior_config}
+    return generator, class_names
+
+
+def time_diffusion_generation(generator, class_names, image_size, images_per_class, steps, guidance):
+    """Images per second of diffusion sampling, decoding and PNG writing, after a warm-up."""
+    from tqdm import tqdm
+
+    from cilia_cvae import generation
+    from cilia_cvae.layout import GeneratedLayout
+
     with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
         options = dict(
             class_names=class_names,
@@ -368,7 +373,20 @@ def measure_diffusion_generation(image_size, images_per_class, steps=20, guidanc
         written = generation.generate(
             generator, GeneratedLayout(folder, image_size), images_per_class=images_per_class, **options
         )
-        end_to_end = sum(len(paths) for paths in written.values()) / (time.perf_counter() - started)
+        return sum(len(paths) for paths in written.values()) / (time.perf_counter() - started)
+
+
+def measure_diffusion_generation(image_size, images_per_class, steps=20, guidance=2.0):
+    """Generation with the latent prior, end to end (DDIM over the latent maps, decoding, PNGs written
+    by cvae_inference's own code), and each network's FLOPs per image."""
+    import tensorflow as tf
+
+    generator, class_names = untrained_diffusion_generator(image_size)
+    end_to_end = time_diffusion_generation(
+        generator, class_names, image_size, images_per_class, steps, guidance
+    )
+    decoder, denoiser = generator["decoder"], generator["prior"]["denoiser"]
+    prior_config, latent_dim = generator["prior"]["config"], generator["parameters"]["latent_dim"]
     decoder_flops = count_flops(decoder, [tf.TensorSpec((1, latent_dim)), tf.TensorSpec((1, NUM_CLASSES))])
     denoiser_flops = count_flops(
         denoiser,

@@ -150,32 +150,19 @@ def copy_subset(work_dir, subset, fingerprint):
     return copy.root
 
 
-def generator_for_fraction(work_dir, subset, seed, fraction):
-    """Train a CVAE on one fraction of the train split and generate from it; reuse an earlier one."""
-    training_arguments, epochs, warmup = usefulness.generator_training_arguments(
-        model_settings, image_size=IMAGE_SIZE, fraction=fraction, full_data_epochs=GENERATOR_EPOCHS, seed=seed
-    )
-    prior_arguments = (
-        usefulness.prior_training_arguments(model_parameters["latent_prior"], fraction)
-        if uses_prior
-        else None
-    )
-    generated = work_dir / f"generated{sampling_tag}"
-    # Reused only if trained and drawn with exactly these settings (a retrained evaluated model may differ).
-    done_path = work_dir / f"done{sampling_tag}.json"
+def finished_generator(done_path, wanted):
+    """Whether the generator recorded at done_path was trained and drawn with exactly these settings
+    (a retrained evaluated model may differ)."""
     done = json.loads(done_path.read_text(encoding="utf-8")) if done_path.is_file() else {}
-    wanted = {"training_arguments": training_arguments, "prior_arguments": prior_arguments}
-    if all(done.get(name) == value for name, value in wanted.items()) and (
+    return all(done.get(name) == value for name, value in wanted.items()) and (
         not sampling_tag or done.get("inference_arguments") == inference_arguments
-    ):
-        return generated / size_name
-    done_path.unlink(missing_ok=True)
-    (work_dir / f"scores{sampling_tag}.json").unlink(missing_ok=True)
-    fingerprint = usefulness.subset_fingerprint(facts["fingerprint"], subset, seed)
-    fraction_processed = copy_subset(work_dir, subset, fingerprint)
-    # A generator killed part-way resumes from its last finished epoch, as the training script
-    # does for a user, when it was started with the same arguments on the same images; otherwise
-    # it starts again from nothing.
+    )
+
+
+def keep_or_clear_started_generator(work_dir, training_arguments, fingerprint):
+    """A generator killed part-way resumes from its last finished epoch, as the training script does
+    for a user, when it was started with the same arguments on the same images; otherwise it starts
+    again from nothing. Returns the record that says how it was started."""
     started_path = work_dir / "started.json"
     started = {"training_arguments": training_arguments, "subset_fingerprint": fingerprint}
     if not (started_path.is_file() and json.loads(started_path.read_text(encoding="utf-8")) == started):
@@ -183,13 +170,11 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
             if (work_dir / folder).exists():
                 shutil.rmtree(work_dir / folder)
         write_json_atomic(started_path, started)
-    if generated.exists():
-        shutil.rmtree(generated)
-    folders = [
-        f"--processed_images_dir={fraction_processed}",
-        f"--models_dir={work_dir / 'models'}",
-        f"--latent_tensors_dir={work_dir / 'latents'}",
-    ]
+    return started_path
+
+
+def train_generator(work_dir, folders, training_arguments, prior_arguments, started_path):
+    """The fraction's CVAE (unless already finished), then its latent prior when the evaluated images used one."""
     if not RunLayout(work_dir / "models", work_dir / "latents", IMAGE_SIZE).parameters.is_file():
         try:
             run_script(training_script, [*training_arguments, *folders])
@@ -201,6 +186,36 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
     if prior_arguments:
         # The second stage on the fraction's finished CVAE; a killed one resumes where it stopped.
         run_script(training_script, [*training_arguments, *folders, *prior_arguments])
+
+
+def generator_for_fraction(work_dir, subset, seed, fraction):
+    """Train a CVAE on one fraction of the train split and generate from it; reuse an earlier one."""
+    training_arguments, epochs, warmup = usefulness.generator_training_arguments(
+        model_settings, image_size=IMAGE_SIZE, fraction=fraction, full_data_epochs=GENERATOR_EPOCHS, seed=seed
+    )
+    prior_arguments = (
+        usefulness.prior_training_arguments(model_parameters["latent_prior"], fraction)
+        if uses_prior
+        else None
+    )
+    generated = work_dir / f"generated{sampling_tag}"
+    done_path = work_dir / f"done{sampling_tag}.json"
+    wanted = {"training_arguments": training_arguments, "prior_arguments": prior_arguments}
+    if finished_generator(done_path, wanted):
+        return generated / size_name
+    done_path.unlink(missing_ok=True)
+    (work_dir / f"scores{sampling_tag}.json").unlink(missing_ok=True)
+    fingerprint = usefulness.subset_fingerprint(facts["fingerprint"], subset, seed)
+    fraction_processed = copy_subset(work_dir, subset, fingerprint)
+    started_path = keep_or_clear_started_generator(work_dir, training_arguments, fingerprint)
+    if generated.exists():
+        shutil.rmtree(generated)
+    folders = [
+        f"--processed_images_dir={fraction_processed}",
+        f"--models_dir={work_dir / 'models'}",
+        f"--latent_tensors_dir={work_dir / 'latents'}",
+    ]
+    train_generator(work_dir, folders, training_arguments, prior_arguments, started_path)
     run_script(
         "cvae_inference",
         [
