@@ -29,8 +29,8 @@ def grainy_images(count, side=64, seed=0, grain=0.06):
         centre = rng.uniform(-0.1, 0.1, 2)
         disc = 0.75 - 0.45 * (np.hypot(x - centre[0], y - centre[1]) < rng.uniform(0.2, 0.35))
         disc = ndimage.gaussian_filter(disc, 2.0)
-        noise = ndimage.gaussian_filter(rng.standard_normal((side, side)), 0.7)
-        noise /= noise.std()
+        # Pixel-scale grain: finer than the grain model's longest wavelength at any size.
+        noise = rng.standard_normal((side, side))
         smooth.append(disc)
         grainy.append(np.clip(disc + grain * (0.5 + disc) * noise, 0, 1))
     return np.array(smooth), np.array(grainy)
@@ -39,11 +39,11 @@ def grainy_images(count, side=64, seed=0, grain=0.06):
 def test_grain_model_restores_the_fine_scale_power_a_decoder_loses(tmp_path):
     from cilia_cvae import grain, texture_report
 
-    smooth, grainy = grainy_images(40)
-    accumulator = grain.GrainAccumulator(64)
+    smooth, grainy = grainy_images(40, side=128)
+    accumulator = grain.GrainAccumulator(128)
     accumulator.add(grainy[:20], smooth[:20])
     model = accumulator.model({"run_fingerprint": "test"})
-    grain.check_model(json.loads(json.dumps(model)), 64)
+    grain.check_model(json.loads(json.dumps(model)), 128)
     # Stronger grain where the image is lighter, as drawn.
     strengths = np.asarray(model["strength_by_grey"])
     centres = np.asarray(model["grey_centres"])

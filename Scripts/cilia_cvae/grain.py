@@ -8,9 +8,11 @@ reconstructions. Its fine-scale part is recorded after training as
 - its power spectrum, radially averaged (how the grain is correlated: its size, not only strength);
 - how its strength depends on the local grey level (TEM grain is not uniform: dense stain and the
   pale background differ);
+- how its strength varies from crop to crop (sections differ: one crop is grainy, the next soft),
+  as quantiles of each crop's strength over the typical one;
 
-and at inference, noise with that spectrum, scaled by the strength at each pixel's grey level, is
-added to decoded images (inference's GRAIN). Only scales finer than LONGEST_WAVELENGTH_SHARE of the
+and at inference, noise with that spectrum, scaled by the strength at each pixel's grey level and by a
+factor drawn for the image from those quantiles, is added to decoded images (inference's GRAIN). Only scales finer than LONGEST_WAVELENGTH_SHARE of the
 image side count as grain: a coarser residual is layout the decoder got wrong (a faint arm, a
 shifted doublet), and drawing it at random would add blobs, not texture.
 
@@ -21,13 +23,15 @@ import math
 
 import numpy as np
 
-VERSION = 1
-# Residual wavelengths longer than this share of the image side are layout, not grain: 1/14 is
-# 16 px at 224, about a doublet's width (the finest layout the decoder is asked to draw).
-LONGEST_WAVELENGTH_SHARE = 1 / 14
+VERSION = 2
+# Residual wavelengths longer than this share of the image side are layout, not grain: 1/28 is
+# 8 px at 224, under half a doublet's width (measured at 224: the texture statistics are the same
+# with 16 px, and a shorter limit leaves the images with less fine grain than the real ones).
+LONGEST_WAVELENGTH_SHARE = 1 / 28
 FREQUENCY_BINS = 40  # radial bins of the power spectrum, from 0 to the corner of the spectrum
 GREY_BINS = 16  # bins of the reconstruction's grey level for the strength curve
 MINIMUM_PIXELS_PER_BIN = 500  # a grey bin with fewer pixels takes its neighbours' strength
+FACTOR_QUANTILES = 21  # quantiles (0, 5, ..., 100%) of the crops' grain strength over its root mean square
 # The random stream of grain noise: per (seed, class, image number), so an image's grain does not
 # depend on the batch it was drawn in or on the other classes of the run.
 STREAM = 2_000_003
@@ -63,6 +67,7 @@ class GrainAccumulator:
         self.counts = np.zeros(GREY_BINS)
         self.sums = np.zeros(GREY_BINS)
         self.square_sums = np.zeros(GREY_BINS)
+        self.image_strengths = []
 
     def add(self, images, reconstructions):
         """images and reconstructions (n, S, S) in [0, 1]."""
@@ -73,6 +78,7 @@ class GrainAccumulator:
         )
         self.pixels += residuals.size
         grain = fine_scale_part(residuals)
+        self.image_strengths.extend(np.std(grain, axis=(1, 2)).tolist())
         self.power += np.sum(np.abs(np.fft.fft2(grain)) ** 2, axis=0) / (self.side * self.side)
         self.images += len(images)
         bins = np.clip(np.digitize(reconstructions, self.grey_edges) - 1, 0, GREY_BINS - 1)
@@ -99,6 +105,11 @@ class GrainAccumulator:
             # Grey levels the reconstructions rarely reach borrow the nearest measured strength.
             deviations = np.interp(centres, centres[reliable], deviations[reliable])
         overall = math.sqrt(max(float(np.sum(self.square_sums) / max(np.sum(self.counts), 1)), 0.0))
+        # Over the root mean square, so that drawing the factors keeps the average power measured.
+        strengths = np.asarray(self.image_strengths)
+        factors = np.quantile(strengths, np.linspace(0, 1, FACTOR_QUANTILES)) / max(
+            math.sqrt(float(np.mean(strengths**2))), 1e-12
+        )
         return {
             "version": VERSION,
             "image_size": self.side,
@@ -108,6 +119,7 @@ class GrainAccumulator:
             "grey_centres": [float(value) for value in centres],
             "strength_by_grey": [float(value) for value in deviations],
             "pixels_by_grey": [int(value) for value in self.counts],
+            "strength_factor_quantiles": [float(value) for value in factors],
             "grain_std": overall,
             "residual_std": math.sqrt(self.residual_square_sum / max(self.pixels, 1)),
             "images": int(self.images),
@@ -122,6 +134,7 @@ def check_model(model, image_size):
         "frequency_edges": FREQUENCY_BINS + 1,
         "grey_centres": GREY_BINS,
         "strength_by_grey": GREY_BINS,
+        "strength_factor_quantiles": FACTOR_QUANTILES,
     }
     if not isinstance(model, dict) or model.get("version") != VERSION:
         raise ValueError("it is not a grain model of this version")
@@ -133,7 +146,10 @@ def check_model(model, image_size):
             raise ValueError(f"its {name} holds a value that is not a finite number")
     if model.get("image_size") != image_size:
         raise ValueError(f"it was measured at {model.get('image_size')} px, not {image_size}")
-    if min(model["power_profile"]) < 0 or min(model["strength_by_grey"]) < 0:
+    if (
+        min(model["power_profile"]) < 0
+        or min(model["strength_by_grey"] + model["strength_factor_quantiles"]) < 0
+    ):
         raise ValueError("it holds a negative power or strength")
 
 
@@ -155,9 +171,12 @@ def add_grain(images, model, rngs):
     pixels = np.asarray(images, np.float64) / 255.0
     side = pixels.shape[1]
     centres, strengths = np.asarray(model["grey_centres"]), np.asarray(model["strength_by_grey"])
+    factors = np.asarray(model["strength_factor_quantiles"])
     out = np.empty_like(pixels)
     for index, (image, rng) in enumerate(zip(pixels, rngs)):
-        strength = np.interp(image, centres, strengths)
+        # This crop's grain: a typical one's strength times a factor drawn from the crops' own spread.
+        factor = np.interp(rng.uniform(), np.linspace(0, 1, len(factors)), factors)
+        strength = factor * np.interp(image, centres, strengths)
         out[index] = image + strength * unit_grain(model, side, rng)
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
