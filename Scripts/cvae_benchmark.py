@@ -50,7 +50,10 @@ CONTENDER = ""  # internal: measure only these contenders (comma-separated) and 
 settings = configure(globals())
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
-CONTENDERS = ("original_224", "default_224", "original_448", "default_448")
+# adversarial_224: the default with the adversarial patch loss switched on (adversarial.py), every
+# step a discriminator's too: what ADVERSARIAL_WEIGHT costs per epoch once its warm-up is over.
+CONTENDERS = ("original_224", "default_224", "original_448", "default_448", "adversarial_224")
+ADVERSARIAL_WEIGHT = 0.5
 warmup_steps, timed_windows, window_seconds = (
     (1, 2, 0.0) if QUICK else (WARMUP_STEPS, TIMED_WINDOWS, WINDOW_SECONDS)
 )
@@ -78,7 +81,8 @@ def contender_setup(name):
         batch_size = preset.batch_size
         model_config = dataclasses.replace(preset.model, image_size=image_size, num_classes=NUM_CLASSES)
     return {
-        "architecture": architecture,
+        "architecture": "default" if architecture == "adversarial" else architecture,
+        "adversarial_weight": ADVERSARIAL_WEIGHT if architecture == "adversarial" else 0.0,
         "image_size": image_size,
         "batch_size": batch_size,
         "model_config": model_config,
@@ -101,7 +105,15 @@ def measure_training(setup):
     strategy = training.choose_strategy()
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
-    model = training.build_cvae(strategy, setup["model_config"], learning_rate=1e-3, seed=0)
+    model = training.build_cvae(
+        strategy,
+        setup["model_config"],
+        learning_rate=1e-3,
+        seed=0,
+        adversarial_weight=setup["adversarial_weight"],
+    )
+    # As after the warm-up: every step trains the discriminator too.
+    model.adversarial_active = setup["adversarial_weight"] > 0
     train_step, _ = training.make_step_functions(model, strategy, jit_compile=training.use_gpu_speedups())
     batch_size, size = setup["batch_size"], setup["image_size"]
     rng = np.random.default_rng(0)
@@ -664,6 +676,9 @@ for size in ("224", "448"):
         ratios[f"default_over_original_{size}_cpu_time"] = (
             cpu_speed[f"default_{size}"] / cpu_speed[f"original_{size}"]
         )
+if speed.get("adversarial_224") and speed["default_224"]:
+    ratios["adversarial_over_default_224"] = speed["adversarial_224"] / speed["default_224"]
+    ratios["adversarial_over_default_224_cpu_time"] = cpu_speed["adversarial_224"] / cpu_speed["default_224"]
 input_pipeline = {
     size: results[f"default_{size}"].get("input_pipeline_images_per_s") for size in ("224", "448")
 }

@@ -521,13 +521,14 @@ def test_two_workers_train_to_the_same_weights_as_one(distributed_weights):
 
 def test_benchmark_quick_mode_runs(tmp_path):
     output = tmp_path / "benchmark.json"
-    result = run_script("cvae_benchmark", "--quick=True", f"--output_json={output}", timeout=300)
+    result = run_script("cvae_benchmark", "--quick=True", f"--output_json={output}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(output.read_text())
-    for contender in ("original_224", "default_224", "original_448", "default_448"):
+    for contender in ("original_224", "default_224", "original_448", "default_448", "adversarial_224"):
         assert measured["train_images_per_s"][contender] > 0
         assert measured["peak_memory_mb"][contender] > 0
         assert measured["batch_size"][contender] > 0
+    assert measured["ratio"]["adversarial_over_default_224"] > 0
     assert measured["generate_images_per_s"]["diffusion_224"] > 0, (
         "generation with the latent prior, end to end"
     )
