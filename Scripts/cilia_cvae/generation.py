@@ -554,7 +554,7 @@ def reconcile_with_disk(generated_layout, class_names):
         )
     elif recovered:
         print(
-            f"recorded {len(recovered)} image(s) a killed run wrote without manifest rows in {manifest_path}"
+            f"recorded {len(recovered)} image(s) an interrupted run wrote without manifest rows in {manifest_path}"
         )
     if unreadable:
         print(
