@@ -866,17 +866,14 @@ def generate(
     diffusion=None,
     grain_model=None,
 ):
-    """Decode and write images class by class; append a manifest row per image. Images of the request
-    that an earlier run wrote (the same command again, after a kill or not) are not written again.
-
-    `diffusion`, for sampling "diffusion" or counterfactuals (the generator then holds its prior,
-    load_latent_prior), is {"guidance", "steps"} and, for counterfactuals, "edit_strength" and
-    "counterfactual": {"source_class", "source_names" (counterfactual_sources)}. With `grain_model`
-    (load_grain_model), each decoded image gets grain drawn from it (grain.py)."""
+    """Decode and write images class by class, a manifest row per image; the images of the request an
+    earlier run wrote (the same command again, after a kill or not) are not written again. `diffusion`,
+    for sampling "diffusion" or counterfactuals (the generator then holds its prior, load_latent_prior),
+    is {"guidance", "steps"}, for counterfactuals with "edit_strength" and "counterfactual": {"source_class",
+    "source_names"}. With `grain_model` (load_grain_model), each image gets grain drawn from it (grain.py)."""
     parameters = generator["parameters"]
-    latent_dim = int(parameters["latent_dim"])
     decode_batch = make_decode_function(
-        generator["decoder"], batch_size, latent_dim, len(parameters["class_names"])
+        generator["decoder"], batch_size, int(parameters["latent_dim"]), len(parameters["class_names"])
     )
     request = {
         "draw": {
@@ -901,16 +898,15 @@ def generate(
         manifest_appender(generated_layout.manifest) as append,
         ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers,
     ):
+        tools = dict(
+            decode_batch=decode_batch,
+            writers=writers,
+            append=append,
+            progress=progress,
+            manifest_rows=manifest_rows,
+        )
         for class_name in dict.fromkeys(class_names):
             written[class_name], written.requested[class_name] = write_class(
-                generator,
-                generated_layout,
-                class_name,
-                request,
-                decode_batch=decode_batch,
-                writers=writers,
-                append=append,
-                progress=progress,
-                manifest_rows=manifest_rows,
+                generator, generated_layout, class_name, request, **tools
             )
     return written

@@ -7,6 +7,7 @@ swapped into place at the end, so a killed run leaves the previous output intact
 """
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -396,19 +397,21 @@ def remove_leftovers_of_killed_runs(layout):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def processed_facts(layout, raw_images_dir, class_names, counts, fingerprint, manifest_rows, recorded):
-    """What preprocessing.json tells the next stages, in its established key order."""
+def processed_facts(layout, raw_images_dir, class_names, counts, pixels_fingerprint, manifest_rows, recorded):
+    """What preprocessing.json tells the next stages, in its established key order (newer keys last)."""
     return {
         "image_size": layout.image_size,
         "resize_mode": recorded["resize_mode"],
         "class_names": class_names,
         "counts": counts,
-        "fingerprint": fingerprint,
+        "fingerprint": data_fingerprint(pixels_fingerprint, layout.image_size, recorded),
         "test_fraction": recorded["test_fraction"],
         "seed": recorded["seed"],
         "stretch_percentiles": recorded["stretch_percentiles"],
         "raw_images_dir": str(raw_images_dir),
         "outcomes": dict(Counter(row["outcome"] for row in manifest_rows)),
+        # Which raw images went where, alone: what a run started before the fingerprint covered more recorded.
+        "pixels_fingerprint": pixels_fingerprint,
     }
 
 
@@ -426,10 +429,9 @@ def build_processed_folder(
     workers,
 ):
     """Process every candidate into a hidden folder, then swap it in place of the previous output."""
-    image_size = layout.image_size
-    # Built in a hidden folder beside the final one, then swapped in: a killed run leaves the old output.
+    # Built in a hidden folder beside the final one, then swapped in: a killed run leaves the old output;
+    # mkdtemp makes a folder only its owner may open, and the output gets the usual permissions.
     work_dir = Path(tempfile.mkdtemp(prefix=f".{layout.directory.name}.partial-", dir=layout.root))
-    # mkdtemp makes a folder only its owner may open; the output gets the usual permissions.
     os.chmod(work_dir, FOLDER_MODE)
     try:
         staging_dir = work_dir / "staging"
@@ -439,7 +441,7 @@ def build_processed_folder(
             rows,
             raw_images_dir=raw_images_dir,
             staging_dir=staging_dir,
-            image_size=image_size,
+            image_size=layout.image_size,
             resize_mode=resize_mode,
             stretch_percentiles=stretch_percentiles,
             workers=workers,
@@ -447,30 +449,25 @@ def build_processed_folder(
         kept_by_class = keep_distinct_images(candidates, rows, raw_images_dir)
         class_names = sorted(kept_by_class)
         split_of = assign_splits(kept_by_class, test_fraction, seed)
-        for split in SPLITS:
-            for class_name in class_names:
-                (work_dir / split / class_name).mkdir(parents=True, exist_ok=True)
+        for split, class_name in itertools.product(SPLITS, class_names):
+            (work_dir / split / class_name).mkdir(parents=True, exist_ok=True)
         pixels_fingerprint = copy_into_splits(
             work_dir, staging_dir, rows, split_of, output_names(kept_by_class)
         )
         shutil.rmtree(staging_dir)
-
         manifest_rows = [rows[relative] for relative in found]
         write_csv_atomic(work_dir / MANIFEST_FILE_NAME, manifest_rows, MANIFEST_COLUMNS)
-        counts = {split: {name: 0 for name in class_names} for split in SPLITS}
-        for relative, split in split_of.items():
-            counts[split][rows[relative]["class"]] += 1
+        counts = Counter((split, rows[relative]["class"]) for relative, split in split_of.items())
+        counts = {split: {name: counts[split, name] for name in class_names} for split in SPLITS}
         recorded = {
             "resize_mode": resize_mode,
             "test_fraction": test_fraction,
             "seed": seed,
             "stretch_percentiles": list(stretch_percentiles) if stretch_percentiles else None,
         }
-        fingerprint = data_fingerprint(pixels_fingerprint, image_size, recorded)
         facts = processed_facts(
-            layout, raw_images_dir, class_names, counts, fingerprint, manifest_rows, recorded
+            layout, raw_images_dir, class_names, counts, pixels_fingerprint, manifest_rows, recorded
         )
-        facts["pixels_fingerprint"] = pixels_fingerprint
         write_json_atomic(work_dir / FACTS_FILE_NAME, facts)
         statistics = raw_statistics([rows[relative] for relative in split_of])
         write_csv_atomic(layout.raw_statistics, [statistics], STATISTICS_COLUMNS)
