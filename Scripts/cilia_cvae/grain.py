@@ -28,6 +28,8 @@ VERSION = 2
 # 8 px at 224, under half a doublet's width (measured at 224: the texture statistics are the same
 # with 16 px, and a shorter limit leaves the images with less fine grain than the real ones).
 LONGEST_WAVELENGTH_SHARE = 1 / 28
+# Pixel-scale grain counts at any size: on small images (under 84 px) the limit is this many pixels.
+SHORTEST_LONGEST_WAVELENGTH = 3.0
 FREQUENCY_BINS = 40  # radial bins of the power spectrum, from 0 to the corner of the spectrum
 GREY_BINS = 16  # bins of the reconstruction's grey level for the strength curve
 MINIMUM_PIXELS_PER_BIN = 500  # a grey bin with fewer pixels takes its neighbours' strength
@@ -46,10 +48,15 @@ def _frequency_edges():
     return np.linspace(0.0, math.sqrt(0.5) + 1e-9, FREQUENCY_BINS + 1)
 
 
+def longest_wavelength(side):
+    """The longest wavelength, in pixels, that counts as grain on images of this side."""
+    return max(LONGEST_WAVELENGTH_SHARE * side, SHORTEST_LONGEST_WAVELENGTH)
+
+
 def fine_scale_part(residuals):
     """The residuals (n, S, S) without their scales longer than the grain's longest wavelength."""
     side = residuals.shape[1]
-    keep = _frequency_radius(side) >= 1.0 / (LONGEST_WAVELENGTH_SHARE * side)
+    keep = _frequency_radius(side) >= 1.0 / longest_wavelength(side)
     return np.real(np.fft.ifft2(np.fft.fft2(residuals) * keep))
 
 
@@ -113,7 +120,7 @@ class GrainAccumulator:
         return {
             "version": VERSION,
             "image_size": self.side,
-            "longest_wavelength_px": LONGEST_WAVELENGTH_SHARE * self.side,
+            "longest_wavelength_px": longest_wavelength(self.side),
             "frequency_edges": [float(value) for value in edges],
             "power_profile": [float(value) for value in profile],
             "grey_centres": [float(value) for value in centres],
