@@ -234,6 +234,27 @@ def draw_doublet(painter, cilium, doublet):
     )
 
 
+def draw_halos_and_spokes(painter, doublets, interior_level):
+    """Each doublet's halo, and its radial spoke: smeared, faint and wide, only its head a little denser."""
+    for doublet in doublets:
+        if not doublet.present:
+            continue
+        draw_halo(painter, doublet)
+        clockwise, outward = doublet.frame()
+        a_centre = doublet.a_tubule_centre()
+        length, bend, strength = doublet.spoke
+        head = a_centre - SPOKE_HEAD_INSET * length * outward + bend * clockwise
+        middle = (a_centre - 10.0 * outward + head) / 2 + 0.6 * bend * clockwise
+        painter.soft(
+            band([a_centre - 10.0 * outward, middle, head], 3.4, 6),
+            interior_level + DENSITY["spoke"] * strength,
+        )
+        painter.soft(
+            ellipse(head, 6.5, count=12, minor_radius=4.2, angle=doublet.angle + math.pi / 2),
+            interior_level + DENSITY["spoke_head"] * strength,
+        )
+
+
 def draw_cilium(painter, cilium, view):
     """Paint one cilium, back to front: dense structures, fuzzy ones and where the texture goes."""
     painter.view = view
@@ -255,25 +276,7 @@ def draw_cilium(painter, cilium, view):
             position = cilium.sheath_centre + radius * np.array([math.cos(angle), math.sin(angle)])
             painter.soft(ellipse(position, size, count=8), centre_level + DENSITY["sheath_granule"] * density)
     doublets = cilium.doublets
-    for doublet in doublets:
-        if not doublet.present:
-            continue
-        draw_halo(painter, doublet)
-        clockwise, outward = doublet.frame()
-        a_centre = doublet.a_tubule_centre()
-        length, bend, strength = doublet.spoke
-        head = a_centre - SPOKE_HEAD_INSET * length * outward + bend * clockwise
-        # Radial spokes are smeared in real sections: faint, wide, only their heads a little denser.
-        middle = (a_centre - 10.0 * outward + head) / 2 + 0.6 * bend * clockwise
-        painter.soft(
-            band([a_centre - 10.0 * outward, middle, head], 3.4, 6),
-            interior_level + DENSITY["spoke"] * strength,
-        )
-        painter.soft(
-            ellipse(head, 6.5, count=12, minor_radius=4.2, angle=doublet.angle + math.pi / 2),
-            interior_level + DENSITY["spoke_head"] * strength,
-        )
-
+    draw_halos_and_spokes(painter, doublets, interior_level)
     # Nexin links join each A tubule to the next doublet's B tubule, clockwise.
     for index, doublet in enumerate(doublets):
         following = doublets[(index + 1) % len(doublets)]
