@@ -25,9 +25,9 @@ The same settings give byte-identical files, whatever the number of workers.
 Example:
     python Scripts/make_phantom_dataset.py --raw_images_dir=/tmp/phantoms --num_images=200 --seed=1
 
-Expected run time: ~4.5-6 CPU-minutes for the default 5,210 images (~1.0 GB): the previous phantoms
-took 2 min 9 s on a nearly idle 2-core machine and these cost 1.03 times their CPU per image; 1,000
-took 66 CPU-seconds on a loaded machine (docs/phantoms.md).
+Expected run time: ~5.3 CPU-minutes for the default 5,210 images (~1.0 GB): the previous phantoms
+took 2 min 9 s on a nearly idle 2-core machine and these cost 1.03 times their CPU per image; the
+5,210 took 319 CPU-seconds (9 min 49 s wall beside three other agents' jobs; docs/phantoms.md).
 """
 
 import json
