@@ -32,11 +32,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from cilia_cvae import config, phantoms, realism
+from cilia_cvae.blind_sheet import write_blind_sheet
 from cilia_cvae.config import UserError, configure
-from cilia_cvae.files import atomic_path, write_json_atomic
+from cilia_cvae.files import write_json_atomic
 from cilia_cvae.preprocessing import end_with_parent
 
 NUM_IMAGES = 500  # phantoms to measure, in the generator's class proportions
@@ -88,31 +88,17 @@ if BLIND_SHEET:
         pixels, _ = phantoms.render_phantom(PHANTOM_SEED, SCHEME, class_name, number)
         entries.append({"source": "phantom", "class": class_name, "seed": PHANTOM_SEED, "number": number})
         images.append(pixels.astype(np.float64))
-    order = sheet_rng.permutation(len(entries))
-    columns = 4
-    label_height = 22
-    rows = math.ceil(len(order) / columns)
-    cell = SHEET_TILE + 8
-    sheet = Image.new("L", (columns * cell, rows * (cell + label_height)), 255)
-    draw = ImageDraw.Draw(sheet)
-    tiles = []
-    for position, index in enumerate(order.tolist()):
-        # Every tile squashed to a square the same way: neither size nor aspect tells the source.
-        tile = Image.fromarray(np.clip(images[index], 0, 255).astype(np.uint8), mode="L")
-        tile = tile.resize((SHEET_TILE, SHEET_TILE), Image.Resampling.LANCZOS)
-        left, top = (position % columns) * cell + 4, (position // columns) * (cell + label_height)
-        sheet.paste(tile, (left, top + label_height))
-        draw.text((left + 2, top + 4), str(position + 1), fill=0, font_size=16)
-        tiles.append({"tile": position + 1, **entries[index]})
-    with atomic_path(sheet_path) as temporary_path:
-        sheet.save(temporary_path, format="PNG")
-    key = {
-        "sheet": str(sheet_path),
-        "settings": {"SHEET_SEED": SHEET_SEED, "PHANTOM_SEED": PHANTOM_SEED, "SHEET_CLASSES": SHEET_CLASSES},
-        "real_tiles": [tile["tile"] for tile in tiles if tile["source"] == "real"],
-        "tiles": tiles,
-    }
-    write_json_atomic(key_path, key)
+    settings = {"SHEET_SEED": SHEET_SEED, "PHANTOM_SEED": PHANTOM_SEED, "SHEET_CLASSES": SHEET_CLASSES}
+    key = write_blind_sheet(
+        images,
+        entries,
+        rng=sheet_rng,
+        tile_side=SHEET_TILE,
+        sheet_path=sheet_path,
+        key_path=key_path,
+        settings=settings,
+    )
+    tiles = key["tiles"]
     print(f"sheet of {len(tiles)} tiles ({len(real_paths)} real) written to {sheet_path}; key in {key_path}")
     sys.exit(0)
 

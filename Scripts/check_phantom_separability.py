@@ -14,9 +14,8 @@ Writes  nothing else; prints both numbers, per-class recall and the confusion ma
 Example:
     python Scripts/check_phantom_separability.py
 
-Expected run time: 7 minutes of CPU on 2 cores for the default 1,000 (13 min wall measured on a
-machine shared with other jobs); with --num_images=4000, 19 min writing and 37 min of CNN on a
-2-core machine at load 12 (docs/phantoms.md).
+Expected run time: 7 minutes of CPU on 2 cores (13 min wall measured on a machine shared with
+other jobs), of which ~1 minute writes the 1,000 phantoms.
 """
 
 import json

@@ -1,15 +1,12 @@
 """Write synthetic TEM crops of cilia cross sections: the pipeline's built-in data.
 
-The real dataset is private, so this script draws realistic phantoms instead (cilia_cvae's
-phantoms, phantom_anatomy, phantom_drawing, phantom_microscope): a wavy, frayed, sometimes
-double-lined membrane with a fuzzy coat; nine doublets on a slightly oval ring, each sized,
-tilted, spaced and stained its own way (thick-walled A tubule, thinner and paler C-shaped B),
-with arms and spokes shaped per doublet; a cloudy central matrix with a granular sheath; seen
-through a simulated specimen and microscope (region-dependent, drifting stain texture at
-several scales, focus that varies across the crop, shot noise, contrast, oblique cuts,
-neighbouring cilia, microvilli and cytoplasm with content), one folder per class, with each
-defect drawn as a change of anatomy. check_phantom_realism.py measures how close they come to
-real crops (and makes blind sheets for the eye); check_phantom_separability.py that the classes
+The real dataset is private, so this script draws realistic phantoms instead: a thin stained
+bilayer membrane on an irregular outline, nine doublets (a dense A tubule, a C-shaped B) with
+faint, fuzzy outer and inner dynein arms, smeared radial spokes, nexin links and a dense central
+pair with its sheath, seen through a simulated microscope (stain grain and patches, focus that
+varies across the crop, shot noise, contrast, oblique cuts, neighbours and cut cytoplasm), one
+folder per class, with each defect drawn as a change of anatomy. check_phantom_realism.py
+measures how close they come to real crops; check_phantom_separability.py that the classes
 differ only in anatomy.
 
 Reads   nothing (REAL_SAMPLES_DIR only for the optional preview grid)
@@ -25,9 +22,9 @@ The same settings give byte-identical files, whatever the number of workers.
 Example:
     python Scripts/make_phantom_dataset.py --raw_images_dir=/tmp/phantoms --num_images=200 --seed=1
 
-Expected run time: ~5.3 CPU-minutes for the default 5,210 images (~1.0 GB): the previous phantoms
-took 2 min 9 s on a nearly idle 2-core machine and these cost 1.03 times their CPU per image; the
-5,210 took 319 CPU-seconds (9 min 49 s wall beside three other agents' jobs; docs/phantoms.md).
+Expected run time: ~4.3 CPU-minutes for the default 5,210 images (~1.0 GB): 2 min 9 s measured on
+a nearly idle 2-core machine, about twice that on the slower machine kind or beside other jobs
+(docs/phantoms.md).
 """
 
 import json

@@ -1,6 +1,5 @@
 """The built-in phantom data: determinism, folders and counts, crop sizes, refusals, anatomy."""
 
-import copy
 import hashlib
 import json
 import math
@@ -146,8 +145,7 @@ def clean_density(cilium):
     """The cilium alone, unrotated and unblurred, at 2 px/nm: what the microscope then degrades."""
     pixels_per_nm, size = 2.0, 640
     view = phantoms.make_view(pixels_per_nm, 0.0, 1.0, 0.0, False, (size / 2, size / 2))
-    density, _ = phantoms.draw_density(cilium, view, size, size, 1)
-    return density, view
+    return phantoms.draw_density(cilium, view, size, size, 1), view
 
 
 def density_at(density, view, point):
@@ -156,27 +154,23 @@ def density_at(density, view, point):
 
 
 def arm_counts(cilium):
-    """How many doublets show an outer and an inner arm, read from the pixels at each arm's middle.
+    """How many doublets show an outer and an inner arm, read from the pixels at the arm's middle.
 
-    Each doublet draws its own arm shape, over whatever lies beneath (halo, interior stain), so an
-    arm "shows" where the density at its middle exceeds that of the same cilium drawn without any
-    arms by a clear margin (a full arm adds 0.24-0.6; the faint IDA remnants under 0.14).
+    Arms are faint (their excess over the matrix is 30-60% of the wall's, the inner arm's less),
+    so "shows" means clearly denser than the bare matrix (0.10), which absent arms leave.
     """
     density, view = clean_density(cilium)
-    armless = copy.deepcopy(cilium)
-    for doublet in armless.doublets:
-        doublet.outer_arm = doublet.inner_arm = 0.0
-    bare, _ = clean_density(armless)
-    shown = []
-    for arm in ("outer", "inner"):
-        excess = [
-            density_at(density, view, point) - density_at(bare, view, point)
-            for doublet in cilium.doublets
-            if doublet.present
-            for point in [doublet.place(getattr(doublet, f"{arm}_arm_path")[2:3])[0]]
-        ]
-        shown.append(sum(value > 0.16 for value in excess))
-    return tuple(shown)
+    outer = sum(
+        density_at(density, view, d.place(phantoms.OUTER_ARM_PATH[2:3])[0]) > 0.3
+        for d in cilium.doublets
+        if d.present
+    )
+    inner = sum(
+        density_at(density, view, d.place(phantoms.INNER_ARM_PATH[2:3])[0]) > 0.28
+        for d in cilium.doublets
+        if d.present
+    )
+    return outer, inner
 
 
 def test_each_class_draws_its_defining_structure():
@@ -193,8 +187,7 @@ def test_each_class_draws_its_defining_structure():
         pair_offset = (
             np.linalg.norm(sum(central.central_tubules) / 2) if len(central.central_tubules) == 2 else 0.0
         )
-        # Shifted 22-32 nm from where it was, which itself lies within ~2 nm of the centre (sd 2 nm).
-        assert len(central.central_tubules) != 2 or pair_offset >= 16.0
+        assert len(central.central_tubules) != 2 or pair_offset >= 20.0
         if central.transposed_doublet is not None:
             assert sum(d.present for d in central.doublets) == 8
 
@@ -209,35 +202,11 @@ def test_outer_arms_point_clockwise_from_base_to_tip_and_mirror_flips_them():
         for doublet in cilium.doublets:
             base, tip = (
                 np.array(view.to_canvas(point[None, :]))
-                for point in doublet.place(doublet.outer_arm_path[[0, -1]])
+                for point in doublet.place(phantoms.OUTER_ARM_PATH[[0, -1]])
             )
             # In screen coordinates (y down), a positive cross product turns clockwise.
             turn = base[0] * tip[1] - base[1] * tip[0]
             assert math.copysign(1.0, turn) == expected_turn
-
-
-def test_every_doublet_and_every_section_varies_like_a_specimen():
-    """Doublets differ within a section (size, tilt, spacing, arm shape), sections differ from each other."""
-    cilia = [phantoms.plan_phantom(6, "five", "Normal", number)[1] for number in range(1, 21)]
-    for cilium in cilia:
-        doublets = cilium.doublets
-        assert np.std([doublet.tilt for doublet in doublets]) > np.radians(2.0)
-        assert np.std([doublet.size for doublet in doublets]) > 0.01
-        turns = np.sort(np.mod([math.atan2(d.centre[1], d.centre[0]) for d in doublets], 2 * math.pi))
-        gaps = np.diff(np.concatenate([turns, [turns[0] + 2 * math.pi]]))
-        assert gaps.std() > np.radians(1.0)  # unevenly spaced, not 40 degrees each
-        tips = np.array([doublet.outer_arm_path[-1] for doublet in doublets])
-        assert np.ptp(tips, axis=0).max() > 3.0  # each outer arm has its own shape (nm)
-    # Between sections: double-lined and single-lined membranes, thin and thick walls, cloudy centres.
-    splits = [cilium.membrane_split for cilium in cilia]
-    assert min(splits) < 0.3 < 0.35 < max(splits)
-    assert np.ptp([cilium.wall_width for cilium in cilia]) > 0.2
-    assert np.ptp([cilium.central_cloud[0] for cilium in cilia]) > 0.08
-
-    # The stain's texture follows the region: more of it inside the axoneme than in the resin.
-    rng, cilium, width, height = phantoms.plan_phantom(6, "five", "Normal", 1)
-    _, texture, _ = phantoms.compose_section(rng, cilium, width, height)
-    assert texture[height // 2, width // 2] > 2 * texture.min() and texture.min() > 0.0
 
 
 def test_the_generator_does_not_import_tensorflow():
