@@ -88,13 +88,13 @@ CONTENDER_SETTINGS = {
     "fixed_variance": {"training": ["--reconstruction_loss=sum_squared_error"], "inference": []},
     "structural_similarity": {"training": ["--structural_weight=1"], "inference": []},
     "prior_sampling": {"training": [], "inference": ["--sampling=prior"]},
-    # The first stage's look: the decoder's own output (no grain drawn onto it), and the adversarial
-    # patch loss (adversarial.py) with and without grain.
-    "default_without_grain": {"training": [], "inference": ["--grain=False"]},
+    # The first stage's look: grain drawn onto the decoder's output (grain.py), and the adversarial
+    # patch loss (adversarial.py) without and with grain.
+    "grain": {"training": [], "inference": ["--grain=True"]},
     "adversarial_patch": {"training": ["--adversarial_weight=0.5"], "inference": []},
-    "adversarial_patch_without_grain": {
+    "adversarial_patch_with_grain": {
         "training": ["--adversarial_weight=0.5"],
-        "inference": ["--grain=False"],
+        "inference": ["--grain=True"],
     },
     # New latent maps from the default's latent prior, at three classifier-free guidance scales.
     **{

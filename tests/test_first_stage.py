@@ -128,8 +128,9 @@ def test_grain_model_is_saved_with_the_run_and_grain_false_gives_the_decoders_ow
     parameters = json.loads((model_dir / "cvae_parameters.json").read_text())
     recorded = parameters["grain_model"]
     assert recorded["file"] == "grain_model.json" and recorded["grain_std"] > 0
-    assert generate(grain_run, "with_grain").returncode == 0
-    plain = generate(grain_run, "without_grain", "--grain=False")
+    assert generate(grain_run, "with_grain", "--grain=True").returncode == 0
+    # GRAIN=False is the default.
+    plain = generate(grain_run, "without_grain")
     assert plain.returncode == 0, plain.stderr
     assert {row["grain"] for row in manifest_rows(grain_run, "with_grain")} == {"True"}
     assert {row["grain"] for row in manifest_rows(grain_run, "without_grain")} == {"False"}
@@ -177,7 +178,7 @@ def test_a_tampered_grain_model_is_one_line_naming_the_file(grain_run, tmp_path)
         model = json.loads(original)
         model["grain_std"] *= 2
         path.write_text(json.dumps(model))
-        result = generate(grain_run, "tampered")
+        result = generate(grain_run, "tampered", "--grain=True")
     finally:
         path.write_bytes(original)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -241,7 +242,7 @@ def test_the_discriminator_resumes_with_its_training_after_a_kill(tmp_path):
 
 
 def test_a_blind_sheet_shuffles_real_and_generated_images_with_its_key_apart(grain_run, tmp_path):
-    assert generate(grain_run, "for_sheet", images_per_class=4).returncode == 0
+    assert generate(grain_run, "for_sheet", "--grain=True", images_per_class=4).returncode == 0
     sheet = tmp_path / "sheet.png"
     arguments = [
         "--image_size=32",

@@ -251,8 +251,8 @@ def headline_table(relative_path):
     shown = [
         "original",
         "default",
-        # The first stage's look: the decoder's own output, and the adversarial lever.
-        "default_without_grain",
+        # The first stage's look: grain drawn onto the decoder's output, and the adversarial lever.
+        "grain",
         "adversarial_patch",
         *sorted(name for name in contenders if name.startswith("diffusion_")),
         "real_test",

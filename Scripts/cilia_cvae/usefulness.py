@@ -158,9 +158,9 @@ def inference_arguments(sampling):
         arguments += [
             f"--{name}={sampling[name]}" for name in ("guidance", "sampling_steps") if sampling.get(name)
         ]
-    # Grain is drawn by default; images drawn without it are repeated without it.
-    if sampling.get("grain") == "False":
-        arguments.append("--grain=False")
+    # Grain is drawn only when asked for; images drawn with it are repeated with it.
+    if sampling.get("grain") == "True":
+        arguments.append("--grain=True")
     return arguments
 
 
