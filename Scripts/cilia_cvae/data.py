@@ -19,10 +19,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from cilia_cvae.config import UserError
+from cilia_cvae.images import first_unreadable
 from cilia_cvae.layout import ProcessedLayout
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -85,16 +85,14 @@ def naming_damaged_images(paths):
     try:
         yield
     except tf.errors.InvalidArgumentError:
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    image.load()
-            except (OSError, SyntaxError, ValueError) as error:
-                raise UserError(
-                    f"{path} is damaged ({error}); run python Scripts/cvae_pre_processing.py again to "
-                    f"write the processed images anew"
-                ) from None
-        raise
+        damaged = first_unreadable(paths)
+        if damaged is None:
+            raise
+        path, error = damaged
+        raise UserError(
+            f"{path} is damaged ({error}); run python Scripts/cvae_pre_processing.py again to "
+            f"write the processed images anew"
+        ) from None
 
 
 def decode_png(path, image_size):

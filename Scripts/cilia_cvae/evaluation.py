@@ -7,13 +7,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from cilia_cvae import metrics, texture_report  # noqa: E402
 from cilia_cvae.classifier import cached_domain_classifier, predict  # noqa: E402
 from cilia_cvae.config import UserError  # noqa: E402
 from cilia_cvae.files import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
-from cilia_cvae.images import list_images, load_images  # noqa: E402
+from cilia_cvae.images import first_unreadable, list_images, load_images  # noqa: E402
 
 
 def readable_images(paths, size):
@@ -21,15 +20,13 @@ def readable_images(paths, size):
     try:
         return load_images(paths, size)
     except (OSError, SyntaxError, ValueError):
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    image.load()
-            except (OSError, SyntaxError, ValueError) as error:
-                raise UserError(
-                    f"{path} cannot be read ({error}); move it out of the folder (or write it again), then run again"
-                ) from None
-        raise
+        damaged = first_unreadable(paths)
+        if damaged is None:
+            raise
+        path, error = damaged
+        raise UserError(
+            f"{path} cannot be read ({error}); move it out of the folder (or write it again), then run again"
+        ) from None
 
 
 def quality_metrics(features, labels, predictions, class_names, seed):

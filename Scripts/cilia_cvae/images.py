@@ -166,3 +166,15 @@ def load_images(paths, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             images[index] = np.asarray(image)
     return images
+
+
+def first_unreadable(paths):
+    """(path, error) of the first file Pillow cannot read in full, or None: what a decoder that names
+    no file (TensorFlow's, or a batch load) failed on."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            return path, error
+    return None
