@@ -38,14 +38,6 @@ def downsampling_levels(image_size):
     return 3 + max(0, int(round(math.log2(max(image_size, 224) / 224))))
 
 
-def receptive_field(image_size):
-    """Side in pixels of the patch each discriminator output judges (4x4 stride-2 steps, then a 3x3)."""
-    field, jump = 1, 1
-    for _ in range(downsampling_levels(image_size)):
-        field, jump = field + 3 * jump, jump * 2
-    return field + 2 * jump
-
-
 def build_patch_discriminator(image_size, base_channels=BASE_CHANNELS):
     """images (n, S, S, 1) in [0, 1] -> one logit per patch (n, S / 2^levels, S / 2^levels, 1)."""
     images = keras.Input((image_size, image_size, 1), name="images")

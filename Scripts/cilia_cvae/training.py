@@ -718,11 +718,12 @@ def fit_grain_model(encoder, decoder, paths, labels, *, num_classes, image_size,
     (the posterior mean decoded), as grain.py's model; the file names the run it was measured on."""
     chosen = np.random.default_rng(0).permutation(len(paths))[:GRAIN_IMAGES]
     chosen.sort()
-    reconstruct = tf.function(
-        lambda images, one_hot: decoder(
-            [encoder([images, one_hot], training=False)[0], one_hot], training=False
-        )
-    )
+
+    # A named function, not a lambda: autograph cannot read a lambda's source and warns on stderr.
+    @tf.function
+    def reconstruct(images, one_hot):
+        return decoder([encoder([images, one_hot], training=False)[0], one_hot], training=False)
+
     accumulator = grain.GrainAccumulator(image_size)
     batches = data.images_in_order(
         np.asarray(paths)[chosen], np.asarray(labels)[chosen], num_classes, image_size, batch_size
