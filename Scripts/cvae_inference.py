@@ -8,11 +8,13 @@ Writes  GENERATED_IMAGES_DIR/<S>x<S>/<Class>/Synthetic_<Class>_<NNNNN>.png (numb
         overwritten, no name given twice; the same command again writes only what a killed run left out)
         GENERATED_IMAGES_DIR/<S>x<S>/generation_manifest.csv (one row per image: how it was made)
         GENERATED_IMAGES_DIR/<S>x<S>/image_comparison.png, latent_space.png, class_interpolation.png
-        (with the prior also guidance_sweep.png; with --counterfactual_from also counterfactuals.png)
+        (with the prior also guidance_sweep.png; with --counterfactual_from also counterfactuals.png,
+        with --sampling=variation also variations.png)
 
 Examples:
     python Scripts/cvae_inference.py --classes=ODA,IDA --images_per_class=1000 --sampling=class_density
     python Scripts/cvae_inference.py --sampling=diffusion --guidance=2 --sampling_steps=20
+    python Scripts/cvae_inference.py --sampling=variation --variation_strength=0.5 --guidance=4
     python Scripts/cvae_inference.py --counterfactual_from=Normal --classes=ODA,IDA --edit_strength=0.5
 
 Expected run time: a few seconds to start, then a few hundred images/s on 2 cores; with the latent
@@ -32,12 +34,14 @@ from cilia_cvae.stored_run import SAMPLING_MODES, read_parameters
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
 IMAGES_PER_CLASS = 100  # images generated for each requested class
-SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" (texture only with a latent map), "class_density" or "diffusion" (the run's latent prior)
+SAMPLING = "posterior"  # "posterior" (around a stored training latent, as the original), "prior" (texture only with a latent map), "class_density", "diffusion" (new maps from the run's latent prior) or "variation" (real training crops of the class redrawn part-way by the prior)
 TEMPERATURE = 1.0  # scales the sampling noise (with "diffusion", the starting noise): below 1 gives safer, less varied images
 GUIDANCE = 2.0  # classifier-free guidance of the latent prior: 1 is the conditional model alone (most varied), above 1 truer to the class
 SAMPLING_STEPS = 20  # deterministic DDIM steps (eta 0) of the latent prior, for diffusion and counterfactuals
 COUNTERFACTUAL_FROM = ""  # a class name: instead of sampling, redraw that class's real training crops (in file order) as each requested class
 EDIT_STRENGTH = 0.5  # how far a counterfactual's latent is noised before it is denoised as the new class: 0 returns the crop's reconstruction, 1 forgets the crop
+VARIATION_STRENGTH = 0.5  # "variation": how far each crop's latent is noised before the prior denoises it under its own class: 0 returns the crop's reconstruction (in its drawn orientation), 1 a full prior draw
+VARIATION_MIX = 0.0  # "variation": weight of a second crop of the class, mixed in spherically before denoising (0: none; 0.5: halfway between two crops)
 GRAIN = False  # draw the grain the decoder averages away back onto each image, from the grain model measured on the training split (grain.py): images with TEM's texture (8 of 8 realism statistics in the real band against 6), but in the one usefulness seed measured they helped a classifier less (docs/results.md); False: the decoder's own, smoother output
 RESTORE_ASPECT = True  # give each image an aspect ratio drawn from the raw statistics, as the original did
 BATCH_SIZE = 64  # images decoded per call
@@ -57,6 +61,9 @@ check_range("TEMPERATURE", TEMPERATURE, 0.0, 10.0)
 check_range("GUIDANCE", GUIDANCE, 0.0)
 check_range("SAMPLING_STEPS", SAMPLING_STEPS, 1, 1000)
 check_range("EDIT_STRENGTH", EDIT_STRENGTH, 0.0, 1.0)
+check_range("VARIATION_STRENGTH", VARIATION_STRENGTH, 0.0, 1.0)
+# Beyond halfway the second crop is the main one: the same mixtures as below it, their roles swapped.
+check_range("VARIATION_MIX", VARIATION_MIX, 0.0, 0.5)
 check_range("SEED", SEED, 0)
 check_choice("SAMPLING", SAMPLING, SAMPLING_MODES)
 
@@ -79,6 +86,11 @@ if unknown or not requested:
         f"unknown class(es) {', '.join(unknown) or '(none given)'}; this model knows: {', '.join(all_classes)}"
     )
 
+if COUNTERFACTUAL_FROM and SAMPLING == "variation":
+    raise UserError(
+        "--counterfactual_from redraws crops of one class as others, --sampling=variation redraws each "
+        "class's own crops: choose one"
+    )
 if COUNTERFACTUAL_FROM and COUNTERFACTUAL_FROM not in all_classes:
     raise UserError(
         f"--counterfactual_from={COUNTERFACTUAL_FROM} is not a class of this model; it knows: {', '.join(all_classes)}"
@@ -92,7 +104,8 @@ grain_model = generation.load_grain_model(generator, IMAGE_SIZE) if GRAIN else N
 # The figures show images as they are written: with grain when GRAIN draws it.
 generator["grain"] = grain_model
 diffusion = None
-if SAMPLING == "diffusion" or COUNTERFACTUAL_FROM:
+edits = SAMPLING == "variation" or bool(COUNTERFACTUAL_FROM)
+if SAMPLING == "diffusion" or edits:
     # The prior must be this run's, the very file its training recorded: checked before anything is written.
     generation.load_latent_prior(generator, MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
     diffusion = {"guidance": GUIDANCE, "steps": SAMPLING_STEPS}
@@ -112,12 +125,16 @@ if RESTORE_ASPECT and not statistics_path.is_file():
         f"run python Scripts/cvae_pre_processing.py, or pass --restore_aspect=False"
     )
 raw_statistics = pd.read_csv(statistics_path).iloc[0].to_dict() if RESTORE_ASPECT else {}
-if COUNTERFACTUAL_FROM:
+if edits:
     # Each stored latent named by the crop it was encoded from, so the manifest can say which one was redrawn.
-    source_names = generation.counterfactual_sources(generator, processed, COUNTERFACTUAL_FROM)
+    source_classes = [COUNTERFACTUAL_FROM] if COUNTERFACTUAL_FROM else requested
     diffusion.update(
-        edit_strength=EDIT_STRENGTH,
-        counterfactual={"source_class": COUNTERFACTUAL_FROM, "source_names": source_names},
+        edit_strength=EDIT_STRENGTH if COUNTERFACTUAL_FROM else VARIATION_STRENGTH,
+        counterfactual_from=COUNTERFACTUAL_FROM,
+        mix=0.0 if COUNTERFACTUAL_FROM else VARIATION_MIX,
+        source_names={
+            name: generation.counterfactual_sources(generator, processed, name) for name in source_classes
+        },
     )
 
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
@@ -215,6 +232,17 @@ if FIGURES:
             edit_strength=EDIT_STRENGTH,
         )
         figure_names.append(diffusion_figures.COUNTERFACTUAL_FIGURE_NAME)
+    if SAMPLING == "variation":
+        diffusion_figures.variations(
+            generator,
+            processed,
+            written.requested,
+            requested,
+            output_dir / diffusion_figures.VARIATION_FIGURE_NAME,
+            seed=SEED,
+            diffusion=diffusion,
+        )
+        figure_names.append(diffusion_figures.VARIATION_FIGURE_NAME)
     print(f"figures: {output_dir / figure_names[0]}, {', '.join(figure_names[1:])}")
     # With images generated at several resolutions, compare them side by side as the original did.
     size_dirs = sorted(

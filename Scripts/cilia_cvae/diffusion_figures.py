@@ -111,3 +111,46 @@ def counterfactuals(generator, processed_layout, source_class, written, class_na
         path,
         f"{source_class} crops redrawn under each class (edit strength {edit_strength:g})",
     )
+
+
+VARIATION_FIGURE_NAME = "variations.png"
+VARIATIONS_PER_CLASS = 2  # source crops of each class shown in the variation figure
+
+
+def variations(generator, processed_layout, written, class_names, path, *, seed, diffusion):
+    """A row per class: for its first images, the real source crop in the drawn orientation, its
+    reconstruction, and the written variation: what was kept (layout) and what was redrawn (detail)."""
+    all_names = list(generator["parameters"]["class_names"])
+    rows = []
+    for name in class_names:
+        label = all_names.index(name)
+        count = min(VARIATIONS_PER_CLASS, len(written[name]))
+        drawn = generation.edit_sources(generator, label, count, seed, diffusion)
+        z_mean = generator["latents"][name][0]
+        map_shape = generator["prior"]["config"].map_shape
+        oriented = generation.orient_maps(
+            z_mean[drawn["sources"]].reshape(count, *map_shape), drawn["orientations"]
+        ).reshape(count, -1)
+        one_hot = np.zeros((count, len(all_names)), np.float32)
+        one_hot[:, label] = 1.0
+        reconstructions = generation.decode_mixed(
+            generator["decoder"], oriented, one_hot, grain_model=generator.get("grain")
+        )
+        crops = processed_layout.images("train", name)
+        row = []
+        for index in range(count):
+            with Image.open(crops[drawn["sources"][index]]) as crop:
+                real = np.asarray(crop.convert("L"))[None, :, :, None]
+            with Image.open(written[name][index]) as image:
+                variation = np.asarray(image.convert("L").resize(real.shape[1:3][::-1]))
+            real = generation.orient_maps(real, drawn["orientations"][index : index + 1])[0, :, :, 0]
+            row += [real, reconstructions[index], variation]
+        rows.append(row)
+    figures.image_grid(
+        rows,
+        list(class_names),
+        ["crop", "reconstruction", "variation"] * VARIATIONS_PER_CLASS,
+        path,
+        f"Training crops redrawn under their own class (strength {diffusion['edit_strength']:g}"
+        + (f", mixed {diffusion['mix']:g} with a second crop)" if diffusion.get("mix") else ")"),
+    )

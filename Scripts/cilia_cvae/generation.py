@@ -8,8 +8,11 @@ Four ways to choose latent vectors, all recorded in the generation manifest:
   it follows where the class's images really lie instead of assuming the prior is filled;
 - "diffusion": a latent map drawn by the run's class-conditional latent prior (latent_prior.py),
   deterministic DDIM from noise (scaled by the temperature) with classifier-free guidance.
-And counterfactuals: a real training crop's latent, noised part-way and denoised by the prior
-under another class (SDEdit), "this cilium, with that defect".
+And edits of real training crops' latents, noised part-way and denoised by the prior (SDEdit):
+- counterfactuals, under another class: "this cilium, with that defect";
+- "variation", under the crop's own class: a crop drawn with the seed, in one of its eight
+  orientations (optionally mixed with a second crop of the class), keeps its layout and has its
+  detail redrawn; the strength trades newness against faithfulness.
 """
 
 import contextlib
@@ -52,10 +55,16 @@ MANIFEST_COLUMNS = [
     "counterfactual_source",
     "grain",
     "stream_index",
+    "source_orientation",
+    "second_source",
+    "second_source_orientation",
+    "mix_weight",
 ]
 # The random stream of a counterfactual's noise and aspect ratio: drawn per source class, not per
 # target class, so that image i of every target class is the same crop under the same noise.
 COUNTERFACTUAL_STREAM = 1_000_003
+# A variation's streams: per (seed, class), one each for its noise, source crops, orientations and mixing.
+VARIATION_STREAM = 1_000_033
 # The tEXt key under which each generated PNG carries its own manifest row.
 MANIFEST_ROW_KEY = "cilia_cvae_manifest_row"
 FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
@@ -64,7 +73,16 @@ FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
 # --images_per_class continues the seed's images instead of drawing others.
 SOURCE_STREAM, ASPECT_STREAM = 1, 2
 # The columns that differ between the images of one request; the others say what was asked for.
-PER_IMAGE_COLUMNS = ("file", "source_latent_index", "aspect_ratio", "counterfactual_source", "stream_index")
+PER_IMAGE_COLUMNS = (
+    "file",
+    "source_latent_index",
+    "aspect_ratio",
+    "counterfactual_source",
+    "stream_index",
+    "source_orientation",
+    "second_source",
+    "second_source_orientation",
+)
 # A manifest row names an image of its own class folder; anything else in the file is damage.
 MANIFEST_FILE_PATTERN = re.compile(r"^(?P<class_name>[^/]+)/Synthetic_(?P=class_name)_(?P<number>\d+)\.png$")
 # The columns of the first manifests: a row of at least these can be read without its header.
@@ -640,37 +658,112 @@ def prior_latents(generator, labels, starting_maps, diffusion, *, edited=None):
     return latent_prior.to_model_latents(maps, prior_config)
 
 
-def counterfactual_request(generator, label, count, seed, aspect_statistics, diffusion):
-    """Image i of every target class edits source crop i (cycling through the class's crops in file order)
-    under the same noise, so the images of one source line up across classes."""
-    counterfactual = diffusion["counterfactual"]
-    source_class = counterfactual["source_class"]
-    source_label = list(generator["parameters"]["class_names"]).index(source_class)
-    stream = [seed, source_label, COUNTERFACTUAL_STREAM]
-    z_mean = generator["latents"][source_class][0]
-    sources = np.arange(count) % len(z_mean)
-    noise = np.random.default_rng(stream).standard_normal((count, *generator["prior"]["config"].map_shape))
-    noise = noise.astype(np.float32)
+def orient_maps(maps, orientations):
+    """Each (side, side, channels) map in its orientation: 0-3 quarter turns, 4-7 the same turns of the
+    mirrored map, in latent_prior.eight_orientations' order (the orientations the prior learnt)."""
+    maps = np.asarray(maps)
+    oriented = [
+        np.rot90(one[:, ::-1] if orientation >= 4 else one, orientation % 4, axes=(0, 1))
+        for one, orientation in zip(maps, np.asarray(orientations).tolist())
+    ]
+    return np.stack(oriented) if oriented else maps.copy()
+
+
+def spherical_mix(first, second, weight):
+    """Per row, the spherical interpolation of two standardised maps at `weight` (0: the first): the
+    mixture keeps the size of a map, where the straight average of two unrelated maps would shrink it."""
+    a, b = first.reshape(len(first), -1), second.reshape(len(second), -1)
+    cosine = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    angle = np.arccos(np.clip(cosine, -1.0, 1.0))[:, None]
+    sine = np.sin(angle)
+    # Parallel maps: the straight line is the arc.
+    safe = sine > 1e-6
+    first_weight = np.where(safe, np.sin((1 - weight) * angle) / np.where(safe, sine, 1), 1 - weight)
+    second_weight = np.where(safe, np.sin(weight * angle) / np.where(safe, sine, 1), weight)
+    return (first_weight * a + second_weight * b).reshape(first.shape).astype(np.float32)
+
+
+def edit_sources(generator, label, count, seed, diffusion):
+    """Which stored training latents an edit starts from, in which orientation, mixed with which.
+
+    A counterfactual redraws the source class's crops in file order, upright, under the noise of the
+    source class (image i of every target class is crop i under the same noise). A variation draws
+    crops of its own class with the seed, each in one of its eight orientations (and a second crop for
+    mixing), one random stream per quantity: image i is the same whatever the count asked for."""
+    class_names = list(generator["parameters"]["class_names"])
+    source_class = diffusion.get("counterfactual_from") or class_names[label]
+    available = len(generator["latents"][source_class][0])
+    if diffusion.get("counterfactual_from"):
+        stream = [seed, class_names.index(source_class), COUNTERFACTUAL_STREAM]
+        sources, orientations = np.arange(count) % available, np.zeros(count, np.int64)
+    else:
+        stream = [seed, label, VARIATION_STREAM]
+        sources = np.random.default_rng([*stream, 1]).integers(available, size=count)
+        orientations = np.random.default_rng([*stream, 2]).integers(8, size=count)
+    drawn = {
+        "source_class": source_class,
+        "sources": sources,
+        "orientations": orientations,
+        "noise": np.random.default_rng(stream)
+        .standard_normal((count, *generator["prior"]["config"].map_shape))
+        .astype(np.float32),
+        "stream": stream,
+    }
+    if diffusion.get("mix"):
+        # The second crop is never the first (a class of one crop mixes it with itself).
+        offsets = np.random.default_rng([*stream, 3]).integers(1, max(available, 2), size=count)
+        drawn["partners"] = (sources + offsets) % available
+        drawn["partner_orientations"] = np.random.default_rng([*stream, 4]).integers(8, size=count)
+    return drawn
+
+
+def edit_request(generator, label, count, seed, aspect_statistics, diffusion):
+    """Counterfactuals and variations, one code path: stored training latents (oriented, mixed) noised to
+    the edit strength and denoised by the prior under the requested class (SDEdit)."""
+    drawn = edit_sources(generator, label, count, seed, diffusion)
+    prior_config = generator["prior"]["config"]
+    z_mean = generator["latents"][drawn["source_class"]][0]
+    names = diffusion["source_names"][drawn["source_class"]]
+
+    def oriented(sources, orientations):
+        maps = z_mean[sources].reshape(len(sources), *prior_config.map_shape)
+        return orient_maps(maps, orientations).reshape(len(sources), -1)
 
     def latents_for(indices):
-        chosen = z_mean[sources[indices]]
-        if diffusion["edit_strength"] == 0:
+        chosen = oriented(drawn["sources"][indices], drawn["orientations"][indices])
+        mixing = "partners" in drawn
+        if diffusion["edit_strength"] == 0 and not mixing:
             # The stored latent itself, not its round trip through the standardisation: strength 0
-            # returns the source's reconstruction bit for bit.
+            # returns the source's reconstruction (in its orientation) bit for bit.
             return chosen
-        standardised = latent_prior.from_model_latents(chosen, generator["prior"]["config"])
+        standardised = latent_prior.from_model_latents(chosen, prior_config)
+        if mixing:
+            partner = oriented(drawn["partners"][indices], drawn["partner_orientations"][indices])
+            standardised = spherical_mix(
+                standardised, latent_prior.from_model_latents(partner, prior_config), diffusion["mix"]
+            )
+            if diffusion["edit_strength"] == 0:
+                return latent_prior.to_model_latents(standardised, prior_config)
+        # Both crops of a mixture share one noise draw, so mixing the noised maps is mixing the crops.
         return prior_latents(
-            generator, np.full(len(indices), label), noise[indices], diffusion, edited=standardised
+            generator, np.full(len(indices), label), drawn["noise"][indices], diffusion, edited=standardised
         )
 
+    per_image = {
+        "counterfactual_source": [names[index] for index in drawn["sources"]],
+        "source_orientation": drawn["orientations"].tolist(),
+    }
+    if "partners" in drawn:
+        per_image["second_source"] = [names[index] for index in drawn["partners"]]
+        per_image["second_source_orientation"] = drawn["partner_orientations"].tolist()
     return {
         "label": label,
         "count": count,
         "latents_for": latents_for,
-        "sources": sources,
-        "source_names": [counterfactual["source_names"][index] for index in sources],
+        "sources": drawn["sources"],
+        "per_image": per_image,
         "aspects": (
-            draw_aspect_ratios(count, aspect_statistics, np.random.default_rng([*stream, ASPECT_STREAM]))
+            draw_aspect_ratios(count, aspect_statistics, np.random.default_rng([*drawn["stream"], ASPECT_STREAM]))
             if aspect_statistics is not None
             else np.ones(count)
         ),
@@ -688,8 +781,8 @@ def class_request(
     asked for. A diffusion image starts from noise of the map's shape, the first generator's first
     draw (times the temperature); the prior then denoises it batch by batch."""
     label = list(generator["parameters"]["class_names"]).index(class_name)
-    if diffusion and diffusion.get("counterfactual"):
-        return counterfactual_request(generator, label, images_per_class, seed, aspect_statistics, diffusion)
+    if diffusion and diffusion.get("source_names"):
+        return edit_request(generator, label, images_per_class, seed, aspect_statistics, diffusion)
     rng = np.random.default_rng([seed, label])
     if sampling == "diffusion":
         map_shape = generator["prior"]["config"].map_shape
@@ -720,7 +813,7 @@ def class_request(
         "count": images_per_class,
         "latents_for": latents_for,
         "sources": sources,
-        "source_names": None,
+        "per_image": {},
         "aspects": aspects,
     }
 
@@ -778,8 +871,8 @@ def write_class(
     its files exist. Returns (the paths written, the paths of every image of the request)."""
     drawn = class_request(generator, class_name, **request["draw"])
     template = {"class": class_name, **request["row"]}
-    if drawn["source_names"] is not None:
-        template["counterfactual_source"] = drawn["source_names"][0]
+    if "counterfactual_source" in drawn["per_image"]:
+        template["counterfactual_source"] = drawn["per_image"]["counterfactual_source"][0]
     existing = images_of_request(manifest_rows, template, drawn["count"])
     folder = generated_layout.class_folder(class_name)
     say_what_exists(class_name, folder, drawn["count"], existing, request["draw"]["seed"])
@@ -819,8 +912,7 @@ def image_row(template, drawn, index, path):
         "aspect_ratio": round(float(drawn["aspects"][index]), 4),
         "stream_index": index,
     }
-    if drawn["source_names"] is not None:
-        row["counterfactual_source"] = drawn["source_names"][index]
+    row.update({column: values[index] for column, values in drawn["per_image"].items()})
     return row
 
 
@@ -845,8 +937,13 @@ def manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain
     }
     if diffusion:
         fields.update(guidance=diffusion["guidance"], sampling_steps=diffusion["steps"])
-        if diffusion.get("counterfactual"):
-            fields.update(sampling="counterfactual", edit_strength=diffusion["edit_strength"])
+        if diffusion.get("source_names"):
+            fields.update(
+                sampling="counterfactual" if diffusion.get("counterfactual_from") else "variation",
+                edit_strength=diffusion["edit_strength"],
+            )
+            if diffusion.get("mix"):
+                fields["mix_weight"] = diffusion["mix"]
     return fields
 
 
@@ -869,8 +966,9 @@ def generate(
     """Decode and write images class by class, a manifest row per image; the images of the request an
     earlier run wrote (the same command again, after a kill or not) are not written again. `diffusion`,
     for sampling "diffusion" or counterfactuals (the generator then holds its prior, load_latent_prior),
-    is {"guidance", "steps"}, for counterfactuals with "edit_strength" and "counterfactual": {"source_class",
-    "source_names"}. With `grain_model` (load_grain_model), each image gets grain drawn from it (grain.py)."""
+    is {"guidance", "steps"}; for counterfactuals and variations also "edit_strength", "source_names"
+    ({class: the file name of each stored latent}), "counterfactual_from" (the source class; absent for
+    variations) and "mix" (a variation's weight of its second crop, 0 for none). With `grain_model` (load_grain_model), each image gets grain drawn from it (grain.py)."""
     parameters = generator["parameters"]
     decode_batch = make_decode_function(
         generator["decoder"], batch_size, int(parameters["latent_dim"]), len(parameters["class_names"])

@@ -10,7 +10,7 @@ import json
 from cilia_cvae.config import UserError
 
 # The ways inference can draw latents (generation.py draws them); checked before TensorFlow loads.
-SAMPLING_MODES = ("posterior", "prior", "class_density", "diffusion")
+SAMPLING_MODES = ("posterior", "prior", "class_density", "diffusion", "variation")
 
 
 def training_script_for(image_size):
