@@ -104,6 +104,21 @@ CONTENDER_SETTINGS = {
         }
         for guidance in (1, 2, 4)
     },
+    # Real training crops of each class redrawn by the same prior under their own class (guidance 4):
+    # the strength trades newness for faithfulness; mixing blends in a second crop of the class.
+    **{
+        f"variation_strength_{strength}{f'_mix_{mix}' if mix else ''}": {
+            "training": [],
+            "inference": [
+                "--sampling=variation",
+                f"--variation_strength={strength}",
+                "--guidance=4",
+                *([f"--variation_mix={mix}"] if mix else []),
+            ],
+        }
+        for strength in (0.3, 0.5, 0.7)
+        for mix in (0, 0.5)
+    },
     # The control: real test images, judged as if they were generated. What a generator's
     # fidelity, memorisation and near-copies are held to (its distribution measures against the
     # test split are those of the test split against itself, so they say nothing and are left out).
@@ -160,7 +175,8 @@ def training_key(name):
 
 
 def needs_prior(name):
-    return "--sampling=diffusion" in CONTENDER_SETTINGS[name]["inference"]
+    inference = CONTENDER_SETTINGS[name]["inference"]
+    return "--sampling=diffusion" in inference or "--sampling=variation" in inference
 
 
 def copy_test_split(generated):
@@ -174,9 +190,11 @@ def copy_test_split(generated):
             shutil.copy2(path, target / class_name / f"Synthetic_{path.name}")
 
 
-def contender_report(name):
+def trained_contender(name):
+    """Train the contender's CVAE (and, for prior sampling, its latent prior) unless done; returns what
+    generation and judging need of it: its key, folder, folder arguments, record path and prior record."""
     key = training_key(name)
-    trained, generated = WORK_DIR / key, WORK_DIR / name / "generated"
+    trained = WORK_DIR / key
     folders = [f"--models_dir={trained / 'models'}", f"--latent_tensors_dir={trained / 'latents'}"]
     parameters_path = RunLayout(trained / "models", trained / "latents", IMAGE_SIZE).parameters
     training_arguments = [
@@ -197,58 +215,62 @@ def contender_report(name):
             WORK_DIR / f"{key}_prior_training.log",
         )
         prior = json.loads(parameters_path.read_text(encoding="utf-8"))["latent_prior"]
-    report_path = GeneratedLayout(generated, IMAGE_SIZE).evaluation_report_json
+    return {"key": key, "folder": trained, "folders": folders, "parameters_path": parameters_path, "prior": prior}
+
+
+def generate_contender(name, trained, generated):
+    """The contender's images, drawn again when they were drawn under other settings or by another model."""
     generation_done = WORK_DIR / name / "generation_done.json"
-    # Images drawn by an earlier prior are drawn again by the current one.
     generation_record = {
         "images_per_class": IMAGES_PER_CLASS,
         # Images drawn under other inference settings (an older default's) are drawn again.
         "inference": CONTENDER_SETTINGS[name]["inference"],
         "grain_model_sha256": (
-            json.loads(parameters_path.read_text(encoding="utf-8")).get("grain_model") or {}
+            json.loads(trained["parameters_path"].read_text(encoding="utf-8")).get("grain_model") or {}
         ).get("sha256"),
-        **({"prior_sha256": prior.get("sha256")} if needs_prior(name) else {}),
+        # Images drawn by an earlier prior are drawn again by the current one.
+        **({"prior_sha256": trained["prior"].get("sha256")} if needs_prior(name) else {}),
     }
-    done = (
-        generation_done.is_file()
-        and json.loads(generation_done.read_text(encoding="utf-8")) == generation_record
+    if generation_done.is_file() and json.loads(generation_done.read_text(encoding="utf-8")) == generation_record:
+        return
+    # Generation appends, so an interrupted one is started again from nothing.
+    shutil.rmtree(generated, ignore_errors=True)
+    if name == REAL_TEST_CONTROL:
+        copy_test_split(generated)
+    else:
+        run(
+            "cvae_inference",
+            [
+                f"--image_size={IMAGE_SIZE}",
+                f"--images_per_class={IMAGES_PER_CLASS}",
+                f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
+                f"--generated_images_dir={generated}",
+                *trained["folders"],
+                *CONTENDER_SETTINGS[name]["inference"],
+            ],
+            WORK_DIR / f"{name}_inference.log",
+        )
+    write_json_atomic(generation_done, generation_record)
+
+
+def usefulness_is_stale(earlier, usefulness):
+    """Whether the earlier report lacks the usefulness asked for, or measured it with other budgets.
+    (A report from before classifier repeats existed ran one classifier per run.)"""
+    if earlier is None:
+        return True
+    recorded = {"USEFULNESS_CLASSIFIER_REPEATS": 1, **earlier.get("settings", {})}
+    return usefulness and (
+        not earlier.get("usefulness")
+        or any(recorded.get(setting) != value for setting, value in USEFULNESS_SETTINGS.items())
     )
-    if not done:
-        # Generation appends, so an interrupted one is started again from nothing.
-        shutil.rmtree(generated, ignore_errors=True)
-        if name == REAL_TEST_CONTROL:
-            copy_test_split(generated)
-        else:
-            run(
-                "cvae_inference",
-                [
-                    f"--image_size={IMAGE_SIZE}",
-                    f"--images_per_class={IMAGES_PER_CLASS}",
-                    f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
-                    f"--generated_images_dir={generated}",
-                    *folders,
-                    *CONTENDER_SETTINGS[name]["inference"],
-                ],
-                WORK_DIR / f"{name}_inference.log",
-            )
-        write_json_atomic(generation_done, generation_record)
+
+
+def evaluated_contender(name, trained, generated):
+    """The evaluation report of the contender's images, judged again only when asked or out of date."""
+    report_path = GeneratedLayout(generated, IMAGE_SIZE).evaluation_report_json
     usefulness = USEFULNESS and name in USEFULNESS_FOR.split(",") and name != REAL_TEST_CONTROL
     earlier = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
-    # A usefulness measured with other generator or classifier budgets is measured again.
-    # (A report from before classifier repeats existed ran one classifier per run.)
-    recorded = {"USEFULNESS_CLASSIFIER_REPEATS": 1, **earlier.get("settings", {})} if earlier else {}
-    stale_usefulness = (
-        (
-            usefulness
-            and (
-                not earlier.get("usefulness")
-                or any(recorded.get(setting) != value for setting, value in USEFULNESS_SETTINGS.items())
-            )
-        )
-        if earlier
-        else True
-    )
-    if REEVALUATE or earlier is None or stale_usefulness:
+    if REEVALUATE or usefulness_is_stale(earlier, usefulness):
         run(
             "cvae_evaluate",
             [
@@ -256,15 +278,10 @@ def contender_report(name):
                 f"--images_per_class={IMAGES_PER_CLASS}",
                 f"--processed_images_dir={PROCESSED_IMAGES_DIR}",
                 f"--generated_images_dir={generated}",
-                f"--models_dir={trained / 'models'}",
+                f"--models_dir={trained['folder'] / 'models'}",
                 f"--judge_dir={WORK_DIR / 'judge'}",
                 f"--usefulness={usefulness}",
-                f"--usefulness_seeds={USEFULNESS_SEEDS}",
-                f"--usefulness_fractions={USEFULNESS_FRACTIONS}",
-                f"--usefulness_seeds_at_full_data={USEFULNESS_SEEDS_AT_FULL_DATA}",
-                f"--usefulness_classifier_epochs={USEFULNESS_CLASSIFIER_EPOCHS}",
-                f"--usefulness_classifier_repeats={USEFULNESS_CLASSIFIER_REPEATS}",
-                f"--usefulness_generator_epochs={USEFULNESS_GENERATOR_EPOCHS}",
+                *(f"--{setting.lower()}={value}" for setting, value in USEFULNESS_SETTINGS.items()),
                 f"--quick={QUICK}",
             ],
             WORK_DIR / f"{name}_evaluate.log",
@@ -275,7 +292,12 @@ def contender_report(name):
         report["usefulness"] = earlier["usefulness"]
         report["settings"].update({name: earlier["settings"].get(name) for name in USEFULNESS_SETTINGS})
         write_json_atomic(report_path, report)
-    parameters = json.loads(parameters_path.read_text(encoding="utf-8"))
+    return report
+
+
+def summary_of(name, report, trained, generated):
+    """The comparison's record of one contender: its report's measures, how it was trained and drawn."""
+    parameters = json.loads(trained["parameters_path"].read_text(encoding="utf-8"))
     result = {
         key_name: value
         for key_name, value in report.items()
@@ -289,7 +311,7 @@ def contender_report(name):
         for fraction, values in report.get("usefulness", {}).items()
     }
     result["training"] = {
-        "overrides": CONTENDER_SETTINGS[key]["training"],
+        "overrides": CONTENDER_SETTINGS[trained["key"]]["training"],
         "epochs": parameters["epochs_done"],
         "best_epoch": parameters["best_epoch"],
         "seconds": parameters.get("training_seconds"),
@@ -301,7 +323,7 @@ def contender_report(name):
     }
     if needs_prior(name):
         result["latent_prior"] = {
-            field: prior.get(field)
+            field: trained["prior"].get(field)
             for field in ("epochs_done", "final_loss", "training_latents", "training_seconds", "parameters")
         }
     if name == REAL_TEST_CONTROL:
@@ -316,6 +338,14 @@ def contender_report(name):
         }
     result["generated_images_dir"] = str(GeneratedLayout(generated, IMAGE_SIZE).directory)
     return result
+
+
+def contender_report(name):
+    """Train, generate and judge one contender as a user would, each step reused when already done."""
+    trained, generated = trained_contender(name), WORK_DIR / name / "generated"
+    generate_contender(name, trained, generated)
+    report = evaluated_contender(name, trained, generated)
+    return summary_of(name, report, trained, generated)
 
 
 WORK_DIR.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ model_settings = model_parameters.get("settings", {})
 # a latent prior of its own, trained on that fraction like the evaluated model's).
 evaluated_sampling = usefulness.sampling_of(GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE).manifest)
 inference_arguments = usefulness.inference_arguments(evaluated_sampling)
-uses_prior = "--sampling=diffusion" in inference_arguments
+uses_prior = "--sampling=diffusion" in inference_arguments or "--sampling=variation" in inference_arguments
 if uses_prior and not model_parameters.get("latent_prior"):
     raise UserError(
         f"the evaluated images were drawn by a latent prior, but {parameters_path} records none; "

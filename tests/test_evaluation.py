@@ -115,6 +115,47 @@ def test_pixel_space_memorisation_sees_brighter_smoothed_copies_and_passes_new_i
     assert metrics.pixel_vectors(train[:, :50, :50]).shape == (120, 2500)
 
 
+def test_a_turned_or_mirrored_copy_is_a_copy_and_its_nearest_crop_is_its_source():
+    rng = np.random.default_rng(4)
+    train, test = (np.kron(rng.uniform(0, 255, (count, 8, 8)), np.ones((8, 8))) for count in (60, 30))
+    # Variations are drawn in any of eight orientations: turned copies of training crops 0-29.
+    turned = np.stack([np.rot90(train[index], 1 + index % 3)[:, ::-1] for index in range(30)])
+    upright = metrics.pixel_vectors(train)
+    eight = metrics.pixel_vectors_in_eight_orientations(train)
+    assert eight.shape == (8 * 60, metrics.PIXEL_SIDE**2) and np.array_equal(eight[:60], upright)
+    test_vectors, turned_vectors = metrics.pixel_vectors(test), metrics.pixel_vectors(turned)
+    # Against upright crops alone a turned copy passes for new; against the eight orientations it is a copy.
+    assert metrics.memorisation(upright, test_vectors, turned_vectors)["near_copy_share"] == 0.0
+    caught = metrics.memorisation(eight, test_vectors, turned_vectors)
+    assert caught["near_copy_share"] == 1.0 and caught["memorisation_ratio"] < 0.1
+    sources = [{index} for index in range(30)]
+    assert metrics.nearest_is_source_share(eight, turned_vectors, sources, 60) == 1.0
+    assert metrics.nearest_is_source_share(eight, turned_vectors, [{index + 30} for index in range(30)], 60) == 0.0
+    # Images without a recorded source are left out; none at all gives no share.
+    assert metrics.nearest_is_source_share(eight, turned_vectors, [None] * 15 + sources[15:], 60) == 1.0
+    assert metrics.nearest_is_source_share(eight, turned_vectors, [None] * 30, 60) is None
+
+
+def test_the_manifest_names_each_images_source_crops(tmp_path):
+    from pathlib import Path
+
+    from cilia_cvae.evaluation import source_indices
+
+    train = [Path(f"train/{name}") for name in ("CP/a.png", "CP/b.png", "ODA/c.png", "ODA/d.png")]
+    generated = [tmp_path / "CP" / f"Synthetic_CP_0000{number}.png" for number in (1, 2, 3)]
+    generated.append(tmp_path / "ODA" / "Synthetic_ODA_00001.png")
+    (tmp_path / "generation_manifest.csv").write_text(
+        "file,class,sampling,source_latent_index,counterfactual_source,second_source\n"
+        "CP/Synthetic_CP_00001.png,CP,variation,1,CP/b.png,CP/a.png\n"
+        "CP/Synthetic_CP_00002.png,CP,posterior,1,,\n"
+        "CP/Synthetic_CP_00003.png,CP,diffusion,-1,,\n"
+        "ODA/Synthetic_ODA_00001.png,ODA,posterior,0,,\n"
+    )
+    # A posterior draw's source is the class's crop at its latent's row (crops in name order).
+    assert source_indices(tmp_path, generated, train) == [{0, 1}, {1}, None, {2}]
+    assert source_indices(tmp_path / "none", generated, train) == [None] * 4
+
+
 def _class_image(label, seed, size=32):
     """Three easy classes: a dark disc, a dark ring, two dots; noise and position vary."""
     rng = np.random.default_rng(seed)
@@ -401,6 +442,19 @@ def test_usefulness_draws_each_fraction_as_the_evaluated_images_were_drawn(tmp_p
         "--temperature=1.0",
         "--guidance=2.0",
         "--sampling_steps=20",
+    ]
+    manifest.write_text(
+        "file,class,sampling,temperature,seed,guidance,sampling_steps,edit_strength,mix_weight\n"
+        "CP/Synthetic_CP_00001.png,CP,variation,1.0,0,4.0,20,0.5,0.5\n"
+    )
+    # A variation set is drawn as variations of the fraction's own crops, by its own prior.
+    assert usefulness.inference_arguments(usefulness.sampling_of(manifest)) == [
+        "--sampling=variation",
+        "--temperature=1.0",
+        "--guidance=4.0",
+        "--sampling_steps=20",
+        "--variation_strength=0.5",
+        "--variation_mix=0.5",
     ]
     # A manifest from before the diffusion columns: posterior draws, as they were.
     manifest.write_text("file,class,sampling,temperature,seed\nCP/a.png,CP,posterior,1.0,0\n")

@@ -1,5 +1,6 @@
 """The evaluation of a folder of generated images against the real splits, and its report."""
 
+import csv
 from pathlib import Path
 
 import matplotlib
@@ -66,6 +67,10 @@ def quality_metrics(features, labels, predictions, class_names, seed):
                 ).items()
             }
         )
+        # Is an image nearest the very crop it was made from (posterior draws, counterfactuals, variations)?
+        report["pixel_nearest_is_source_share"] = metrics.nearest_is_source_share(
+            pixels["train"], pixels["generated"], features["sources"], len(labels["train"])
+        )
     per_class = {}
     for label, class_name in enumerate(class_names):
         mask = {split: labels[split] == label for split in ("generated", "test", "train")}
@@ -86,6 +91,33 @@ def quality_metrics(features, labels, predictions, class_names, seed):
         }
     report["per_class"] = per_class
     return report
+
+
+def source_indices(generated_dir, generated_paths, train_paths):
+    """For each generated image, the training crops it was made from, by index into train_paths, as its
+    manifest records them: a counterfactual's or variation's source (and second source), a posterior
+    draw's stored latent (row i of a class's latents is its i-th training crop by name). None where the
+    manifest records none (no manifest, other sampling, a crop no longer in the split)."""
+    manifest_path = generated_dir / "generation_manifest.csv"
+    if not manifest_path.is_file():
+        return [None] * len(generated_paths)
+    index_of = {f"{path.parent.name}/{path.name}": index for index, path in enumerate(train_paths)}
+    crops_of_class = {}
+    for path in train_paths:
+        crops_of_class.setdefault(path.parent.name, []).append(f"{path.parent.name}/{path.name}")
+    with open(manifest_path, newline="", encoding="utf-8") as manifest:
+        rows = {row.get("file"): row for row in csv.DictReader(manifest)}
+    sources = []
+    for path in generated_paths:
+        row = rows.get(f"{path.parent.name}/{path.name}") or {}
+        names = [row[column] for column in ("counterfactual_source", "second_source") if row.get(column)]
+        if not names and row.get("sampling") == "posterior":
+            crops = crops_of_class.get(row.get("class"), [])
+            latent_index = int(float(row.get("source_latent_index") or -1))
+            names = [crops[latent_index]] if 0 <= latent_index < len(crops) else []
+        found = {index_of[name] for name in names if name in index_of}
+        sources.append(found or None)
+    return sources
 
 
 def evaluate_generated(
@@ -126,7 +158,10 @@ def evaluate_generated(
     # Every split is measured in the real training split's units (see feature_standardiser).
     centre, scale = metrics.feature_standardiser(features["train"])
     features = {split: (values - centre) / scale for split, values in features.items()}
-    features["pixels"] = {split: metrics.pixel_vectors(images[split]) for split in images}
+    # Training crops in their eight orientations: a turned or mirrored copy is still a copy.
+    features["pixels"] = {split: metrics.pixel_vectors(images[split]) for split in ("test", "generated")}
+    features["pixels"]["train"] = metrics.pixel_vectors_in_eight_orientations(images["train"])
+    features["sources"] = source_indices(Path(generated_dir), paths["generated"], paths["train"])
     report = {
         "real_accuracy": float(np.mean(predictions["test"] == labels["test"])),
         "real_accuracy_per_class": {
@@ -218,8 +253,15 @@ def markdown_report(report):
         f"| density / coverage (k=5) | {report['density']:.2f} / {report['coverage']:.2f} | |",
         f"| memorisation ratio (median nearest-train distance, generated / test) | {report['memorisation_ratio']:.2f} | 1.00 |",
         f"| near-copies of training images | {report['near_copy_share']:.1%} | {report['test_near_copy_share']:.1%} (real test images) |",
-        f"| pixel-space memorisation ratio ({metrics.PIXEL_SIDE} px) | {report['pixel_memorisation_ratio']:.2f} | 1.00 |",
+        f"| pixel-space memorisation ratio ({metrics.PIXEL_SIDE} px, training crops in 8 orientations) | {report['pixel_memorisation_ratio']:.2f} | 1.00 |",
         f"| pixel-space near-copies | {report['pixel_near_copy_share']:.1%} | {report['pixel_test_near_copy_share']:.1%} (real test images) |",
+        f"| nearest training crop (pixel space, any orientation) is the image's own source | "
+        + (
+            "no sources recorded"
+            if report.get("pixel_nearest_is_source_share") is None
+            else f"{report['pixel_nearest_is_source_share']:.1%}"
+        )
+        + " | chance |",
         "",
         "## Per class",
         "",

@@ -160,6 +160,30 @@ def pixel_vectors(images, side=PIXEL_SIDE):
     return reduced / np.maximum(reduced.std(axis=1, keepdims=True), 1e-6)
 
 
+def pixel_vectors_in_eight_orientations(images, side=PIXEL_SIDE):
+    """pixel_vectors of the eight orientations of each image (quarter turns, then those of the mirror
+    image), row o * n + i for orientation o of image i: a generated image that is a turned or mirrored
+    training crop is as near its source as an upright copy."""
+    images = np.asarray(images)
+    mirrored = images[:, :, ::-1]
+    turned = [np.rot90(batch, turns, axes=(1, 2)) for batch in (images, mirrored) for turns in range(4)]
+    return pixel_vectors(np.concatenate(turned), side)
+
+
+def nearest_is_source_share(training_features, generated_features, sources, training_count):
+    """The share of generated images whose nearest training image is one of their own sources.
+
+    `training_features` may hold k rows per training image (its orientations, row o * n + i, n the
+    `training_count`);
+    `sources[j]` is the set of training indices image j was made from (None: no source recorded,
+    left out). None when no image records a source."""
+    known = [index for index, source in enumerate(sources) if source]
+    if not known:
+        return None
+    nearest = pairwise_distances(np.asarray(generated_features)[known], training_features).argmin(axis=1)
+    return float(np.mean([int(index) % training_count in sources[image] for image, index in zip(known, nearest)]))
+
+
 def memorisation(training_features, test_features, generated_features):
     """Do generated images copy training images? Nearest-training distances, generated against real test.
 

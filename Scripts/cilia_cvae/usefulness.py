@@ -115,7 +115,7 @@ def generator_training_arguments(model_settings, *, image_size, fraction, full_d
 
 # How the evaluated images were drawn, read from their manifest; each fraction's generator draws
 # its synthetic images the same way. Older manifests lack the diffusion columns.
-SAMPLING_COLUMNS = ("sampling", "temperature", "guidance", "sampling_steps", "grain")
+SAMPLING_COLUMNS = ("sampling", "temperature", "guidance", "sampling_steps", "grain", "edit_strength", "mix_weight")
 # The latent prior's settings a fraction's prior copies from the evaluated model's (its epochs
 # are stretched like the CVAE's, so that every prior takes as many steps).
 COPIED_PRIOR_SETTINGS = (
@@ -154,10 +154,15 @@ def inference_arguments(sampling):
     arguments = [f"--sampling={kind}"]
     if sampling.get("temperature"):
         arguments.append(f"--temperature={sampling['temperature']}")
-    if kind == "diffusion":
+    if kind in ("diffusion", "variation"):
         arguments += [
             f"--{name}={sampling[name]}" for name in ("guidance", "sampling_steps") if sampling.get(name)
         ]
+    if kind == "variation":
+        # The fraction's own training crops, redrawn by its own prior at the evaluated strength and mixing.
+        arguments.append(f"--variation_strength={sampling.get('edit_strength', 0.5)}")
+        if sampling.get("mix_weight"):
+            arguments.append(f"--variation_mix={sampling['mix_weight']}")
     # Grain is drawn only when asked for; images drawn with it are repeated with it.
     if sampling.get("grain") == "True":
         arguments.append("--grain=True")
