@@ -215,7 +215,13 @@ def trained_contender(name):
             WORK_DIR / f"{key}_prior_training.log",
         )
         prior = json.loads(parameters_path.read_text(encoding="utf-8"))["latent_prior"]
-    return {"key": key, "folder": trained, "folders": folders, "parameters_path": parameters_path, "prior": prior}
+    return {
+        "key": key,
+        "folder": trained,
+        "folders": folders,
+        "parameters_path": parameters_path,
+        "prior": prior,
+    }
 
 
 def generate_contender(name, trained, generated):
@@ -231,7 +237,10 @@ def generate_contender(name, trained, generated):
         # Images drawn by an earlier prior are drawn again by the current one.
         **({"prior_sha256": trained["prior"].get("sha256")} if needs_prior(name) else {}),
     }
-    if generation_done.is_file() and json.loads(generation_done.read_text(encoding="utf-8")) == generation_record:
+    if (
+        generation_done.is_file()
+        and json.loads(generation_done.read_text(encoding="utf-8")) == generation_record
+    ):
         return
     # Generation appends, so an interrupted one is started again from nothing.
     shutil.rmtree(generated, ignore_errors=True)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cilia_cvae import config
 from cilia_cvae.config import UserError, check_choice, check_range, configure
 from cilia_cvae.layout import GeneratedLayout, ProcessedLayout, RunLayout
-from cilia_cvae.stored_run import SAMPLING_MODES, read_parameters
+from cilia_cvae.stored_run import SAMPLING_MODES, read_parameters, training_script_for
 
 IMAGE_SIZE = 224  # which trained model to use (Models/<S>x<S>)
 CLASSES = "all"  # "all", or class names separated by commas, e.g. "ODA,IDA"
@@ -42,6 +42,11 @@ COUNTERFACTUAL_FROM = ""  # a class name: instead of sampling, redraw that class
 EDIT_STRENGTH = 0.5  # how far a counterfactual's latent is noised before it is denoised as the new class: 0 returns the crop's reconstruction, 1 forgets the crop
 VARIATION_STRENGTH = 0.5  # "variation": how far each crop's latent is noised before the prior denoises it under its own class: 0 returns the crop's reconstruction (in its drawn orientation), 1 a full prior draw
 VARIATION_MIX = 0.0  # "variation": weight of a second crop of the class, mixed in spherically before denoising (0: none; 0.5: halfway between two crops)
+CLASS_FILTER = False  # "diffusion" and "variation": keep only the drawn latent maps the run's class filter (trained beside the prior on the train split) gives the requested class, drawing on until each class has its count
+CLASS_FILTER_THRESHOLD = 0.5  # the filter's probability of the requested class a map needs to be kept
+CLASS_FILTER_MAX_DRAWS = (
+    4  # at most this many candidates per image asked for; a class that falls short says how many it got
+)
 GRAIN = False  # draw the grain the decoder averages away back onto each image, from the grain model measured on the training split (grain.py): images with TEM's texture (8 of 8 realism statistics in the real band against 6), but in the one usefulness seed measured they helped a classifier less (docs/results.md); False: the decoder's own, smoother output
 RESTORE_ASPECT = True  # give each image an aspect ratio drawn from the raw statistics, as the original did
 BATCH_SIZE = 64  # images decoded per call
@@ -65,6 +70,8 @@ check_range("VARIATION_STRENGTH", VARIATION_STRENGTH, 0.0, 1.0)
 # Beyond halfway the second crop is the main one: the same mixtures as below it, their roles swapped.
 check_range("VARIATION_MIX", VARIATION_MIX, 0.0, 0.5)
 check_range("SEED", SEED, 0)
+check_range("CLASS_FILTER_THRESHOLD", CLASS_FILTER_THRESHOLD, 0.0, 1.0)
+check_range("CLASS_FILTER_MAX_DRAWS", CLASS_FILTER_MAX_DRAWS, 1, 1000)
 check_choice("SAMPLING", SAMPLING, SAMPLING_MODES)
 
 # The model records its class names, size and latent size; nothing is asked twice.
@@ -86,6 +93,11 @@ if unknown or not requested:
         f"unknown class(es) {', '.join(unknown) or '(none given)'}; this model knows: {', '.join(all_classes)}"
     )
 
+if CLASS_FILTER and SAMPLING not in ("diffusion", "variation"):
+    raise UserError(
+        f"--class_filter=True screens the latent prior's maps: use it with --sampling=diffusion or "
+        f"--sampling=variation, not --sampling={SAMPLING}"
+    )
 if COUNTERFACTUAL_FROM and SAMPLING == "variation":
     raise UserError(
         "--counterfactual_from redraws crops of one class as others, --sampling=variation redraws each "
@@ -97,7 +109,7 @@ if COUNTERFACTUAL_FROM and COUNTERFACTUAL_FROM not in all_classes:
     )
 
 # TensorFlow takes seconds to load: imported only now, so that a mistyped value is refused at once.
-from cilia_cvae import diffusion_figures, figures, generation, locks  # noqa: E402
+from cilia_cvae import class_filter, diffusion_figures, figures, generation, locks  # noqa: E402
 
 generator = generation.load_trained_generator(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
 grain_model = generation.load_grain_model(generator, IMAGE_SIZE) if GRAIN else None
@@ -109,6 +121,15 @@ if SAMPLING == "diffusion" or edits:
     # The prior must be this run's, the very file its training recorded: checked before anything is written.
     generation.load_latent_prior(generator, MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
     diffusion = {"guidance": GUIDANCE, "steps": SAMPLING_STEPS}
+class_screen = None
+if CLASS_FILTER:
+    # The filter must be the one trained for this prior: checked before anything is written.
+    class_screen = class_filter.load(
+        generator,
+        RunLayout(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE),
+        training_script_for(IMAGE_SIZE),
+    )
+    class_screen.update(threshold=CLASS_FILTER_THRESHOLD, max_draws=CLASS_FILTER_MAX_DRAWS)
 
 if SAMPLING == "prior" and parameters.get("latent_map_side") and not COUNTERFACTUAL_FROM:
     # Not refused (it is the textbook draw, and a comparison may want to show it), but said.
@@ -162,8 +183,25 @@ with tqdm(
         progress=progress,
         diffusion=diffusion,
         grain_model=grain_model,
+        class_screen=class_screen,
     )
 elapsed = time.perf_counter() - started
+if class_screen:
+    # Acceptance per class, printed and kept beside the images (the comparison reports it).
+    for name, acceptance in written.acceptance.items():
+        print(
+            class_filter.summary_line(
+                name,
+                acceptance["accepted"],
+                acceptance["drawn"],
+                acceptance["asked_for"],
+                acceptance["bound"],
+            )
+        )
+    class_filter.write_acceptance(
+        output_dir / class_filter.ACCEPTANCE_FILE,
+        {**class_filter.read_acceptance(output_dir / class_filter.ACCEPTANCE_FILE), **written.acceptance},
+    )
 total = sum(len(paths) for paths in written.values())
 if total:
     print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {output_dir}")

@@ -64,6 +64,7 @@ PRIOR_LOSS_WEIGHTING = (
     "uniform"  # weight of each noise level's error: "min_snr" (min-SNR-5, Hang et al. 2023) or "uniform"
 )
 PRIOR_SAMPLE_EVERY = 2  # write prior_samples_epoch_<N>.png every this many prior epochs (and after the last)
+CLASS_FILTER_EPOCHS = 5  # second stage, after the prior: epochs of the class filter, a small classifier over the same latent maps (train split only) that inference's --class_filter=True uses to keep only maps of the requested class (0: none); a finished prior without one gets one with --continue_finished=True
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the preprocessed images
 MODELS_DIR = config.MODELS_DIR  # written: <S>x<S>/ with the models, history and checkpoints
 LATENT_TENSORS_DIR = config.LATENT_TENSORS_DIR  # written: <S>x<S>/ with the latents of the training images

@@ -130,7 +130,10 @@ def test_a_turned_or_mirrored_copy_is_a_copy_and_its_nearest_crop_is_its_source(
     assert caught["near_copy_share"] == 1.0 and caught["memorisation_ratio"] < 0.1
     sources = [{index} for index in range(30)]
     assert metrics.nearest_is_source_share(eight, turned_vectors, sources, 60) == 1.0
-    assert metrics.nearest_is_source_share(eight, turned_vectors, [{index + 30} for index in range(30)], 60) == 0.0
+    assert (
+        metrics.nearest_is_source_share(eight, turned_vectors, [{index + 30} for index in range(30)], 60)
+        == 0.0
+    )
     # Images without a recorded source are left out; none at all gives no share.
     assert metrics.nearest_is_source_share(eight, turned_vectors, [None] * 15 + sources[15:], 60) == 1.0
     assert metrics.nearest_is_source_share(eight, turned_vectors, [None] * 30, 60) is None

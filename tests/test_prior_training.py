@@ -77,7 +77,7 @@ def test_the_prior_trains_after_the_cvae_resumes_after_a_kill_and_continues_alon
     # Continuing the finished run with more prior epochs trains the prior only.
     continued = train(tmp_path, *PRIOR[1:], "--prior_epochs=3", "--continue_finished=True")
     assert continued.returncode == 0, continued.stderr[-3000:]
-    assert "training its latent prior only" in continued.stdout
+    assert "training its second stage only" in continued.stdout
     assert digest(run / "cvae_decoder.keras") == decoder
     assert [row["epoch"] for row in prior_rows(run)] == ["1", "2", "3"]
     assert json.loads((run / "cvae_parameters.json").read_text())["latent_prior"]["epochs_done"] == 3

@@ -66,7 +66,9 @@ def variation_run(tiny_trained_model, tmp_path_factory):
         "no_prior": arguments(tiny_trained_model, root / "refused"),
     }
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(run_script, "cvae_inference", *values) for name, values in requests.items()}
+        futures = {
+            name: pool.submit(run_script, "cvae_inference", *values) for name, values in requests.items()
+        }
         finished = {name: future.result() for name, future in futures.items()}
     return {"folders": folders, "root": root, "finished": finished}
 
@@ -83,7 +85,10 @@ def test_strength_0_returns_each_source_crops_reconstruction_in_its_orientation(
     assert set(manifest["sampling"]) == {"variation"} and set(manifest["edit_strength"]) == {0.0}
     generator = generation.load_trained_generator(folders["models"], folders["latents"], 32)
     class_names = generator["parameters"]["class_names"]
-    latent_dim, side = int(generator["parameters"]["latent_dim"]), int(generator["parameters"]["latent_map_side"])
+    latent_dim, side = (
+        int(generator["parameters"]["latent_dim"]),
+        int(generator["parameters"]["latent_map_side"]),
+    )
     decode = generation.make_decode_function(generator["decoder"], 64, latent_dim, len(class_names))
     processed = ProcessedLayout(folders["processed"], 32)
     for class_name in CLASSES:
@@ -91,12 +96,19 @@ def test_strength_0_returns_each_source_crops_reconstruction_in_its_orientation(
         crops = [f"{class_name}/{path.name}" for path in processed.images("train", class_name)]
         # The manifest names a crop of the image's own class, and the stored latent of that crop.
         assert all(source in crops for source in rows["counterfactual_source"])
-        assert list(rows["source_latent_index"]) == [crops.index(source) for source in rows["counterfactual_source"]]
+        assert list(rows["source_latent_index"]) == [
+            crops.index(source) for source in rows["counterfactual_source"]
+        ]
         assert set(rows["source_orientation"]) <= set(range(8))
         z_mean = generator["latents"][class_name][0][rows["source_latent_index"].to_numpy()]
-        oriented = generation.orient_maps(z_mean.reshape(len(rows), side, side, latent_dim // (side * side)), rows["source_orientation"].to_numpy())
+        oriented = generation.orient_maps(
+            z_mean.reshape(len(rows), side, side, latent_dim // (side * side)),
+            rows["source_orientation"].to_numpy(),
+        )
         expected = decode(oriented.reshape(len(rows), -1), class_names.index(class_name))
-        written = np.stack([pixels(variation_run["root"] / "strength_0" / "32x32" / file) for file in rows["file"]])
+        written = np.stack(
+            [pixels(variation_run["root"] / "strength_0" / "32x32" / file) for file in rows["file"]]
+        )
         assert np.array_equal(written, expected), class_name
         upright = (rows["source_orientation"] == 0).to_numpy()
         if upright.any():
@@ -165,3 +177,100 @@ def test_spherical_mix_keeps_the_ends_and_the_size_of_a_map():
     norms = np.linalg.norm(halfway.reshape(4, -1), axis=1)
     ends = np.linalg.norm(first.reshape(4, -1), axis=1), np.linalg.norm(second.reshape(4, -1), axis=1)
     assert np.all(norms > 0.9 * np.minimum(*ends))  # the straight average would be about 0.71 of them
+
+
+@pytest.fixture(scope="module")
+def filter_run(variation_run, tmp_path_factory):
+    """The variation run given its class filter by the training script, as a user adds one to a finished
+    prior (--continue_finished=True), then filtered generations; the test split is first removed from a
+    copy of the processed images, so a filter that read it could not have been trained."""
+    root = tmp_path_factory.mktemp("filter_run")
+    folders = dict(variation_run["folders"], models=root / "models", processed=root / "processed")
+    shutil.copytree(variation_run["folders"]["models"], folders["models"])
+    shutil.copytree(variation_run["folders"]["processed"], folders["processed"])
+    shutil.rmtree(ProcessedLayout(folders["processed"], 32).split("test"))
+    trained = run_script(
+        "cvae_training_224x224",
+        "--image_size=32",
+        "--epochs=1",
+        "--latent_dim=16",
+        "--base_channels=8",
+        "--max_channels=32",
+        f"--processed_images_dir={folders['processed']}",
+        f"--models_dir={folders['models']}",
+        f"--latent_tensors_dir={folders['latents']}",
+        "--continue_finished=True",
+        "--class_filter_epochs=2",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    # Generation reads the processed images the run was trained on (the figures' real crops).
+    folders["processed"] = variation_run["folders"]["processed"]
+    requests = {
+        "open": arguments(folders, root / "open", "--class_filter=True", "--class_filter_threshold=0"),
+        "starved": arguments(
+            folders,
+            root / "starved",
+            "--class_filter=True",
+            "--class_filter_threshold=1",
+            "--class_filter_max_draws=2",
+            "--figures=False",
+        ),
+        "posterior": arguments(folders, root / "refused", "--class_filter=True", "--sampling=posterior"),
+        "no_filter": arguments(variation_run["folders"], root / "refused", "--class_filter=True"),
+    }
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {
+            name: pool.submit(run_script, "cvae_inference", *values) for name, values in requests.items()
+        }
+        finished = {name: future.result() for name, future in futures.items()}
+    return {"folders": folders, "root": root, "finished": finished, "trained": trained}
+
+
+def test_the_class_filter_is_trained_on_the_train_split_alone(filter_run):
+    import json
+
+    from cilia_cvae import class_filter
+    from cilia_cvae.layout import RunLayout
+
+    layout = RunLayout(filter_run["folders"]["models"], filter_run["folders"]["latents"], 32)
+    record = json.loads(layout.parameters.read_text(encoding="utf-8"))["class_filter"]
+    processed = ProcessedLayout(filter_run["folders"]["processed"], 32)
+    train = [
+        path
+        for name in ("CP", "Disarranged", "IDA", "Normal", "ODA")
+        for path in processed.images("train", name)
+    ]
+    # Every map it saw is one of a training crop's eight orientations; no test crop is among them.
+    assert record["training_maps"] + record["validation_maps"] == 8 * len(train)
+    assert record["crops_sha256"] == class_filter.crops_sha256(train)
+    assert 0 <= record["validation_accuracy"] <= 1 and record["validation_maps"] > 0
+    assert "held-out training crops" in filter_run["trained"].stdout
+
+
+def test_filtered_images_carry_their_scores_and_acceptance_is_reported(filter_run):
+    finished = filter_run["finished"]["open"]
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    size_dir = filter_run["root"] / "open" / "32x32"
+    manifest = pd.read_csv(size_dir / "generation_manifest.csv")
+    assert len(manifest) == IMAGES * len(CLASSES) and manifest["filter_score"].between(0, 1).all()
+    assert set(manifest["filter_threshold"]) == {0.0}
+    acceptance = __import__("json").loads((size_dir / "class_filter_acceptance.json").read_text())
+    assert {name: acceptance[name]["accepted"] for name in CLASSES} == dict.fromkeys(CLASSES, IMAGES)
+    assert "passed the class filter" in finished.stdout
+
+
+def test_a_class_the_filter_starves_gets_one_line(filter_run):
+    finished = filter_run["finished"]["starved"]
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    lines = [line for line in finished.stdout.splitlines() if "passed the class filter" in line]
+    assert len(lines) == len(CLASSES), finished.stdout
+    for class_name, line in zip(CLASSES, lines):
+        assert line.startswith(f"{class_name}: only ") and f"within {2 * IMAGES} draws" in line, line
+
+
+def test_filter_refusals_are_one_line(filter_run):
+    for name, fragment in (("posterior", "--sampling=posterior"), ("no_filter", "has no class filter")):
+        process = filter_run["finished"][name]
+        lines = process.stderr.strip().splitlines()
+        assert process.returncode == 2 and len(lines) == 1, (name, process.stderr[-2000:])
+        assert fragment in lines[0], (name, lines[0])

@@ -255,7 +255,7 @@ def markdown_report(report):
         f"| near-copies of training images | {report['near_copy_share']:.1%} | {report['test_near_copy_share']:.1%} (real test images) |",
         f"| pixel-space memorisation ratio ({metrics.PIXEL_SIDE} px, training crops in 8 orientations) | {report['pixel_memorisation_ratio']:.2f} | 1.00 |",
         f"| pixel-space near-copies | {report['pixel_near_copy_share']:.1%} | {report['pixel_test_near_copy_share']:.1%} (real test images) |",
-        f"| nearest training crop (pixel space, any orientation) is the image's own source | "
+        "| nearest training crop (pixel space, any orientation) is the image's own source | "
         + (
             "no sources recorded"
             if report.get("pixel_nearest_is_source_share") is None

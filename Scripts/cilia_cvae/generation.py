@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from cilia_cvae import grain, latent_prior, models  # noqa: F401  (models registers the custom layers the saved models use)
+from cilia_cvae import class_filter, grain, latent_prior, models  # noqa: F401  (models registers the custom layers the saved models use)
 from cilia_cvae.config import UserError
 from cilia_cvae.files import FILE_MODE, describe_size, sha256_of_file, write_csv_atomic, write_png_atomic
 from cilia_cvae.layout import RunLayout
@@ -59,6 +59,8 @@ MANIFEST_COLUMNS = [
     "second_source",
     "second_source_orientation",
     "mix_weight",
+    "filter_threshold",
+    "filter_score",
 ]
 # The random stream of a counterfactual's noise and aspect ratio: drawn per source class, not per
 # target class, so that image i of every target class is the same crop under the same noise.
@@ -82,6 +84,7 @@ PER_IMAGE_COLUMNS = (
     "source_orientation",
     "second_source",
     "second_source_orientation",
+    "filter_score",
 )
 # A manifest row names an image of its own class folder; anything else in the file is damage.
 MANIFEST_FILE_PATTERN = re.compile(r"^(?P<class_name>[^/]+)/Synthetic_(?P=class_name)_(?P<number>\d+)\.png$")
@@ -763,7 +766,9 @@ def edit_request(generator, label, count, seed, aspect_statistics, diffusion):
         "sources": drawn["sources"],
         "per_image": per_image,
         "aspects": (
-            draw_aspect_ratios(count, aspect_statistics, np.random.default_rng([*drawn["stream"], ASPECT_STREAM]))
+            draw_aspect_ratios(
+                count, aspect_statistics, np.random.default_rng([*drawn["stream"], ASPECT_STREAM])
+            )
             if aspect_statistics is not None
             else np.ones(count)
         ),
@@ -854,6 +859,14 @@ def say_what_exists(class_name, folder, count, existing, seed):
         )
 
 
+def screened(drawn, indices, latents, screen, generator, wanted):
+    """The indices and latents of a batch the class filter keeps (at most `wanted`), with their scores."""
+    standardised = latent_prior.from_model_latents(latents, generator["prior"]["config"])
+    scores = class_filter.scores_of(screen, standardised)[:, drawn["label"]]
+    kept = np.flatnonzero(scores >= screen["threshold"])[:wanted]
+    return indices[kept], latents[kept], scores[kept]
+
+
 def write_class(
     generator,
     generated_layout,
@@ -868,30 +881,47 @@ def write_class(
 ):
     """Decode and write the images of one class's request that are not there yet, a batch at a time, each
     batch's PNGs finishing while the next is drawn and decoded; a batch's manifest rows are written once
-    its files exist. Returns (the paths written, the paths of every image of the request)."""
-    drawn = class_request(generator, class_name, **request["draw"])
+    its files exist. With the class filter, candidates are drawn in stream order up to the bound and
+    only those it accepts are written. Returns (the paths written, the paths of every image of the
+    request, the filter's acceptance or None)."""
+    screen, count = request["filter"], request["draw"]["images_per_class"]
+    # With the filter, the request's stream holds `max_draws` candidates per image asked for.
+    bound = count * screen["max_draws"] if screen else count
+    drawn = class_request(generator, class_name, **dict(request["draw"], images_per_class=bound))
     template = {"class": class_name, **request["row"]}
     if "counterfactual_source" in drawn["per_image"]:
         template["counterfactual_source"] = drawn["per_image"]["counterfactual_source"][0]
-    existing = images_of_request(manifest_rows, template, drawn["count"])
+    existing = images_of_request(manifest_rows, template, bound)
     folder = generated_layout.class_folder(class_name)
-    say_what_exists(class_name, folder, drawn["count"], existing, request["draw"]["seed"])
+    say_what_exists(class_name, folder, count, existing, request["draw"]["seed"])
     progress.update(len(existing))
-    to_write = np.array([index for index in range(drawn["count"]) if index not in existing], dtype=np.int64)
+    to_try = np.array([index for index in range(bound) if index not in existing], dtype=np.int64)
     folder.mkdir(parents=True, exist_ok=True)
-    first_number = next_file_number(generated_layout, class_name, manifest_rows)
+    number = next_file_number(generated_layout, class_name, manifest_rows)
     paths = {index: generated_layout.directory / name for index, name in existing.items()}
     pending, batch_size, written = None, request["batch_size"], []
-    for start in range(0, len(to_write), batch_size):
-        indices = to_write[start : start + batch_size]
-        images = decode_batch(drawn["latents_for"](indices), drawn["label"])
+    for start in range(0, len(to_try), batch_size):
+        if len(paths) >= count:
+            break
+        indices = to_try[start : start + batch_size]
+        latents, scores = drawn["latents_for"](indices), None
+        if screen:
+            indices, latents, scores = screened(
+                drawn, indices, latents, screen, generator, count - len(paths)
+            )
+            if not len(indices):
+                continue
+        images = decode_batch(latents, drawn["label"])
         if request["grain"] is not None:
             rngs = grain.image_rngs(request["draw"]["seed"], drawn["label"], indices)
             images = grain.add_grain(images, request["grain"], rngs)
         rows, jobs = [], []
         for offset, (index, pixels) in enumerate(zip(indices.tolist(), images)):
-            path = generated_layout.image(class_name, first_number + start + offset)
+            path = generated_layout.image(class_name, number)
+            number += 1
             row = image_row(template, drawn, index, path)
+            if scores is not None:
+                row["filter_score"] = round(float(scores[offset]), 4)
             aspect = drawn["aspects"][index] if request["restore_aspect_ratio"] else None
             jobs.append(writers.submit(save_generated, path, pixels, aspect, request["resize_mode"], row))
             paths[index] = path
@@ -900,7 +930,13 @@ def write_class(
         finish_batch(pending, append, progress)
         pending = (jobs, rows)
     finish_batch(pending, append, progress)
-    return written, [paths[index] for index in sorted(paths)]
+    acceptance = None
+    if screen:
+        # Candidates are tried in stream order, so every one up to the last accepted was judged
+        # (all `bound` of them when the class fell short): the same figure after a resumed run.
+        tried = bound if len(paths) < count else max(paths) + 1
+        acceptance = {"accepted": len(paths), "drawn": int(tried), "asked_for": count, "bound": bound}
+    return written, [paths[index] for index in sorted(paths)], acceptance
 
 
 def image_row(template, drawn, index, path):
@@ -923,6 +959,7 @@ class Written(dict):
     def __init__(self):
         super().__init__()
         self.requested = {}
+        self.acceptance = {}
 
 
 def manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model=None):
@@ -962,13 +999,16 @@ def generate(
     progress,
     diffusion=None,
     grain_model=None,
+    class_screen=None,
 ):
     """Decode and write images class by class, a manifest row per image; the images of the request an
     earlier run wrote (the same command again, after a kill or not) are not written again. `diffusion`,
     for sampling "diffusion" or counterfactuals (the generator then holds its prior, load_latent_prior),
     is {"guidance", "steps"}; for counterfactuals and variations also "edit_strength", "source_names"
     ({class: the file name of each stored latent}), "counterfactual_from" (the source class; absent for
-    variations) and "mix" (a variation's weight of its second crop, 0 for none). With `grain_model` (load_grain_model), each image gets grain drawn from it (grain.py)."""
+    variations) and "mix" (a variation's weight of its second crop, 0 for none). With `grain_model` (load_grain_model), each image gets grain drawn from it (grain.py). With
+    `class_screen` (class_filter.load, plus "threshold" and "max_draws"), only maps the filter gives the
+    class at least the threshold are written, up to max_draws candidates per image asked for."""
     parameters = generator["parameters"]
     decode_batch = make_decode_function(
         generator["decoder"], batch_size, int(parameters["latent_dim"]), len(parameters["class_names"])
@@ -982,8 +1022,12 @@ def generate(
             "aspect_statistics": raw_statistics if restore_aspect_ratio else None,
             "diffusion": diffusion,
         },
-        "row": manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model),
+        "row": dict(
+            manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model),
+            **({"filter_threshold": class_screen["threshold"]} if class_screen else {}),
+        ),
         "grain": grain_model,
+        "filter": class_screen,
         "batch_size": batch_size,
         "restore_aspect_ratio": restore_aspect_ratio,
         "resize_mode": parameters.get("resize_mode", "squash"),
@@ -1004,7 +1048,9 @@ def generate(
             manifest_rows=manifest_rows,
         )
         for class_name in dict.fromkeys(class_names):
-            written[class_name], written.requested[class_name] = write_class(
+            written[class_name], written.requested[class_name], acceptance = write_class(
                 generator, generated_layout, class_name, request, **tools
             )
+            if acceptance:
+                written.acceptance[class_name] = acceptance
     return written

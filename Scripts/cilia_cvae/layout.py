@@ -166,6 +166,11 @@ class RunLayout:
         return self.directory / "latent_prior.keras"
 
     @property
+    def class_filter(self):
+        """class_filter.keras: the classifier over latent maps inference's --class_filter uses (class_filter.py)."""
+        return self.directory / "class_filter.keras"
+
+    @property
     def grain_model(self):
         """grain_model.json: the grain the decoder averages away, measured on the train split (grain.py)."""
         return self.directory / "grain_model.json"

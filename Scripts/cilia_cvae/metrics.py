@@ -181,7 +181,9 @@ def nearest_is_source_share(training_features, generated_features, sources, trai
     if not known:
         return None
     nearest = pairwise_distances(np.asarray(generated_features)[known], training_features).argmin(axis=1)
-    return float(np.mean([int(index) % training_count in sources[image] for image, index in zip(known, nearest)]))
+    return float(
+        np.mean([int(index) % training_count in sources[image] for image, index in zip(known, nearest)])
+    )
 
 
 def memorisation(training_features, test_features, generated_features):

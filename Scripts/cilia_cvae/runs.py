@@ -20,7 +20,15 @@ from cilia_cvae.model_config import reconstruction_loss_kind
 
 # Settings that may change between a killed run and its resumption without changing what was
 # trained so far (more or fewer epochs continue the same run).
-SETTINGS_FREE_TO_CHANGE = ("FRESH", "CONTINUE_FINISHED", "SAMPLE_EVERY", "EPOCHS", "MAX_MINUTES")
+# The class filter is trained beside the prior (class_filter.py): it shapes neither the CVAE nor the prior.
+SETTINGS_FREE_TO_CHANGE = (
+    "FRESH",
+    "CONTINUE_FINISHED",
+    "SAMPLE_EVERY",
+    "EPOCHS",
+    "MAX_MINUTES",
+    "CLASS_FILTER_EPOCHS",
+)
 # What a run started before a setting existed ran with.
 SETTINGS_ADDED_LATER = {"RECONSTRUCTION_LOSS": "auto", "STRUCTURAL_WEIGHT": 0.0, "KL_WEIGHT": 1.0}
 # Where a run's files live is not what the run is.
@@ -134,9 +142,13 @@ def finished_run_to_keep(layout, settings, data_fingerprint):
     same command again after a kill during the prior stage (the CVAE had finished; the prior
     had started but not). The prior's settings (PRIOR_*) never count as the CVAE's.
     """
-    if settings["FRESH"] or settings.get("PRIOR_EPOCHS", 0) <= 0 or not layout.parameters.exists():
+    if settings["FRESH"] or not layout.parameters.exists():
         return None
     parameters = json.loads(layout.parameters.read_text(encoding="utf-8"))
+    # The second stage has work: a prior to train, or a trained prior's class filter to (re)train.
+    filter_only = settings.get("CLASS_FILTER_EPOCHS", 0) > 0 and "latent_prior" in parameters
+    if settings.get("PRIOR_EPOCHS", 0) <= 0 and not filter_only:
+        return None
     interrupted_prior = layout.prior_settings.exists() and "latent_prior" not in parameters
     continued = settings.get("CONTINUE_FINISHED") and parameters["epochs_done"] >= settings["EPOCHS"]
     if not (interrupted_prior or continued):
@@ -148,7 +160,7 @@ def finished_run_to_keep(layout, settings, data_fingerprint):
             f"continue it with its own or pass --fresh=True to start again"
         )
     done = parameters["epochs_done"]
-    print(f"the CVAE in {layout.directory} is finished ({done} epochs): training its latent prior only")
+    print(f"the CVAE in {layout.directory} is finished ({done} epochs): training its second stage only (latent prior, class filter)")
     return parameters
 
 

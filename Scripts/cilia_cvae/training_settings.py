@@ -76,6 +76,7 @@ def check_prior_settings(settings):
         ("PRIOR_WIDTH", 1),
         ("PRIOR_ATTENTION_SIDE", 0),
         ("PRIOR_SAMPLE_EVERY", 0),
+        ("CLASS_FILTER_EPOCHS", 0),
     ):
         if settings[name] < lowest:
             raise UserError(f"--{name.lower()} must be at least {lowest}, not {settings[name]}")

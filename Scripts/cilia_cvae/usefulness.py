@@ -115,7 +115,15 @@ def generator_training_arguments(model_settings, *, image_size, fraction, full_d
 
 # How the evaluated images were drawn, read from their manifest; each fraction's generator draws
 # its synthetic images the same way. Older manifests lack the diffusion columns.
-SAMPLING_COLUMNS = ("sampling", "temperature", "guidance", "sampling_steps", "grain", "edit_strength", "mix_weight")
+SAMPLING_COLUMNS = (
+    "sampling",
+    "temperature",
+    "guidance",
+    "sampling_steps",
+    "grain",
+    "edit_strength",
+    "mix_weight",
+)
 # The latent prior's settings a fraction's prior copies from the evaluated model's (its epochs
 # are stretched like the CVAE's, so that every prior takes as many steps).
 COPIED_PRIOR_SETTINGS = (
