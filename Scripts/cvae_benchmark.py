@@ -20,6 +20,9 @@ images/s only mean something for the machine named in the output.
 Example:
     python Scripts/cvae_benchmark.py                 # full measurement, about 10-15 minutes on 2 cores
     python Scripts/cvae_benchmark.py --quick=True    # CI-sized: 32 and 64 px instead of 224 and 448, under a minute
+
+Why one file: every contender is measured in one run on one machine, so that its figures are
+ratios to the original's; each measurement is its own function below.
 """
 
 import json

@@ -15,6 +15,7 @@ from helpers.fake_prior import add_latent_prior
 from PIL import Image
 
 from cilia_cvae import generation, latent_prior
+from cilia_cvae import manifest as manifest_module
 from cilia_cvae.config import UserError
 from cilia_cvae.layout import ProcessedLayout
 from conftest import run_script
@@ -98,7 +99,7 @@ def test_diffusion_writes_images_manifest_and_figures(prior_run, finished):
     ):
         assert (size_dir / figure).stat().st_size > 1000, figure
     manifest = pd.read_csv(size_dir / "generation_manifest.csv")
-    assert list(manifest.columns) == generation.MANIFEST_COLUMNS
+    assert list(manifest.columns) == manifest_module.MANIFEST_COLUMNS
     assert len(manifest) == IMAGES * len(CLASSES)
     assert set(manifest["sampling"]) == {"diffusion"} and set(manifest["guidance"]) == {1.0}
     assert set(manifest["sampling_steps"]) == {STEPS} and set(manifest["seed"]) == {3}
@@ -199,16 +200,16 @@ def test_a_prior_of_another_run_or_a_changed_file_is_refused(prior_run, tmp_path
 
 def test_a_manifest_written_before_the_new_columns_gains_them(tmp_path):
     manifest = tmp_path / "generation_manifest.csv"
-    old_columns = generation.MANIFEST_COLUMNS[:9]
+    old_columns = manifest_module.MANIFEST_COLUMNS[:9]
     manifest.write_text(
         ",".join(old_columns) + "\n" + ",".join(["ODA/Synthetic_ODA_00001.png", "ODA"] + ["1"] * 7) + "\n"
     )
-    generation.append_manifest_rows(
+    manifest_module.append_manifest_rows(
         manifest, [{"file": "ODA/Synthetic_ODA_00002.png", "class": "ODA", "guidance": 2.0}]
     )
     rows = pd.read_csv(manifest)
-    assert list(rows.columns) == generation.MANIFEST_COLUMNS and len(rows) == 2
+    assert list(rows.columns) == manifest_module.MANIFEST_COLUMNS and len(rows) == 2
     assert rows["guidance"].isna().tolist() == [True, False]
     manifest.write_text("name,label\nx,y\n")
     with pytest.raises(UserError, match="other columns"):
-        generation.append_manifest_rows(manifest, [])
+        manifest_module.append_manifest_rows(manifest, [])

@@ -56,21 +56,29 @@ def quality_metrics(features, labels, predictions, class_names, seed):
         **metrics.memorisation(train, test, generated),
     }
     if "pixels" in features:
-        # The same question in pixel space: the judge's features could call two different
-        # images alike, or miss a copy whose difference the judge happens to notice.
-        pixels = features["pixels"]
-        report.update(
-            {
-                f"pixel_{name}": value
-                for name, value in metrics.memorisation(
-                    pixels["train"], pixels["test"], pixels["generated"]
-                ).items()
-            }
-        )
-        # Is an image nearest the very crop it was made from (posterior draws, counterfactuals, variations)?
-        report["pixel_nearest_is_source_share"] = metrics.nearest_is_source_share(
-            pixels["train"], pixels["generated"], features["sources"], len(labels["train"])
-        )
+        report.update(pixel_measures(features, len(labels["train"])))
+    report["per_class"] = per_class_measures(features, labels, fidelity_per_class, class_names, seed)
+    return report
+
+
+def pixel_measures(features, training_count):
+    """Memorisation in pixel space: the judge's features could call two different images alike, or
+    miss a copy whose difference the judge happens to notice; and whether an image is nearest the very
+    crop it was made from (posterior draws, counterfactuals, variations)."""
+    pixels = features["pixels"]
+    measures = {
+        f"pixel_{name}": value
+        for name, value in metrics.memorisation(pixels["train"], pixels["test"], pixels["generated"]).items()
+    }
+    measures["pixel_nearest_is_source_share"] = metrics.nearest_is_source_share(
+        pixels["train"], pixels["generated"], features["sources"], training_count
+    )
+    return measures
+
+
+def per_class_measures(features, labels, fidelity_per_class, class_names, seed):
+    """Each class's fidelity and KID against its own real test images (and the train-test floor)."""
+    generated, test, train = features["generated"], features["test"], features["train"]
     per_class = {}
     for label, class_name in enumerate(class_names):
         mask = {split: labels[split] == label for split in ("generated", "test", "train")}
@@ -89,8 +97,7 @@ def quality_metrics(features, labels, predictions, class_names, seed):
             "kid_std": class_kid_std,
             "kid_floor": class_floor,
         }
-    report["per_class"] = per_class
-    return report
+    return per_class
 
 
 def source_indices(generated_dir, generated_paths, train_paths):
@@ -118,6 +125,29 @@ def source_indices(generated_dir, generated_paths, train_paths):
         found = {index_of[name] for name in names if name in index_of}
         sources.append(found or None)
     return sources
+
+
+def judged_splits(judge, images):
+    """The judge's features and predicted classes of every split, the features in the real training
+    split's units (see feature_standardiser)."""
+    features, predictions = {}, {}
+    for split in images:
+        scores, features[split] = predict(judge, images[split])
+        predictions[split] = scores.argmax(axis=1)
+    centre, scale = metrics.feature_standardiser(features["train"])
+    return {split: (values - centre) / scale for split, values in features.items()}, predictions
+
+
+def real_accuracy(predicted, labels, class_names):
+    """The judge's accuracy on the real test split, overall and per class: the ceiling of fidelity."""
+    return {
+        "real_accuracy": float(np.mean(predicted == labels)),
+        "real_accuracy_per_class": {
+            name: float(np.mean(predicted[labels == label] == label))
+            for label, name in enumerate(class_names)
+            if (labels == label).any()
+        },
+    }
 
 
 def evaluate_generated(
@@ -151,24 +181,13 @@ def evaluate_generated(
         classifier_epochs,
         seed,
     )
-    scores, features, predictions = {}, {}, {}
-    for split in images:
-        scores[split], features[split] = predict(judge, images[split])
-        predictions[split] = scores[split].argmax(axis=1)
-    # Every split is measured in the real training split's units (see feature_standardiser).
-    centre, scale = metrics.feature_standardiser(features["train"])
-    features = {split: (values - centre) / scale for split, values in features.items()}
+    features, predictions = judged_splits(judge, images)
     # Training crops in their eight orientations: a turned or mirrored copy is still a copy.
     features["pixels"] = {split: metrics.pixel_vectors(images[split]) for split in ("test", "generated")}
     features["pixels"]["train"] = metrics.pixel_vectors_in_eight_orientations(images["train"])
     features["sources"] = source_indices(Path(generated_dir), paths["generated"], paths["train"])
     report = {
-        "real_accuracy": float(np.mean(predictions["test"] == labels["test"])),
-        "real_accuracy_per_class": {
-            name: float(np.mean(predictions["test"][labels["test"] == label] == label))
-            for label, name in enumerate(class_names)
-            if (labels["test"] == label).any()
-        },
+        **real_accuracy(predictions["test"], labels["test"], class_names),
         "judge_reused_from_cache": reused,
         "classifier_size": classifier_size,
         "classifier_epochs": classifier_epochs,

@@ -13,18 +13,17 @@ And edits of real training crops' latents, noised part-way and denoised by the p
 - "variation", under the crop's own class: a crop drawn with the seed, in one of its eight
   orientations (optionally mixed with a second crop of the class), keeps its layout and has its
   detail redrawn; the strength trades newness against faithfulness.
+
+Why one file: loading a run, drawing latents (posterior, density, diffusion, edits) and writing
+images share the random streams that make a seed's images reproducible and resumable; the
+manifest's reading and repair live in manifest.py.
 """
 
-import contextlib
-import csv
 import hashlib
-import io
 import json
 import os
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 import keras
@@ -34,63 +33,26 @@ from PIL import Image
 
 from cilia_cvae import class_filter, grain, latent_prior, models  # noqa: F401  (models registers the custom layers the saved models use)
 from cilia_cvae.config import UserError
-from cilia_cvae.files import FILE_MODE, describe_size, sha256_of_file, write_csv_atomic, write_png_atomic
+from cilia_cvae.files import describe_size, sha256_of_file, write_png_atomic
 from cilia_cvae.layout import RunLayout
+from cilia_cvae.manifest import (
+    MANIFEST_ROW_KEY,
+    images_of_request,
+    manifest_appender,
+    next_file_number,
+    reconcile_with_disk,
+)
 from cilia_cvae.stored_run import read_parameters, training_script_for
 
-# New columns go at the end: a manifest written before them keeps its columns where they were.
-MANIFEST_COLUMNS = [
-    "file",
-    "class",
-    "sampling",
-    "temperature",
-    "seed",
-    "source_latent_index",
-    "aspect_ratio",
-    "model_fingerprint",
-    "image_size",
-    "guidance",
-    "sampling_steps",
-    "edit_strength",
-    "counterfactual_source",
-    "grain",
-    "stream_index",
-    "source_orientation",
-    "second_source",
-    "second_source_orientation",
-    "mix_weight",
-    "filter_threshold",
-    "filter_score",
-]
 # The random stream of a counterfactual's noise and aspect ratio: drawn per source class, not per
 # target class, so that image i of every target class is the same crop under the same noise.
 COUNTERFACTUAL_STREAM = 1_000_003
 # A variation's streams: per (seed, class), one each for its noise, source crops, orientations and mixing.
 VARIATION_STREAM = 1_000_033
-# The tEXt key under which each generated PNG carries its own manifest row.
-MANIFEST_ROW_KEY = "cilia_cvae_manifest_row"
-FILE_NUMBER_PATTERN = re.compile(r"^Synthetic_.+_(\d+)\.png$")
 # The random streams of one (seed, class) besides its first draw (the latent noise): one per
 # quantity, so that image i is the same whatever the number of images asked for, and a larger
 # --images_per_class continues the seed's images instead of drawing others.
 SOURCE_STREAM, ASPECT_STREAM = 1, 2
-# The columns that differ between the images of one request; the others say what was asked for.
-PER_IMAGE_COLUMNS = (
-    "file",
-    "source_latent_index",
-    "aspect_ratio",
-    "counterfactual_source",
-    "stream_index",
-    "source_orientation",
-    "second_source",
-    "second_source_orientation",
-    "filter_score",
-)
-# A manifest row names an image of its own class folder; anything else in the file is damage.
-MANIFEST_FILE_PATTERN = re.compile(r"^(?P<class_name>[^/]+)/Synthetic_(?P=class_name)_(?P<number>\d+)\.png$")
-# The columns of the first manifests: a row of at least these can be read without its header.
-OLDEST_MANIFEST_COLUMNS = 9
-HEADER_NAME_PATTERN = re.compile(r"^[a-z_]+$")
 
 
 def load_saved_model(path, remedy):
@@ -403,20 +365,6 @@ def restore_aspect(image, aspect_ratio, resize_mode):
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
-def next_file_number(generated_layout, class_name, manifest_rows=()):
-    """One past the highest number a Synthetic_<Class>_<N>.png there or a manifest row of the class has
-    held, so that nothing is overwritten and no name is given twice (a deleted image keeps its row)."""
-    folder = generated_layout.class_folder(class_name)
-    names = [path.name for path in folder.glob(f"Synthetic_{glob_escape(class_name)}_*.png")]
-    names += [row["file"].split("/", 1)[1] for row in manifest_rows if row["class"] == class_name]
-    numbers = [int(match.group(1)) for name in names if (match := FILE_NUMBER_PATTERN.match(name))]
-    return max(numbers, default=0) + 1
-
-
-def glob_escape(text):
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
 def make_decode_function(decoder, batch_size, latent_dim, num_classes):
     """A compiled decode of fixed batch shape (the last batch is padded), so it is traced once."""
     decode = tf.function(
@@ -457,177 +405,6 @@ def save_generated(path, pixels, aspect_ratio, resize_mode, row):
     if aspect_ratio is not None:
         image = restore_aspect(image, aspect_ratio, resize_mode)
     write_png_atomic(path, image, compress_level=1, text={MANIFEST_ROW_KEY: json.dumps(row)})
-
-
-def parse_manifest_line(raw):
-    """The fields of one manifest line, or None for bytes that are not a line of text."""
-    try:
-        text = raw.decode("utf-8")
-        return next(csv.reader([text.rstrip("\r")]), [])
-    except (UnicodeDecodeError, csv.Error):
-        return None
-
-
-def manifest_row(fields, header):
-    """A line's row when it names an image of its class; without a valid header, the columns are taken
-    in order (every manifest's columns begin with the first manifest's)."""
-    if fields is None:
-        return None
-    columns = header or MANIFEST_COLUMNS[: len(fields)]
-    if len(fields) != len(columns) or len(fields) < OLDEST_MANIFEST_COLUMNS:
-        return None
-    row = dict(zip(columns, fields))
-    match = MANIFEST_FILE_PATTERN.match(row["file"])
-    return row if match and row["class"] == match["class_name"] else None
-
-
-def read_manifest(manifest_path):
-    """(the manifest's valid rows, how many of its lines are damaged, whether it must be written again).
-
-    Damage is a last row cut short (a disk that filled up, a kill), bytes that are not text, a row that
-    names no image of its class (a row glued to a partial one, junk); a header without the newest columns
-    is rewritten too. A header of other columns (another program's file) is refused in one line."""
-    if not manifest_path.exists():
-        return [], 0, False
-    lines = manifest_path.read_bytes().split(b"\n")
-    damaged = int(bool(lines.pop().strip()))  # what follows the last newline: a row cut short
-    if not lines:
-        return [], damaged, bool(damaged)
-    header = parse_manifest_line(lines[0])
-    if header and header != MANIFEST_COLUMNS[: len(header)] and all(map(HEADER_NAME_PATTERN.match, header)):
-        raise UserError(
-            f"{manifest_path} has other columns than this version writes; move it aside and run again"
-        )
-    if not header or header != MANIFEST_COLUMNS[: len(header)] or "file" not in header:
-        header, damaged = None, damaged + 1
-    rows = []
-    for line in lines[1:]:
-        if not line.strip():
-            continue
-        row = manifest_row(parse_manifest_line(line), header)
-        if row is None:
-            damaged += 1
-        else:
-            rows.append(row)
-    return rows, damaged, bool(damaged) or header != MANIFEST_COLUMNS
-
-
-def embedded_row(path, class_name):
-    """The manifest row a generated PNG carries; a placeholder for an image without one; None when the
-    file cannot be read (damaged, a dangling link)."""
-    name = f"{class_name}/{path.name}"
-    try:
-        with Image.open(path) as image:
-            stored = getattr(image, "text", {}).get(MANIFEST_ROW_KEY)
-        row = json.loads(stored) if stored else None
-    except (OSError, SyntaxError, ValueError):
-        return None
-    if not isinstance(row, dict) or row.get("file") != name:
-        row = {"file": name, "class": class_name, "sampling": "unknown"}
-    return row
-
-
-def refuse_links(generated_layout, class_names):
-    """Generation writes only inside its folder: a manifest or class folder that is a symbolic link
-    would be written through to wherever it points, so it is refused."""
-    for path in (generated_layout.manifest, *map(generated_layout.class_folder, class_names)):
-        if path.is_symlink():
-            kind = "file" if path == generated_layout.manifest else "folder"
-            raise UserError(
-                f"{path} is a symbolic link, and generation writes only inside {generated_layout.directory}; "
-                f"replace the link with a real {kind}, then run again"
-            )
-
-
-def rewrite_manifest(manifest_path, rows, damaged):
-    """Write the manifest anew, atomically; a damaged one is kept beside it first (nothing is deleted)."""
-    if damaged:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        kept = manifest_path.with_name(f"{manifest_path.name}.damaged-{stamp}")
-        shutil.copyfile(manifest_path, kept)
-        print(f"the damaged manifest is kept as {kept}")
-    write_csv_atomic(
-        manifest_path, [{name: row.get(name) for name in MANIFEST_COLUMNS} for row in rows], MANIFEST_COLUMNS
-    )
-
-
-def reconcile_with_disk(generated_layout, class_names):
-    """Before a run: refuse links, remove the hidden partial files a killed run left, repair a damaged
-    manifest and give each image without a row the row it carries itself. Returns the manifest's rows."""
-    refuse_links(generated_layout, class_names)
-    manifest_path = generated_layout.manifest
-    rows, damaged, rewrite = read_manifest(manifest_path)
-    known = {row["file"] for row in rows}
-    recovered, unreadable = [], []
-    for class_name in class_names:
-        for leftover in generated_layout.class_folder(class_name).glob(".*.partial*"):
-            leftover.unlink(missing_ok=True)
-        for path in generated_layout.images(class_name):
-            if f"{class_name}/{path.name}" not in known:
-                row = embedded_row(path, class_name)
-                (unreadable if row is None else recovered).append(row or f"{class_name}/{path.name}")
-    if rewrite or recovered:
-        rewrite_manifest(manifest_path, rows + recovered, damaged)
-    if damaged:
-        print(
-            f"repaired {manifest_path}: {damaged} damaged line(s) left out, {len(rows)} row(s) kept, "
-            f"{len(recovered)} row(s) recovered from the images' embedded rows"
-        )
-    elif recovered:
-        print(
-            f"recorded {len(recovered)} image(s) an interrupted run wrote without manifest rows in {manifest_path}"
-        )
-    if unreadable:
-        print(
-            f"note: {len(unreadable)} image(s) in {generated_layout.directory} cannot be read and have no "
-            f"manifest row, left as they are: {', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}"
-        )
-    return rows + recovered
-
-
-def upgrade_manifest_header(manifest_path):
-    """Give a manifest written before the newest columns existed those columns (empty for its rows),
-    so that rows appended now line up with the header; another header is refused in one line."""
-    rows, damaged, rewrite = read_manifest(manifest_path)
-    if rewrite:
-        rewrite_manifest(manifest_path, rows, damaged)
-
-
-@contextlib.contextmanager
-def manifest_appender(manifest_path):
-    """A function appending whole rows to the manifest: each call's rows go to the file in one write,
-    and a write the disk cannot finish is cut back, so no reader sees part of a row."""
-    descriptor = os.open(manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
-
-    def append(rows, header=False):
-        buffer = io.StringIO()
-        writer = csv.DictWriter(
-            buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", restval="", extrasaction="ignore"
-        )
-        if header:
-            writer.writeheader()
-        writer.writerows(rows)
-        remaining = memoryview(buffer.getvalue().encode("utf-8"))
-        size = os.fstat(descriptor).st_size
-        try:
-            while remaining:
-                remaining = remaining[os.write(descriptor, remaining) :]
-        except OSError as error:
-            os.ftruncate(descriptor, size)
-            raise OSError(error.errno, error.strerror, str(manifest_path)) from None
-
-    try:
-        if os.fstat(descriptor).st_size == 0:
-            append([], header=True)
-        yield append
-    finally:
-        os.close(descriptor)
-
-
-def append_manifest_rows(manifest_path, rows):
-    upgrade_manifest_header(manifest_path)
-    with manifest_appender(manifest_path) as append:
-        append(rows)
 
 
 def finish_batch(pending, append, progress):
@@ -823,30 +600,6 @@ def class_request(
     }
 
 
-def stream_key(row):
-    """What makes two images draws of one stream: their class, how and by which model they were made
-    (every column but the per-image ones) and, for counterfactuals, the class of the source crops."""
-    shared = tuple(
-        "" if row.get(name) is None else str(row.get(name))
-        for name in MANIFEST_COLUMNS
-        if name not in PER_IMAGE_COLUMNS
-    )
-    return (*shared, str(row.get("counterfactual_source") or "").split("/")[0])
-
-
-def images_of_request(manifest_rows, template, count):
-    """{stream index: file} of the manifest's images of the request `template` describes, below `count`."""
-    key, found = stream_key(template), {}
-    for row in manifest_rows:
-        try:
-            index = int(row.get("stream_index"))
-        except (TypeError, ValueError):
-            continue  # a row written before stream indices were recorded, or recovered without its own
-        if 0 <= index < count and stream_key(row) == key:
-            found.setdefault(index, row["file"])
-    return found
-
-
 def say_what_exists(class_name, folder, count, existing, seed):
     if len(existing) == count:
         print(
@@ -865,6 +618,19 @@ def screened(drawn, indices, latents, screen, generator, wanted):
     scores = class_filter.scores_of(screen, standardised)[:, drawn["label"]]
     kept = np.flatnonzero(scores >= screen["threshold"])[:wanted]
     return indices[kept], latents[kept], scores[kept]
+
+
+def submit_batch(writers, request, template, drawn, indices, images, files, scores):
+    """Hand one batch's PNGs to the writer threads; returns their jobs and the batch's manifest rows."""
+    jobs, rows = [], []
+    for offset, (index, pixels, path) in enumerate(zip(indices.tolist(), images, files)):
+        row = image_row(template, drawn, index, path)
+        if scores is not None:
+            row["filter_score"] = round(float(scores[offset]), 4)
+        aspect = drawn["aspects"][index] if request["restore_aspect_ratio"] else None
+        jobs.append(writers.submit(save_generated, path, pixels, aspect, request["resize_mode"], row))
+        rows.append(row)
+    return jobs, rows
 
 
 def write_class(
@@ -915,28 +681,23 @@ def write_class(
         if request["grain"] is not None:
             rngs = grain.image_rngs(request["draw"]["seed"], drawn["label"], indices)
             images = grain.add_grain(images, request["grain"], rngs)
-        rows, jobs = [], []
-        for offset, (index, pixels) in enumerate(zip(indices.tolist(), images)):
-            path = generated_layout.image(class_name, number)
-            number += 1
-            row = image_row(template, drawn, index, path)
-            if scores is not None:
-                row["filter_score"] = round(float(scores[offset]), 4)
-            aspect = drawn["aspects"][index] if request["restore_aspect_ratio"] else None
-            jobs.append(writers.submit(save_generated, path, pixels, aspect, request["resize_mode"], row))
-            paths[index] = path
-            written.append(path)
-            rows.append(row)
+        files = [generated_layout.image(class_name, number + offset) for offset in range(len(indices))]
+        number += len(indices)
+        jobs, rows = submit_batch(writers, request, template, drawn, indices, images, files, scores)
+        paths.update(zip(indices.tolist(), files))
+        written += files
         finish_batch(pending, append, progress)
         pending = (jobs, rows)
     finish_batch(pending, append, progress)
-    acceptance = None
-    if screen:
-        # Candidates are tried in stream order, so every one up to the last accepted was judged
-        # (all `bound` of them when the class fell short): the same figure after a resumed run.
-        tried = bound if len(paths) < count else max(paths) + 1
-        acceptance = {"accepted": len(paths), "drawn": int(tried), "asked_for": count, "bound": bound}
+    acceptance = filter_acceptance(paths, count, bound) if screen else None
     return written, [paths[index] for index in sorted(paths)], acceptance
+
+
+def filter_acceptance(paths, count, bound):
+    """Candidates are tried in stream order, so every one up to the last accepted was judged (all
+    `bound` of them when the class fell short): the same figures after a resumed run."""
+    tried = bound if len(paths) < count else max(paths) + 1
+    return {"accepted": len(paths), "drawn": int(tried), "asked_for": count, "bound": bound}
 
 
 def image_row(template, drawn, index, path):
@@ -962,7 +723,9 @@ class Written(dict):
         self.acceptance = {}
 
 
-def manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model=None):
+def manifest_row_fields(
+    generator, sampling, temperature, seed, diffusion, grain_model=None, class_screen=None
+):
     """The columns every row of one run shares: how its images were made and by which model."""
     fields = {
         "grain": grain_model is not None,
@@ -981,7 +744,56 @@ def manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain
             )
             if diffusion.get("mix"):
                 fields["mix_weight"] = diffusion["mix"]
+    if class_screen:
+        fields["filter_threshold"] = class_screen["threshold"]
     return fields
+
+
+def generation_request(generator, *, grain_model, class_screen, batch_size, **draw):
+    """What every class of one run is drawn and written with: the draw's settings, the manifest columns
+    its rows share, grain, class filter, batch size and how the aspect ratio is restored."""
+    sampling, temperature, seed, diffusion = (
+        draw[name] for name in ("sampling", "temperature", "seed", "diffusion")
+    )
+    return {
+        "draw": draw,
+        "row": manifest_row_fields(
+            generator, sampling, temperature, seed, diffusion, grain_model, class_screen
+        ),
+        "grain": grain_model,
+        "filter": class_screen,
+        "batch_size": batch_size,
+        "restore_aspect_ratio": draw["aspect_statistics"] is not None,
+        "resize_mode": generator["parameters"].get("resize_mode", "squash"),
+    }
+
+
+def write_classes(generator, generated_layout, class_names, request, decode_batch, progress):
+    """Every class's images after what an earlier or killed run wrote is recorded (not written again);
+    the PNGs are written by one thread per core while the next batch is decoded."""
+    parameters = generator["parameters"]
+    generated_layout.directory.mkdir(parents=True, exist_ok=True)
+    # What an earlier or killed run wrote is recorded first: its images are not written again.
+    manifest_rows = reconcile_with_disk(generated_layout, list(parameters["class_names"]))
+    written = Written()
+    with (
+        manifest_appender(generated_layout.manifest) as append,
+        ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers,
+    ):
+        tools = dict(
+            decode_batch=decode_batch,
+            writers=writers,
+            append=append,
+            progress=progress,
+            manifest_rows=manifest_rows,
+        )
+        for class_name in dict.fromkeys(class_names):
+            written[class_name], written.requested[class_name], acceptance = write_class(
+                generator, generated_layout, class_name, request, **tools
+            )
+            if acceptance:
+                written.acceptance[class_name] = acceptance
+    return written
 
 
 def generate(
@@ -1006,51 +818,23 @@ def generate(
     for sampling "diffusion" or counterfactuals (the generator then holds its prior, load_latent_prior),
     is {"guidance", "steps"}; for counterfactuals and variations also "edit_strength", "source_names"
     ({class: the file name of each stored latent}), "counterfactual_from" (the source class; absent for
-    variations) and "mix" (a variation's weight of its second crop, 0 for none). With `grain_model` (load_grain_model), each image gets grain drawn from it (grain.py). With
-    `class_screen` (class_filter.load, plus "threshold" and "max_draws"), only maps the filter gives the
-    class at least the threshold are written, up to max_draws candidates per image asked for."""
+    variations) and "mix" (a variation's weight of its second crop, 0 for none). With `grain_model`
+    (load_grain_model), each image gets grain drawn from it (grain.py). With `class_screen`
+    (class_filter.load, plus "threshold" and "max_draws"), only maps the filter gives the class at least the threshold are written, up to max_draws candidates per image asked for."""
     parameters = generator["parameters"]
     decode_batch = make_decode_function(
         generator["decoder"], batch_size, int(parameters["latent_dim"]), len(parameters["class_names"])
     )
-    request = {
-        "draw": {
-            "images_per_class": images_per_class,
-            "sampling": sampling,
-            "temperature": temperature,
-            "seed": seed,
-            "aspect_statistics": raw_statistics if restore_aspect_ratio else None,
-            "diffusion": diffusion,
-        },
-        "row": dict(
-            manifest_row_fields(generator, sampling, temperature, seed, diffusion, grain_model),
-            **({"filter_threshold": class_screen["threshold"]} if class_screen else {}),
-        ),
-        "grain": grain_model,
-        "filter": class_screen,
-        "batch_size": batch_size,
-        "restore_aspect_ratio": restore_aspect_ratio,
-        "resize_mode": parameters.get("resize_mode", "squash"),
-    }
-    generated_layout.directory.mkdir(parents=True, exist_ok=True)
-    # What an earlier or killed run wrote is recorded first: its images are not written again.
-    manifest_rows = reconcile_with_disk(generated_layout, list(parameters["class_names"]))
-    written = Written()
-    with (
-        manifest_appender(generated_layout.manifest) as append,
-        ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as writers,
-    ):
-        tools = dict(
-            decode_batch=decode_batch,
-            writers=writers,
-            append=append,
-            progress=progress,
-            manifest_rows=manifest_rows,
-        )
-        for class_name in dict.fromkeys(class_names):
-            written[class_name], written.requested[class_name], acceptance = write_class(
-                generator, generated_layout, class_name, request, **tools
-            )
-            if acceptance:
-                written.acceptance[class_name] = acceptance
-    return written
+    request = generation_request(
+        generator,
+        images_per_class=images_per_class,
+        sampling=sampling,
+        temperature=temperature,
+        seed=seed,
+        aspect_statistics=raw_statistics if restore_aspect_ratio else None,
+        diffusion=diffusion,
+        grain_model=grain_model,
+        class_screen=class_screen,
+        batch_size=batch_size,
+    )
+    return write_classes(generator, generated_layout, class_names, request, decode_batch, progress)

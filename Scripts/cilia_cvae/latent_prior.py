@@ -34,6 +34,9 @@ loadable in safe mode once this module is imported:
     denoiser([noisy maps (n, side, side, C), noise levels t (n, 1), class indices (n,)]) -> (n, side, side, C)
 
 where class index num_classes is the null class (no label).
+
+Why one file: the network, its noise schedule, its loss and its sampler must agree on one
+schedule and one prediction convention (v or noise); apart, they could drift without a test noticing.
 """
 
 import dataclasses

@@ -20,6 +20,9 @@ model can only tell the classes apart by their anatomy.
 Coordinates are screen coordinates (x to the right, y down), so a growing angle turns
 clockwise on screen: a cilium is drawn as seen from base to tip, with the dynein arms
 pointing clockwise, and the view mirrors half of them.
+
+Why one file: a seed's files are byte-identical only while the renderer's random draws happen
+in one order; anatomy, specimen texture and optics are its sections, in the order they are drawn.
 """
 
 import functools

@@ -415,6 +415,34 @@ def processed_facts(layout, raw_images_dir, class_names, counts, pixels_fingerpr
     }
 
 
+def split_counts(rows, split_of, class_names):
+    """{split: {class: images}} of the kept images."""
+    counts = Counter((split, rows[relative]["class"]) for relative, split in split_of.items())
+    return {split: {name: counts[split, name] for name in class_names} for split in SPLITS}
+
+
+def record_processed(
+    work_dir, layout, raw_images_dir, rows, found, split_of, class_names, pixels_fingerprint, settings
+):
+    """The records beside the processed images: the manifest of every raw image found, the facts later
+    stages read (classes, counts, fingerprint, the settings), and the raw statistics inference restores."""
+    manifest_rows = [rows[relative] for relative in found]
+    write_csv_atomic(work_dir / MANIFEST_FILE_NAME, manifest_rows, MANIFEST_COLUMNS)
+    facts = processed_facts(
+        layout,
+        raw_images_dir,
+        class_names,
+        split_counts(rows, split_of, class_names),
+        pixels_fingerprint,
+        manifest_rows,
+        settings,
+    )
+    write_json_atomic(work_dir / FACTS_FILE_NAME, facts)
+    statistics = raw_statistics([rows[relative] for relative in split_of])
+    write_csv_atomic(layout.raw_statistics, [statistics], STATISTICS_COLUMNS)
+    return manifest_rows, facts
+
+
 def build_processed_folder(
     layout,
     raw_images_dir,
@@ -455,22 +483,15 @@ def build_processed_folder(
             work_dir, staging_dir, rows, split_of, output_names(kept_by_class)
         )
         shutil.rmtree(staging_dir)
-        manifest_rows = [rows[relative] for relative in found]
-        write_csv_atomic(work_dir / MANIFEST_FILE_NAME, manifest_rows, MANIFEST_COLUMNS)
-        counts = Counter((split, rows[relative]["class"]) for relative, split in split_of.items())
-        counts = {split: {name: counts[split, name] for name in class_names} for split in SPLITS}
-        recorded = {
+        settings = {
             "resize_mode": resize_mode,
             "test_fraction": test_fraction,
             "seed": seed,
             "stretch_percentiles": list(stretch_percentiles) if stretch_percentiles else None,
         }
-        facts = processed_facts(
-            layout, raw_images_dir, class_names, counts, pixels_fingerprint, manifest_rows, recorded
+        manifest_rows, facts = record_processed(
+            work_dir, layout, raw_images_dir, rows, found, split_of, class_names, pixels_fingerprint, settings
         )
-        write_json_atomic(work_dir / FACTS_FILE_NAME, facts)
-        statistics = raw_statistics([rows[relative] for relative in split_of])
-        write_csv_atomic(layout.raw_statistics, [statistics], STATISTICS_COLUMNS)
         _swap_into_place(work_dir, layout.directory)
     finally:
         if work_dir.exists():

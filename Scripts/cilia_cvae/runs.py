@@ -160,7 +160,9 @@ def finished_run_to_keep(layout, settings, data_fingerprint):
             f"continue it with its own or pass --fresh=True to start again"
         )
     done = parameters["epochs_done"]
-    print(f"the CVAE in {layout.directory} is finished ({done} epochs): training its second stage only (latent prior, class filter)")
+    print(
+        f"the CVAE in {layout.directory} is finished ({done} epochs): training its second stage only (latent prior, class filter)"
+    )
     return parameters
 
 

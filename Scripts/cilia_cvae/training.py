@@ -23,6 +23,10 @@ checkpoint's epoch are dropped (they will be recomputed), so no epoch is repeate
 Only the chief writes; other workers checkpoint into a temporary folder, because saving a
 distributed checkpoint needs every worker to take part. The rules that decide whether a run
 may resume are in runs.py; the file names in layout.py.
+
+Why one file: the epoch loop, its checkpoints, the kill-and-resume record and the replicas'
+strategy share one run's state; the settings checks live in training_settings.py, the run
+records in runs.py.
 """
 
 import csv
