@@ -361,8 +361,11 @@ def untrained_diffusion_generator(image_size):
     return generator, class_names
 
 
-def time_diffusion_generation(generator, class_names, image_size, images_per_class, steps, guidance):
-    """Images per second of diffusion sampling, decoding and PNG writing, after a warm-up."""
+def time_diffusion_generation(
+    generator, class_names, image_size, images_per_class, diffusion, sampling="diffusion"
+):
+    """Images per second of sampling with the prior (diffusion, or variations of stored crops),
+    decoding and PNG writing, after a warm-up."""
     from tqdm import tqdm
 
     from cilia_cvae import generation
@@ -371,14 +374,14 @@ def time_diffusion_generation(generator, class_names, image_size, images_per_cla
     with tempfile.TemporaryDirectory() as folder, tqdm(disable=True) as progress:
         options = dict(
             class_names=class_names,
-            sampling="diffusion",
+            sampling=sampling,
             temperature=1.0,
             seed=0,
             restore_aspect_ratio=True,
             raw_statistics={"aspect_ratio_mean": 1.04, "aspect_ratio_std": 0.117},
             batch_size=64,
             progress=progress,
-            diffusion={"guidance": guidance, "steps": steps},
+            diffusion=diffusion,
         )
         # A first class of one batch traces the sampler and the decoder; then the timed run.
         generation.generate(
@@ -394,19 +397,12 @@ def time_diffusion_generation(generator, class_names, image_size, images_per_cla
 def measure_diffusion_generation(image_size, images_per_class, steps=20, guidance=2.0):
     """Generation with the latent prior, end to end (DDIM over the latent maps, decoding, PNGs written
     by cvae_inference's own code), and each network's FLOPs per image."""
-    import tensorflow as tf
 
     generator, class_names = untrained_diffusion_generator(image_size)
     end_to_end = time_diffusion_generation(
-        generator, class_names, image_size, images_per_class, steps, guidance
+        generator, class_names, image_size, images_per_class, {"guidance": guidance, "steps": steps}
     )
-    decoder, denoiser = generator["decoder"], generator["prior"]["denoiser"]
-    prior_config, latent_dim = generator["prior"]["config"], generator["parameters"]["latent_dim"]
-    decoder_flops = count_flops(decoder, [tf.TensorSpec((1, latent_dim)), tf.TensorSpec((1, NUM_CLASSES))])
-    denoiser_flops = count_flops(
-        denoiser,
-        [tf.TensorSpec((1, *prior_config.map_shape)), tf.TensorSpec((1, 1)), tf.TensorSpec((1,), tf.int32)],
-    )
+    decoder_flops, denoiser_flops = network_flops(generator)
     calls_per_image = steps * (2 if guidance != 1 else 1)
     return {
         "diffusion_end_to_end": end_to_end,
@@ -418,6 +414,48 @@ def measure_diffusion_generation(image_size, images_per_class, steps=20, guidanc
         "diffusion_flops_per_image": calls_per_image * denoiser_flops + decoder_flops,
         "matmul_gflops_per_s": measure_matmul_gflops(),
     }
+
+
+def measure_variation_generation(image_size, images_per_class, steps=20, guidance=4.0, strength=0.5):
+    """Variations end to end, as cvae_inference draws them: a stored crop's latent turned, noised to the
+    strength and denoised in ceil(strength x steps) guided DDIM steps, decoded, PNGs written."""
+    import math
+
+    generator, class_names = untrained_diffusion_generator(image_size)
+    diffusion = {
+        "guidance": guidance,
+        "steps": steps,
+        "edit_strength": strength,
+        "counterfactual_from": "",
+        "mix": 0.0,
+        "source_names": {name: [f"{name}/crop.png"] for name in class_names},
+    }
+    end_to_end = time_diffusion_generation(
+        generator, class_names, image_size, images_per_class, diffusion, sampling="variation"
+    )
+    decoder_flops, denoiser_flops = network_flops(generator)
+    calls_per_image = math.ceil(strength * steps) * (2 if guidance != 1 else 1)
+    return {
+        "variation_end_to_end": end_to_end,
+        "variation_images_written": NUM_CLASSES * images_per_class,
+        "variation_strength": strength,
+        "variation_denoiser_calls_per_image": calls_per_image,
+        "variation_flops_per_image": calls_per_image * denoiser_flops + decoder_flops,
+    }
+
+
+def network_flops(generator):
+    """FLOPs of one decoder pass (one image) and of one denoiser call (one latent map)."""
+    import tensorflow as tf
+
+    decoder, denoiser = generator["decoder"], generator["prior"]["denoiser"]
+    prior_config, latent_dim = generator["prior"]["config"], generator["parameters"]["latent_dim"]
+    decoder_flops = count_flops(decoder, [tf.TensorSpec((1, latent_dim)), tf.TensorSpec((1, NUM_CLASSES))])
+    denoiser_flops = count_flops(
+        denoiser,
+        [tf.TensorSpec((1, *prior_config.map_shape)), tf.TensorSpec((1, 1)), tf.TensorSpec((1,), tf.int32)],
+    )
+    return decoder_flops, denoiser_flops
 
 
 def measure_preprocessing(image_count):
@@ -493,6 +531,7 @@ EXTRA_MEASUREMENTS = {
     },
     "generation_default": lambda: measure_default_generation(GENERATION_SIZE, 4 if QUICK else 2000),
     "generation_diffusion": lambda: measure_diffusion_generation(GENERATION_SIZE, 4 if QUICK else 200),
+    "generation_variation": lambda: measure_variation_generation(GENERATION_SIZE, 4 if QUICK else 200),
     "preprocessing": lambda: {"images_per_s": measure_preprocessing(40 if QUICK else 400)},
     "prior_training": lambda: measure_prior_training(GENERATION_SIZE),
 }
@@ -513,17 +552,19 @@ def generate_images_per_s():
     original = extra_results("generation_original_loop")
     default = extra_results("generation_default")
     diffusion = extra_results("generation_diffusion")
+    variation = extra_results("generation_variation")
     speeds = {
         "original_loop_224": original.get("original_loop"),
         "default_224": default.get("default_end_to_end"),
         "default_decode_only_224": default.get("default_decode_only"),
         "diffusion_224": diffusion.get("diffusion_end_to_end"),
+        "variation_224": variation.get("variation_end_to_end"),
     }
     memory = {
         "images_written": default.get("images_written"),
         "peak_memory_mb": default.get("peak_memory_mb"),
     }
-    return speeds, memory, {**original, **default, **diffusion}
+    return speeds, memory, {**original, **default, **diffusion, **variation}
 
 
 def compute_efficiency(details, speeds):
@@ -538,6 +579,7 @@ def compute_efficiency(details, speeds):
             "decoder": decoder_flops,
             "denoiser_per_call": details.get("denoiser_flops_per_call"),
             "diffusion_sample": details.get("diffusion_flops_per_image"),
+            "variation": details.get("variation_flops_per_image"),
         },
     }
     if decoder_flops and decode_speed:
