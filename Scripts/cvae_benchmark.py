@@ -417,30 +417,53 @@ def measure_diffusion_generation(image_size, images_per_class, steps=20, guidanc
 
 
 def measure_variation_generation(image_size, images_per_class, steps=20, guidance=4.0, strength=0.5):
-    """Variations end to end, as cvae_inference draws them: a stored crop's latent turned, noised to the
-    strength and denoised in ceil(strength x steps) guided DDIM steps, decoded, PNGs written."""
+    """Variations end to end, as cvae_inference draws them: a training crop read, turned and encoded (or,
+    upright, its stored latent), noised to the strength and denoised in ceil(strength x steps) guided
+    DDIM steps, decoded, PNGs written."""
+    import dataclasses
     import math
 
+    import numpy as np
+    from PIL import Image
+
+    from cilia_cvae import models
+    from cilia_cvae.model_config import PRESETS
+
     generator, class_names = untrained_diffusion_generator(image_size)
-    diffusion = {
-        "guidance": guidance,
-        "steps": steps,
-        "edit_strength": strength,
-        "counterfactual_from": "",
-        "mix": 0.0,
-        "source_names": {name: [f"{name}/crop.png"] for name in class_names},
-    }
-    end_to_end = time_diffusion_generation(
-        generator, class_names, image_size, images_per_class, diffusion, sampling="variation"
-    )
+    model_config = dataclasses.replace(PRESETS[224].model, image_size=image_size, num_classes=NUM_CLASSES)
+    # Seven of eight drawn orientations are turned: those crops are read and encoded again.
+    generator["encoder"] = models.build_default_encoder(model_config)
+    with tempfile.TemporaryDirectory() as crops:
+        for name in class_names:
+            (Path(crops) / name).mkdir()
+            pixels = np.random.default_rng(0).integers(0, 256, (image_size, image_size), dtype=np.uint8)
+            Image.fromarray(pixels).save(Path(crops) / name / "crop.png")
+        diffusion = {
+            "guidance": guidance,
+            "steps": steps,
+            "edit_strength": strength,
+            "counterfactual_from": "",
+            "mix": 0.0,
+            "source_names": {name: [f"{name}/crop.png"] for name in class_names},
+            "source_dir": crops,
+        }
+        end_to_end = time_diffusion_generation(
+            generator, class_names, image_size, images_per_class, diffusion, sampling="variation"
+        )
+    import tensorflow as tf
+
     decoder_flops, denoiser_flops = network_flops(generator)
+    encoder_flops = count_flops(
+        generator["encoder"], [tf.TensorSpec((1, image_size, image_size, 1)), tf.TensorSpec((1, NUM_CLASSES))]
+    )
     calls_per_image = math.ceil(strength * steps) * (2 if guidance != 1 else 1)
     return {
         "variation_end_to_end": end_to_end,
+        "variation_encoder_flops_per_turned_crop": encoder_flops,
         "variation_images_written": NUM_CLASSES * images_per_class,
         "variation_strength": strength,
         "variation_denoiser_calls_per_image": calls_per_image,
-        "variation_flops_per_image": calls_per_image * denoiser_flops + decoder_flops,
+        "variation_flops_per_image": calls_per_image * denoiser_flops + decoder_flops + 7 / 8 * encoder_flops,
     }
 
 
@@ -580,6 +603,7 @@ def compute_efficiency(details, speeds):
             "denoiser_per_call": details.get("denoiser_flops_per_call"),
             "diffusion_sample": details.get("diffusion_flops_per_image"),
             "variation": details.get("variation_flops_per_image"),
+            "encoder": details.get("variation_encoder_flops_per_turned_crop"),
         },
     }
     if decoder_flops and decode_speed:

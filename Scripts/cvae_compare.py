@@ -105,19 +105,22 @@ CONTENDER_SETTINGS = {
         for guidance in (1, 2, 4)
     },
     # Real training crops of each class redrawn by the same prior under their own class (guidance 4):
-    # the strength trades newness for faithfulness; mixing blends in a second crop of the class.
+    # the strength trades newness for faithfulness; mixing blends in a second crop of the class; the
+    # class filter keeps only the maps it gives their class.
     **{
-        f"variation_strength_{strength}{f'_mix_{mix}' if mix else ''}": {
+        f"variation_strength_{strength}{f'_mix_{mix}' if mix else ''}{'_filtered' if screened else ''}": {
             "training": [],
             "inference": [
                 "--sampling=variation",
                 f"--variation_strength={strength}",
                 "--guidance=4",
                 *([f"--variation_mix={mix}"] if mix else []),
+                *(["--class_filter=True"] if screened else []),
             ],
         }
         for strength in (0.3, 0.5, 0.7)
         for mix in (0, 0.5)
+        for screened in (False, True)
     },
     # The control: real test images, judged as if they were generated. What a generator's
     # fidelity, memorisation and near-copies are held to (its distribution measures against the
@@ -334,6 +337,13 @@ def summary_of(name, report, trained, generated):
         result["latent_prior"] = {
             field: trained["prior"].get(field)
             for field in ("epochs_done", "final_loss", "training_latents", "training_seconds", "parameters")
+        }
+    acceptance = GeneratedLayout(generated, IMAGE_SIZE).directory / "class_filter_acceptance.json"
+    if "--class_filter=True" in CONTENDER_SETTINGS[name]["inference"] and acceptance.is_file():
+        # How many drawn maps the filter passed per class, and how well it classifies held-out training crops.
+        result["class_filter"] = {
+            "acceptance": json.loads(acceptance.read_text(encoding="utf-8")),
+            "validation_accuracy": (parameters.get("class_filter") or {}).get("validation_accuracy"),
         }
     if name == REAL_TEST_CONTROL:
         result = {

@@ -156,7 +156,11 @@ if edits:
         source_names={
             name: generation.counterfactual_sources(generator, processed, name) for name in source_classes
         },
+        source_dir=processed.split("train"),
     )
+    if SAMPLING == "variation":
+        # A turned crop's latent is the encoder's of the turned crop (source_latents says why).
+        generator["encoder"] = generation.load_encoder(RunLayout(MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE))
 
 generated = GeneratedLayout(GENERATED_IMAGES_DIR, IMAGE_SIZE)
 output_dir = generated.directory

@@ -16,7 +16,7 @@ from helpers.fake_prior import add_latent_prior
 from PIL import Image
 
 from cilia_cvae import generation, latent_prior
-from cilia_cvae.layout import ProcessedLayout
+from cilia_cvae.layout import ProcessedLayout, RunLayout
 from conftest import run_script
 
 CLASSES = ("Normal", "ODA")
@@ -85,10 +85,7 @@ def test_strength_0_returns_each_source_crops_reconstruction_in_its_orientation(
     assert set(manifest["sampling"]) == {"variation"} and set(manifest["edit_strength"]) == {0.0}
     generator = generation.load_trained_generator(folders["models"], folders["latents"], 32)
     class_names = generator["parameters"]["class_names"]
-    latent_dim, side = (
-        int(generator["parameters"]["latent_dim"]),
-        int(generator["parameters"]["latent_map_side"]),
-    )
+    latent_dim = int(generator["parameters"]["latent_dim"])
     decode = generation.make_decode_function(generator["decoder"], 64, latent_dim, len(class_names))
     processed = ProcessedLayout(folders["processed"], 32)
     for class_name in CLASSES:
@@ -101,11 +98,16 @@ def test_strength_0_returns_each_source_crops_reconstruction_in_its_orientation(
         ]
         assert set(rows["source_orientation"]) <= set(range(8))
         z_mean = generator["latents"][class_name][0][rows["source_latent_index"].to_numpy()]
-        oriented = generation.orient_maps(
-            z_mean.reshape(len(rows), side, side, latent_dim // (side * side)),
-            rows["source_orientation"].to_numpy(),
-        )
-        expected = decode(oriented.reshape(len(rows), -1), class_names.index(class_name))
+        # A turned crop's latent is the encoder's of the turned crop itself.
+        encoder = generation.load_encoder(RunLayout(folders["models"], folders["latents"], 32))
+        orientations = rows["source_orientation"].to_numpy()
+        crops = np.stack([pixels(processed.split("train") / name) for name in rows["counterfactual_source"]])
+        turned = generation.orient_maps(crops[..., None] / 255.0, orientations).astype(np.float32)
+        one_hot = np.zeros((len(rows), len(class_names)), np.float32)
+        one_hot[:, class_names.index(class_name)] = 1
+        encoded = encoder.predict([turned, one_hot], verbose=0)[0].reshape(len(rows), -1)
+        latents = np.where((orientations == 0)[:, None], z_mean, encoded)
+        expected = decode(latents, class_names.index(class_name))
         written = np.stack(
             [pixels(variation_run["root"] / "strength_0" / "32x32" / file) for file in rows["file"]]
         )

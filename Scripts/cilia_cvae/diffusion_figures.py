@@ -126,11 +126,9 @@ def variations(generator, processed_layout, written, class_names, path, *, seed,
         label = all_names.index(name)
         count = min(VARIATIONS_PER_CLASS, len(written[name]))
         drawn = generation.edit_sources(generator, label, count, seed, diffusion)
-        z_mean = generator["latents"][name][0]
-        map_shape = generator["prior"]["config"].map_shape
-        oriented = generation.orient_maps(
-            z_mean[drawn["sources"]].reshape(count, *map_shape), drawn["orientations"]
-        ).reshape(count, -1)
+        oriented = generation.source_latents(
+            generator, name, drawn["sources"], drawn["orientations"], diffusion
+        )
         one_hot = np.zeros((count, len(all_names)), np.float32)
         one_hot[:, label] = 1.0
         reconstructions = generation.decode_mixed(

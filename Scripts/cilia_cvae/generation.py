@@ -260,6 +260,22 @@ def load_latent_prior(generator, models_dir, latent_tensors_dir, image_size):
     return generator
 
 
+def load_encoder(layout):
+    """The run's encoder in safe mode, the very file its training saved (its hash in latents.json, for
+    runs that recorded it); a damaged or foreign file is one line naming it."""
+    remedy = "copy the run folder again or train the CVAE again with --fresh=True"
+    try:
+        recorded = json.loads(layout.latent_record.read_text(encoding="utf-8")).get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    expected = recorded.get(layout.encoder.name)
+    if expected is not None and (not layout.encoder.is_file() or sha256_of_file(layout.encoder) != expected):
+        raise UserError(
+            f"{layout.encoder} is not the encoder its run saved (its sha256 differs from {layout.latent_record}); {remedy}"
+        )
+    return load_saved_model(layout.encoder, f"it is damaged or not this project's: {remedy}")
+
+
 def counterfactual_sources(generator, processed_layout, source_class):
     """The processed file name of each stored latent of the source class.
 
@@ -497,24 +513,47 @@ def edit_sources(generator, label, count, seed, diffusion):
     return drawn
 
 
+def source_latents(generator, source_class, sources, orientations, diffusion):
+    """The decoder latents of training crops in their drawn orientations: the stored latent of an
+    upright crop, and of a turned or mirrored one the encoder's mean of the turned crop itself. (The
+    latent map is not equivariant: turning the map of a crop decodes about twice as far from the turned
+    crop as encoding the turned crop does, docs/latent-prior.md; the prior learnt encoded turns.)"""
+    latents = generator["latents"][source_class][0][sources].copy()
+    turned = np.flatnonzero(np.asarray(orientations) != 0)
+    if len(turned):
+        names = diffusion["source_names"][source_class]
+        paths = [Path(diffusion["source_dir"]) / names[index] for index in np.asarray(sources)[turned]]
+        image_size = int(generator["parameters"]["image_size"])
+        crops = np.stack([np.asarray(Image.open(path).convert("L"), np.float32) for path in paths])
+        crops = orient_maps(
+            crops.reshape(len(paths), image_size, image_size, 1) / 255.0, np.asarray(orientations)[turned]
+        )
+        one_hot = np.zeros((len(paths), len(generator["parameters"]["class_names"])), np.float32)
+        one_hot[:, list(generator["parameters"]["class_names"]).index(source_class)] = 1.0
+        latents[turned] = (
+            generator["encoder"]
+            .predict([crops, one_hot], batch_size=64, verbose=0)[0]
+            .reshape(len(paths), -1)
+        )
+    return latents
+
+
 def edit_request(generator, label, count, seed, aspect_statistics, diffusion):
     """Counterfactuals and variations, one code path: stored training latents (oriented, mixed) noised to
     the edit strength and denoised by the prior under the requested class (SDEdit)."""
     drawn = edit_sources(generator, label, count, seed, diffusion)
     prior_config = generator["prior"]["config"]
-    z_mean = generator["latents"][drawn["source_class"]][0]
     names = diffusion["source_names"][drawn["source_class"]]
 
     def oriented(sources, orientations):
-        maps = z_mean[sources].reshape(len(sources), *prior_config.map_shape)
-        return orient_maps(maps, orientations).reshape(len(sources), -1)
+        return source_latents(generator, drawn["source_class"], sources, orientations, diffusion)
 
     def latents_for(indices):
         chosen = oriented(drawn["sources"][indices], drawn["orientations"][indices])
         mixing = "partners" in drawn
         if diffusion["edit_strength"] == 0 and not mixing:
-            # The stored latent itself, not its round trip through the standardisation: strength 0
-            # returns the source's reconstruction (in its orientation) bit for bit.
+            # The crop's latent itself, not its round trip through the standardisation: strength 0
+            # returns the source's reconstruction (in its orientation); upright, bit for bit.
             return chosen
         standardised = latent_prior.from_model_latents(chosen, prior_config)
         if mixing:

@@ -36,8 +36,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from cilia_cvae import class_filter, data, latent_prior, runs, training
-from cilia_cvae.config import UserError, jsonable
+from cilia_cvae import class_filter, data, generation, latent_prior, runs, training
+from cilia_cvae.config import jsonable
 from cilia_cvae.files import atomic_path, move_aside, sha256_of_file, write_json_atomic
 from cilia_cvae.layout import RunLayout
 from cilia_cvae.model_config import ModelConfig
@@ -112,24 +112,6 @@ def config_hash(prior_config_json):
     return hashlib.sha256(json.dumps(prior_config_json, sort_keys=True).encode()).hexdigest()
 
 
-def load_encoder(layout):
-    """The run's encoder in safe mode, the very file its training saved (its hash in latents.json, for
-    runs that recorded it); a damaged or foreign file is one line naming it."""
-    from cilia_cvae.generation import load_saved_model
-
-    remedy = "copy the run folder again or train the CVAE again with --fresh=True"
-    try:
-        recorded = json.loads(layout.latent_record.read_text(encoding="utf-8")).get("sha256", {})
-    except (OSError, ValueError, AttributeError):
-        recorded = {}
-    expected = recorded.get(layout.encoder.name)
-    if expected is not None and (not layout.encoder.is_file() or sha256_of_file(layout.encoder) != expected):
-        raise UserError(
-            f"{layout.encoder} is not the encoder its run saved (its sha256 differs from {layout.latent_record}); {remedy}"
-        )
-    return load_saved_model(layout.encoder, f"it is damaged or not this project's: {remedy}")
-
-
 # --------------------------------------------------------------------------- the latents it learns
 
 
@@ -165,7 +147,7 @@ def crop_of_each_map(crop_count, batch_size):
 def encode_training_crops(settings, facts, model_config, layout):
     """The latent means of every train-split crop in its eight orientations, their labels, the crop of
     each map and the crops' paths: what the prior and the class filter learn from (never the test split)."""
-    encoder = load_encoder(layout)
+    encoder = generation.load_encoder(layout)
     paths, labels = data.list_training_images(
         settings["PROCESSED_IMAGES_DIR"], model_config.image_size, facts["class_names"]
     )

@@ -134,11 +134,18 @@ def _quality_cells(result):
         "memorisation": f"{result['memorisation_ratio']:.3g} ({_percent(result['near_copy_share'])})",
         "pixel_memorisation": (
             f"{result['pixel_memorisation_ratio']:.3g} ({_percent(result['pixel_near_copy_share'])})"
+            + _own_source(result)
             if "pixel_memorisation_ratio" in result
             else "not measured"
         ),
         "texture": _texture_cell(result.get("texture")),
     }
+
+
+def _own_source(result):
+    """How often an image's nearest training crop is the one it was made from, where sources are recorded."""
+    share = result.get("pixel_nearest_is_source_share")
+    return "" if share is None else f"; nearest is own source {_percent(share)}"
 
 
 def _texture_cell(texture):
@@ -254,7 +261,9 @@ def headline_table(relative_path):
         # The first stage's look: grain drawn onto the decoder's output, and the adversarial lever.
         "grain",
         "adversarial_patch",
-        *sorted(name for name in contenders if name.startswith("diffusion_")),
+        *sorted(name for name in contenders if name.startswith("diffusion_guidance_4")),
+        # Real crops redrawn by the prior: the strengths and the mixing measured.
+        *sorted(name for name in contenders if name.startswith("variation_")),
         "real_test",
     ]
     for name in shown:
