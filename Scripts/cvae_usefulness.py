@@ -56,6 +56,7 @@ CLASSIFIER_SIZE = 64  # the detection-model stand-ins work at this size
 CLASSIFIER_EPOCHS = 15  # passes over the real + synthetic set: the steps of every classifier of a run
 CLASSIFIER_REPEATS = 3  # classifiers per run, differing only in initialisation; a run scores their mean
 GENERATOR_EPOCHS = 20  # each generator's training, in epochs of the full train split (10x the epochs on 10%)
+PRIOR_EPOCHS = 0  # with images drawn by a latent prior: each fraction's prior's training, in epochs of the full train split (0: as many as the evaluated model's prior took)
 SYNTHETIC_PER_CLASS = 200  # synthetic images added per class
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the real train and test splits
 GENERATED_IMAGES_DIR = config.GENERATED_IMAGES_DIR  # read: the evaluated model's images (synthetic at 100%)
@@ -194,7 +195,7 @@ def generator_for_fraction(work_dir, subset, seed, fraction):
         model_settings, image_size=IMAGE_SIZE, fraction=fraction, full_data_epochs=GENERATOR_EPOCHS, seed=seed
     )
     prior_arguments = (
-        usefulness.prior_training_arguments(model_parameters["latent_prior"], fraction)
+        usefulness.prior_training_arguments(model_parameters["latent_prior"], fraction, PRIOR_EPOCHS)
         if uses_prior
         else None
     )

@@ -474,6 +474,8 @@ def test_usefulness_draws_each_fraction_as_the_evaluated_images_were_drawn(tmp_p
     assert arguments[:2] == ["--continue_finished=True", "--prior_epochs=70"]
     assert "--prior_learning_rate=0.001" in arguments and "--prior_width=32" in arguments
     assert usefulness.prior_training_arguments(None, 0.1) is None
+    # A shorter budget, in epochs of the full data, is stretched the same way.
+    assert usefulness.prior_training_arguments(record, 0.1, 3)[1] == "--prior_epochs=30"
 
 
 def test_usefulness_fractions_outside_zero_to_one_are_refused_in_one_line(tmp_path):

@@ -177,13 +177,14 @@ def inference_arguments(sampling):
     return arguments
 
 
-def prior_training_arguments(prior_record, fraction):
+def prior_training_arguments(prior_record, fraction, full_data_epochs=0):
     """The second-stage arguments that train a fraction's latent prior like the evaluated model's,
-    its epochs stretched by 1 / fraction; None when the evaluated model has no prior."""
+    its epochs (the evaluated prior's, or `full_data_epochs` when given) stretched by 1 / fraction, so
+    that it takes as many steps; None when the evaluated model has no prior."""
     if not prior_record:
         return None
     recorded = prior_record.get("settings", {})
-    epochs = max(1, int(round(prior_record["epochs_done"] / fraction)))
+    epochs = max(1, int(round((full_data_epochs or prior_record["epochs_done"]) / fraction)))
     return [
         "--continue_finished=True",
         f"--prior_epochs={epochs}",
