@@ -447,8 +447,8 @@ def test_usefulness_draws_each_fraction_as_the_evaluated_images_were_drawn(tmp_p
         "--sampling_steps=20",
     ]
     manifest.write_text(
-        "file,class,sampling,temperature,seed,guidance,sampling_steps,edit_strength,mix_weight\n"
-        "CP/Synthetic_CP_00001.png,CP,variation,1.0,0,4.0,20,0.5,0.5\n"
+        "file,class,sampling,temperature,seed,guidance,sampling_steps,edit_strength,mix_weight,filter_threshold\n"
+        "CP/Synthetic_CP_00001.png,CP,variation,1.0,0,4.0,20,0.5,0.5,0.5\n"
     )
     # A variation set is drawn as variations of the fraction's own crops, by its own prior.
     assert usefulness.inference_arguments(usefulness.sampling_of(manifest)) == [
@@ -458,6 +458,8 @@ def test_usefulness_draws_each_fraction_as_the_evaluated_images_were_drawn(tmp_p
         "--sampling_steps=20",
         "--variation_strength=0.5",
         "--variation_mix=0.5",
+        "--class_filter=True",
+        "--class_filter_threshold=0.5",
     ]
     # A manifest from before the diffusion columns: posterior draws, as they were.
     manifest.write_text("file,class,sampling,temperature,seed\nCP/a.png,CP,posterior,1.0,0\n")

@@ -123,6 +123,7 @@ SAMPLING_COLUMNS = (
     "grain",
     "edit_strength",
     "mix_weight",
+    "filter_threshold",
 )
 # The latent prior's settings a fraction's prior copies from the evaluated model's (its epochs
 # are stretched like the CVAE's, so that every prior takes as many steps).
@@ -171,6 +172,9 @@ def inference_arguments(sampling):
         arguments.append(f"--variation_strength={sampling.get('edit_strength', 0.5)}")
         if sampling.get("mix_weight"):
             arguments.append(f"--variation_mix={sampling['mix_weight']}")
+    if sampling.get("filter_threshold") and kind in ("diffusion", "variation"):
+        # Filtered images are drawn through the fraction's own class filter, at the same threshold.
+        arguments += ["--class_filter=True", f"--class_filter_threshold={sampling['filter_threshold']}"]
     # Grain is drawn only when asked for; images drawn with it are repeated with it.
     if sampling.get("grain") == "True":
         arguments.append("--grain=True")
