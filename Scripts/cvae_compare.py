@@ -118,7 +118,7 @@ CONTENDER_SETTINGS = {
                 *(["--class_filter=True"] if screened else []),
             ],
         }
-        for strength in (0.3, 0.5, 0.7)
+        for strength in (0.3, 0.5, 0.7, 0.8)
         for mix in (0, 0.5)
         for screened in (False, True)
     },
@@ -230,15 +230,19 @@ def trained_contender(name):
 def generate_contender(name, trained, generated):
     """The contender's images, drawn again when they were drawn under other settings or by another model."""
     generation_done = WORK_DIR / name / "generation_done.json"
+    parameters = json.loads(trained["parameters_path"].read_text(encoding="utf-8"))
     generation_record = {
         "images_per_class": IMAGES_PER_CLASS,
         # Images drawn under other inference settings (an older default's) are drawn again.
         "inference": CONTENDER_SETTINGS[name]["inference"],
-        "grain_model_sha256": (
-            json.loads(trained["parameters_path"].read_text(encoding="utf-8")).get("grain_model") or {}
-        ).get("sha256"),
-        # Images drawn by an earlier prior are drawn again by the current one.
+        "grain_model_sha256": (parameters.get("grain_model") or {}).get("sha256"),
+        # Images drawn by an earlier prior (or class filter) are drawn again by the current one.
         **({"prior_sha256": trained["prior"].get("sha256")} if needs_prior(name) else {}),
+        **(
+            {"class_filter_sha256": (parameters.get("class_filter") or {}).get("sha256")}
+            if "--class_filter=True" in CONTENDER_SETTINGS[name]["inference"]
+            else {}
+        ),
     }
     if (
         generation_done.is_file()

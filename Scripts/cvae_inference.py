@@ -193,19 +193,8 @@ elapsed = time.perf_counter() - started
 if class_screen:
     # Acceptance per class, printed and kept beside the images (the comparison reports it).
     for name, acceptance in written.acceptance.items():
-        print(
-            class_filter.summary_line(
-                name,
-                acceptance["accepted"],
-                acceptance["drawn"],
-                acceptance["asked_for"],
-                acceptance["bound"],
-            )
-        )
-    class_filter.write_acceptance(
-        output_dir / class_filter.ACCEPTANCE_FILE,
-        {**class_filter.read_acceptance(output_dir / class_filter.ACCEPTANCE_FILE), **written.acceptance},
-    )
+        print(class_filter.summary_line(name, acceptance))
+    class_filter.write_acceptance(output_dir / class_filter.ACCEPTANCE_FILE, written.acceptance)
 total = sum(len(paths) for paths in written.values())
 if total:
     print(f"wrote {total} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {output_dir}")

@@ -242,10 +242,10 @@ def test_the_class_filter_is_trained_on_the_train_split_alone(filter_run):
         for name in ("CP", "Disarranged", "IDA", "Normal", "ODA")
         for path in processed.images("train", name)
     ]
-    # Every map it saw is one of a training crop's eight orientations; no test crop is among them.
-    assert record["training_maps"] + record["validation_maps"] == 8 * len(train)
+    # Every crop it saw is a training crop; no test crop is among them (the test split was removed first).
+    assert record["training_crops"] + record["validation_crops"] == len(train)
     assert record["crops_sha256"] == class_filter.crops_sha256(train)
-    assert 0 <= record["validation_accuracy"] <= 1 and record["validation_maps"] > 0
+    assert 0 <= record["validation_accuracy"] <= 1 and record["validation_crops"] > 0
     assert "held-out training crops" in filter_run["trained"].stdout
 
 

@@ -1,55 +1,48 @@
-"""The class filter: a small classifier over latent maps, trained in the second stage beside the prior.
+"""The class filter: a small classifier of the train split's crops, trained in the second stage.
 
-    train(maps, labels, crop_of_map, paths, settings, parameters, layout)   after the prior is saved
-    train_if_missing(settings, facts, parameters, layout)                   a finished prior without one
-    load(generator, layout)                                                  at inference, checked
-    accepted(scores, label, threshold)                                       which drawn maps pass
+    train(settings, facts, parameters, layout)             after the prior is saved
+    train_if_missing(settings, facts, parameters, layout)  a finished prior without a current one
+    load(generator, layout, training_command)              at inference, checked
+    scores_of(screen, images)                              the class probabilities of decoded images
 
 A variation keeps a real crop's layout, but the prior may still redraw it as another class (a
-doublet's arm dropped, the central pair moved). Inference with --class_filter=True scores every
-drawn latent map with this classifier and keeps drawing until each class has its count of maps
-the filter calls that class, so the images a detection model is given are of the class they are
-labelled with.
+doublet leaves the ring, the central pair goes). Inference with --class_filter=True scores every
+drawn image with this classifier and keeps drawing until each class has its count of images the
+filter gives their class with at least the threshold's probability, so the images a detection
+model is given are of the class they are labelled with.
 
-It learns from the same latent maps as the prior, the train split's crops in their eight
-orientations, and is measured on the crops the CVAE held out of the train split for choosing its
-epoch (all eight orientations of a crop on one side). It never reads the test split, nor the
-evaluation's judge: a filter that had seen either would make the evaluation's class fidelity a
-measure of itself. The record under "class_filter" in cvae_parameters.json holds its validation
-accuracy, the prior whose standardised maps it reads, and its file's sha256.
+It classifies decoded images, not latent maps. A classifier of latent maps was built first and
+measured: the encoder is class-conditional, so a map carries the label it was encoded under, and
+a filter trained on the prior's own maps read that label (99.7% on held-out crops, and it passed
+every variation the guided prior drew, 6.5% of which the judge called another class); trained on
+maps encoded under a random class instead, it reached 46.7% on held-out crops, about what always
+answering Normal scores. A crop's anatomy is in its pixels.
+
+It learns from the train split's crops alone (the project's small CNN, at FILTER_IMAGE_SIZE, in its
+four quarter turns and flips) and is measured on the crops the CVAE held out of the train split for
+choosing its epoch. It never reads the test split, nor the evaluation's judge (a separate network,
+trained at its own size and seed): a filter that had seen either would make the evaluation's class
+fidelity a measure of itself. The record under "class_filter" in cvae_parameters.json holds its
+accuracy on the held-out crops, the crops it learnt from (a hash of their names) and its file's sha256.
 """
 
 import hashlib
 import json
 
-import keras
 import numpy as np
+from PIL import Image
 
-from cilia_cvae import data, latent_prior
+from cilia_cvae import data
 from cilia_cvae.config import UserError
 from cilia_cvae.files import atomic_path, sha256_of_file, write_json_atomic
+from cilia_cvae.images import load_images
 
+# The filter's input side: the usefulness classifiers' size, half the judge's.
+FILTER_IMAGE_SIZE = 64
+# Its initialisation and shuffling, apart from the CVAE's seed and the judge's.
+FILTER_SEED_OFFSET = 7
 # Written beside the generated images: per class, the candidates drawn and accepted.
 ACCEPTANCE_FILE = "class_filter_acceptance.json"
-FILTER_BATCH_SIZE = 128
-FILTER_LEARNING_RATE = 1e-3
-# Noise added to the training maps (in the prior's standardised units): the prior's denoised maps
-# are near the encoder's means, not on them.
-FILTER_INPUT_NOISE = 0.1
-
-
-def build_filter(map_shape, num_classes, seed=0):
-    """Three convolutions over the latent map, pooled, to class logits: a few tens of thousands of weights."""
-    keras.utils.set_random_seed(seed)
-    maps = keras.Input(map_shape, name="latent_map")
-    x = keras.layers.GaussianNoise(FILTER_INPUT_NOISE, seed=seed)(maps)
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
-    x = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
-    x = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.2, seed=seed)(x)
-    logits = keras.layers.Dense(num_classes, name="class_logits")(x)
-    return keras.Model(maps, logits, name="class_filter")
 
 
 def crops_sha256(paths):
@@ -58,8 +51,8 @@ def crops_sha256(paths):
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-def validation_crops(paths, labels, settings):
-    """The crops the CVAE held out of the train split (the same seed and fraction), as a mask over paths."""
+def held_out_mask(paths, labels, settings):
+    """The crops the CVAE held out of the train split (its seed and fraction), as a mask over paths."""
     held_out = data.hold_out_validation(
         np.asarray(paths), np.asarray(labels), settings["VALIDATION_FRACTION"], settings["SEED"]
     )[2]
@@ -67,144 +60,122 @@ def validation_crops(paths, labels, settings):
     return np.array([path in held_out for path in np.asarray(paths).tolist()])
 
 
-def per_class_accuracy(model, maps, labels, num_classes):
-    predicted = predict_scores(model, maps).argmax(axis=1)
-    return {
-        label: float(np.mean(predicted[labels == label] == label))
-        for label in range(num_classes)
-        if (labels == label).any()
-    }
+def train(settings, facts, parameters, layout):
+    """Train the filter on the train split's crops less the held-out ones, measure it on those, save
+    and record it."""
+    from cilia_cvae import classifier  # Keras: loaded with the second stage only
 
-
-def predict_scores(model, maps):
-    """Class probabilities (n, classes) of standardised latent maps."""
-    if len(maps) == 0:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    logits = model.predict(np.asarray(maps, np.float32), batch_size=512, verbose=0)
-    return keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
-
-
-def train(maps, labels, crop_of_map, paths, settings, parameters, layout):
-    """Train the filter on the maps of the training crops, measure it on the held-out crops', save and record it."""
     epochs = settings["CLASS_FILTER_EPOCHS"]
     if epochs <= 0:
         return parameters
-    crop_labels = np.zeros(len(paths), np.int32)
-    crop_labels[crop_of_map] = labels
-    held_out = validation_crops(paths, crop_labels, settings)[crop_of_map]
-    num_classes = len(parameters["class_names"])
-    model = build_filter(maps.shape[1:], num_classes, settings["SEED"])
-    model.compile(
-        optimizer=keras.optimizers.Adam(FILTER_LEARNING_RATE),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+    paths, labels = data.list_training_images(
+        settings["PROCESSED_IMAGES_DIR"], settings["IMAGE_SIZE"], facts["class_names"]
     )
-    order = np.random.default_rng(settings["SEED"]).permutation(np.flatnonzero(~held_out))
+    held_out = held_out_mask(paths, labels, settings)
+    images = load_images(paths, FILTER_IMAGE_SIZE)
     print(
-        f"class filter: {len(order)} latent maps of training crops, {int(held_out.sum())} held out, {epochs} epochs"
+        f"class filter: {int((~held_out).sum())} training crops at {FILTER_IMAGE_SIZE} px, "
+        f"{int(held_out.sum())} held out, {epochs} epochs"
     )
-    model.fit(
-        maps[order], labels[order], batch_size=FILTER_BATCH_SIZE, epochs=epochs, shuffle=True, verbose=2
+    model = classifier.train_classifier(
+        images[~held_out],
+        labels[~held_out],
+        len(facts["class_names"]),
+        epochs,
+        settings["SEED"] + FILTER_SEED_OFFSET,
     )
-    accuracy = per_class_accuracy(model, maps[held_out], labels[held_out], num_classes)
-    overall = (
-        float(np.mean(predict_scores(model, maps[held_out]).argmax(axis=1) == labels[held_out]))
-        if held_out.any()
-        else None
-    )
+    predicted = classifier.predict(model, images[held_out])[0].argmax(axis=1) if held_out.any() else None
     with atomic_path(layout.class_filter) as temporary_path:
         model.save(temporary_path)
     record = {
         "epochs": epochs,
-        "validation_accuracy": overall,
+        "image_size": FILTER_IMAGE_SIZE,
+        "validation_accuracy": None if predicted is None else float(np.mean(predicted == labels[held_out])),
         "validation_accuracy_per_class": {
-            parameters["class_names"][label]: value for label, value in accuracy.items()
+            name: float(np.mean(predicted[labels[held_out] == label] == label))
+            for label, name in enumerate(facts["class_names"])
+            if predicted is not None and (labels[held_out] == label).any()
         },
-        "training_maps": int(len(order)),
-        "validation_maps": int(held_out.sum()),
-        # The train split's crops it learnt from (the validation crops among them): never the test split's.
+        "training_crops": int((~held_out).sum()),
+        "validation_crops": int(held_out.sum()),
+        # The train split's crops it learnt from (the held-out ones among them): never the test split's.
         "crops_sha256": crops_sha256(paths),
-        "prior_sha256": parameters["latent_prior"]["sha256"],
         "sha256": sha256_of_file(layout.class_filter),
     }
     parameters = dict(parameters, class_filter=record)
     write_json_atomic(layout.parameters, parameters)
-    shown = "none held out" if overall is None else f"{overall:.1%}"
+    shown = "none held out" if predicted is None else f"{record['validation_accuracy']:.1%}"
     print(f"saved the class filter as {layout.class_filter}: accuracy on the held-out training crops {shown}")
     return parameters
 
 
 def is_current(parameters, layout):
-    """Whether the run's filter was trained for its current prior and is the file its record names."""
-    record, prior = parameters.get("class_filter") or {}, parameters.get("latent_prior") or {}
+    """Whether the run's filter is an image filter and the file its record names."""
+    record = parameters.get("class_filter") or {}
     return bool(
-        record
-        and prior
-        and record.get("prior_sha256") == prior.get("sha256")
+        record.get("image_size")
         and layout.class_filter.is_file()
         and sha256_of_file(layout.class_filter) == record.get("sha256")
     )
 
 
-def train_if_missing(settings, facts, parameters, layout, encode):
-    """A run whose prior is trained but whose filter is missing, stale or damaged gets one, from maps
-    encoded again (`encode`, the prior stage's own encoding) with the prior's recorded standardisation."""
+def train_if_missing(settings, facts, parameters, layout):
+    """A run whose prior is trained but whose filter is missing, damaged or of latent maps gets one."""
     if (
         settings["CLASS_FILTER_EPOCHS"] <= 0
         or not parameters.get("latent_prior")
         or is_current(parameters, layout)
     ):
         return parameters
-    prior_config = latent_prior.PriorConfig.from_json(parameters["latent_prior"]["prior_config"])
-    maps, labels, crop_of_map, paths = encode()
-    standardised = ((maps - prior_config.latent_shift) / prior_config.latent_scale).astype(np.float32)
-    return train(standardised, labels, crop_of_map, paths, settings, parameters, layout)
+    return train(settings, facts, parameters, layout)
 
 
 def load(generator, layout, training_command):
-    """The run's class filter, checked against its record and the prior it was trained for."""
+    """The run's class filter, checked against its record."""
     parameters = generator["parameters"]
+    remedy = f"train it with {training_command} --continue_finished=True --class_filter_epochs=5"
     if not parameters.get("class_filter") or not layout.class_filter.is_file():
         raise UserError(
-            f"this run has no class filter ({layout.class_filter}); train it with {training_command} "
-            f"--continue_finished=True --class_filter_epochs=5, or pass --class_filter=False"
+            f"this run has no class filter ({layout.class_filter}); {remedy}, or pass --class_filter=False"
         )
     if not is_current(parameters, layout):
         raise UserError(
-            f"{layout.class_filter} is not the filter trained for this run's latent prior (its sha256 or its "
-            f"prior's differs from {layout.parameters}); train it again with {training_command} "
-            f"--continue_finished=True --class_filter_epochs=5"
+            f"{layout.class_filter} is not the filter this run recorded (its sha256 differs from "
+            f"{layout.parameters}, or it classifies latent maps); {remedy}"
         )
     from cilia_cvae.generation import load_saved_model
 
-    model = load_saved_model(layout.class_filter, f"it is damaged: train it again with {training_command}")
+    model = load_saved_model(layout.class_filter, f"it is damaged: {remedy}")
     return {"model": model, "record": parameters["class_filter"]}
 
 
-def scores_of(filter_model, standardised_maps):
-    return predict_scores(filter_model["model"], standardised_maps)
+def scores_of(screen, images):
+    """Class probabilities (n, classes) of decoded uint8 images, resized as the filter's training crops were."""
+    from cilia_cvae.classifier import predict
+
+    size = screen["record"]["image_size"]
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+            for image in np.asarray(images)
+        ]
+    )
+    return predict(screen["model"], resized)[0]
 
 
-def accepted(scores, label, threshold):
-    """Which maps the filter calls the requested class: its probability at least the threshold."""
-    return scores[:, label] >= threshold
-
-
-def summary_line(class_name, accepted_count, drawn, wanted, bound):
-    """One line per class: how many drawn maps passed; a class starved by the bound says so."""
-    share = accepted_count / drawn if drawn else 0.0
-    if accepted_count < wanted:
+def summary_line(class_name, acceptance):
+    """One line per class: how many drawn images passed; a class the bound starved says so."""
+    accepted, drawn = acceptance["accepted"], acceptance["drawn"]
+    share = accepted / drawn if drawn else 0.0
+    if accepted < acceptance["asked_for"]:
         return (
-            f"{class_name}: only {accepted_count} of the {wanted} images asked for passed the class filter "
-            f"within {bound} draws ({share:.0%} accepted); raise --class_filter_max_draws or lower "
-            f"--class_filter_threshold for more"
+            f"{class_name}: only {accepted} of the {acceptance['asked_for']} images asked for passed the "
+            f"class filter within {acceptance['bound']} draws ({share:.0%} accepted); raise "
+            f"--class_filter_max_draws or lower --class_filter_threshold for more"
         )
-    return f"{class_name}: {accepted_count} of {drawn} drawn maps passed the class filter ({share:.0%})"
+    return f"{class_name}: {accepted} of {drawn} drawn images passed the class filter ({share:.0%})"
 
 
 def write_acceptance(path, acceptance):
-    write_json_atomic(path, acceptance)
-
-
-def read_acceptance(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_json_atomic(path, {**earlier, **acceptance})

@@ -651,12 +651,11 @@ def say_what_exists(class_name, folder, count, existing, seed):
         )
 
 
-def screened(drawn, indices, latents, screen, generator, wanted):
-    """The indices and latents of a batch the class filter keeps (at most `wanted`), with their scores."""
-    standardised = latent_prior.from_model_latents(latents, generator["prior"]["config"])
-    scores = class_filter.scores_of(screen, standardised)[:, drawn["label"]]
+def screened(drawn, indices, images, screen, wanted):
+    """The indices and images of a decoded batch the class filter keeps (at most `wanted`), with their scores."""
+    scores = class_filter.scores_of(screen, images)[:, drawn["label"]]
     kept = np.flatnonzero(scores >= screen["threshold"])[:wanted]
-    return indices[kept], latents[kept], scores[kept]
+    return indices[kept], images[kept], scores[kept]
 
 
 def submit_batch(writers, request, template, drawn, indices, images, files, scores):
@@ -709,14 +708,11 @@ def write_class(
         if len(paths) >= count:
             break
         indices = to_try[start : start + batch_size]
-        latents, scores = drawn["latents_for"](indices), None
+        images, scores = decode_batch(drawn["latents_for"](indices), drawn["label"]), None
         if screen:
-            indices, latents, scores = screened(
-                drawn, indices, latents, screen, generator, count - len(paths)
-            )
+            indices, images, scores = screened(drawn, indices, images, screen, count - len(paths))
             if not len(indices):
                 continue
-        images = decode_batch(latents, drawn["label"])
         if request["grain"] is not None:
             rngs = grain.image_rngs(request["draw"]["seed"], drawn["label"], indices)
             images = grain.add_grain(images, request["grain"], rngs)

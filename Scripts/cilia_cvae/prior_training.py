@@ -10,8 +10,9 @@
             record_prior_epoch(...)       the checkpoint, the history row, a sample grid every few epochs
         finish_prior(...)                 latent_prior.keras (the moving-average weights), then its
                                           record under "latent_prior" in cvae_parameters.json
-        class_filter.train(...)           the class filter over the same maps (class_filter.py);
-                                          a finished prior without one gets one when run again
+        class_filter.train(...)           the class filter, a small classifier of the train split's
+                                          crops (class_filter.py); a finished prior without one gets
+                                          one when run again
 
 The CVAE stays the image model: the prior learns where in its latent space the cilia of each
 class lie, so that inference can draw new latent maps instead of re-drawing stored ones
@@ -133,20 +134,9 @@ def encode_in_eight_orientations(encoder, paths, labels, model_config, batch_siz
     return np.concatenate(maps).astype(np.float32), np.concatenate(map_labels).astype(np.int32)
 
 
-def crop_of_each_map(crop_count, batch_size):
-    """The crop each encoded map belongs to: encode_in_eight_orientations stacks each batch's eight
-    orientations one after the other, so row o * B + j of a batch of B crops from s is crop s + j."""
-    return np.concatenate(
-        [
-            np.tile(np.arange(start, min(start + batch_size, crop_count)), 8)
-            for start in range(0, crop_count, batch_size)
-        ]
-    )
-
-
 def encode_training_crops(settings, facts, model_config, layout):
-    """The latent means of every train-split crop in its eight orientations, their labels, the crop of
-    each map and the crops' paths: what the prior and the class filter learn from (never the test split)."""
+    """The latent means of every train-split crop in its eight orientations, their labels and the
+    crops' paths: what the prior learns from (never the test split)."""
     encoder = generation.load_encoder(layout)
     paths, labels = data.list_training_images(
         settings["PROCESSED_IMAGES_DIR"], model_config.image_size, facts["class_names"]
@@ -155,7 +145,7 @@ def encode_training_crops(settings, facts, model_config, layout):
         maps, map_labels = encode_in_eight_orientations(
             encoder, paths, labels, model_config, settings["BATCH_SIZE"]
         )
-    return maps, map_labels, crop_of_each_map(len(paths), settings["BATCH_SIZE"]), paths
+    return maps, map_labels, paths
 
 
 def prior_config_for(settings, model_config, shift, scale):
@@ -239,7 +229,7 @@ def start_prior(strategy, settings, facts, parameters, layout):
     layout.prior_checkpoints.mkdir(parents=True, exist_ok=True)
     write_json_atomic(layout.prior_settings, wanted)
 
-    maps, map_labels, crop_of_map, paths = encode_training_crops(settings, facts, model_config, layout)
+    maps, map_labels, paths = encode_training_crops(settings, facts, model_config, layout)
     shift, scale = latent_prior.measure_standardisation(maps)
     prior_config = prior_config_for(settings, model_config, shift, scale)
     standardised = ((maps - shift) / scale).astype(np.float32)
@@ -268,8 +258,6 @@ def start_prior(strategy, settings, facts, parameters, layout):
         "model_config": model_config,
         "maps": standardised,
         "labels": map_labels,
-        "crop_of_map": crop_of_map,
-        "paths": paths,
         "state": state,
         "manager": manager,
         "history": history,
@@ -414,13 +402,7 @@ def train_prior(settings, facts, parameters, strategy=None):
     if reason:
         print(reason)
         # A trained prior without its class filter (or with a stale one) gets one.
-        return class_filter.train_if_missing(
-            settings,
-            facts,
-            parameters,
-            layout,
-            lambda: encode_training_crops(settings, facts, ModelConfig.from_parameters(parameters), layout),
-        )
+        return class_filter.train_if_missing(settings, facts, parameters, layout)
     from cilia_cvae.generation import load_saved_model
 
     started = time.time()
@@ -435,6 +417,4 @@ def train_prior(settings, facts, parameters, strategy=None):
         record_prior_epoch(stage, settings, facts, layout, decoder, row)
     earlier = sum(row["seconds"] for row in stage["history"][: first_epoch - 1])
     parameters = finish_prior(stage, settings, layout, parameters, time.time() - started + earlier)
-    return class_filter.train(
-        stage["maps"], stage["labels"], stage["crop_of_map"], stage["paths"], settings, parameters, layout
-    )
+    return class_filter.train(settings, facts, parameters, layout)
