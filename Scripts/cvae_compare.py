@@ -78,6 +78,8 @@ ORIGINAL_TRAINING = [
     "--class_balanced=False",
     "--kl_warmup_epochs=0",
 ]
+# The class filter's thresholds the variation contenders are measured at (None: no filter).
+FILTER_SUFFIXES = {None: "", 0.5: "_filtered", 0.9: "_filtered_0.9"}
 CONTENDER_SETTINGS = {
     "default": {"training": [], "inference": []},
     "original": {"training": ORIGINAL_TRAINING, "inference": []},
@@ -108,19 +110,21 @@ CONTENDER_SETTINGS = {
     # the strength trades newness for faithfulness; mixing blends in a second crop of the class; the
     # class filter keeps only the maps it gives their class.
     **{
-        f"variation_strength_{strength}{f'_mix_{mix}' if mix else ''}{'_filtered' if screened else ''}": {
+        f"variation_strength_{strength}{f'_mix_{mix}' if mix else ''}{FILTER_SUFFIXES[threshold]}": {
             "training": [],
             "inference": [
                 "--sampling=variation",
                 f"--variation_strength={strength}",
                 "--guidance=4",
                 *([f"--variation_mix={mix}"] if mix else []),
-                *(["--class_filter=True"] if screened else []),
+                *(["--class_filter=True"] if threshold else []),
+                # (0.5 is the inference script's default: left unsaid, as the first filtered rows were run)
+                *([f"--class_filter_threshold={threshold}"] if threshold and threshold != 0.5 else []),
             ],
         }
         for strength in (0.3, 0.5, 0.7, 0.8)
         for mix in (0, 0.5)
-        for screened in (False, True)
+        for threshold in FILTER_SUFFIXES
     },
     # The control: real test images, judged as if they were generated. What a generator's
     # fidelity, memorisation and near-copies are held to (its distribution measures against the

@@ -1,7 +1,8 @@
 """Generate class-conditional synthetic TEM images of cilia cross sections with a trained CVAE.
 
 Reads   MODELS_DIR/<S>x<S>/cvae_decoder.keras and cvae_parameters.json (class names, sizes)
-        MODELS_DIR/<S>x<S>/latent_prior.keras (for --sampling=diffusion and counterfactuals)
+        MODELS_DIR/<S>x<S>/latent_prior.keras (for --sampling=diffusion or variation and counterfactuals),
+        cvae_encoder.keras (variations of turned crops), class_filter.keras (--class_filter=True)
         LATENT_TENSORS_DIR/<S>x<S>/z_mean_<Class>.npy, z_log_var_<Class>.npy
         PROCESSED_IMAGES_DIR/raw_image_statistics.csv and <S>x<S>/train/ (real examples for the figures)
 Writes  GENERATED_IMAGES_DIR/<S>x<S>/<Class>/Synthetic_<Class>_<NNNNN>.png (numbering continues: nothing is
@@ -42,8 +43,8 @@ COUNTERFACTUAL_FROM = ""  # a class name: instead of sampling, redraw that class
 EDIT_STRENGTH = 0.5  # how far a counterfactual's latent is noised before it is denoised as the new class: 0 returns the crop's reconstruction, 1 forgets the crop
 VARIATION_STRENGTH = 0.5  # "variation": how far each crop's latent is noised before the prior denoises it under its own class: 0 returns the crop's reconstruction (in its drawn orientation), 1 a full prior draw
 VARIATION_MIX = 0.0  # "variation": weight of a second crop of the class, mixed in spherically before denoising (0: none; 0.5: halfway between two crops)
-CLASS_FILTER = False  # "diffusion" and "variation": keep only the drawn latent maps the run's class filter (trained beside the prior on the train split) gives the requested class, drawing on until each class has its count
-CLASS_FILTER_THRESHOLD = 0.5  # the filter's probability of the requested class a map needs to be kept
+CLASS_FILTER = False  # "diffusion" and "variation": keep only the drawn images the run's class filter (a small CNN trained beside the prior on the train split) gives the requested class, drawing on until each class has its count
+CLASS_FILTER_THRESHOLD = 0.5  # the filter's probability of the requested class an image needs to be kept
 CLASS_FILTER_MAX_DRAWS = (
     4  # at most this many candidates per image asked for; a class that falls short says how many it got
 )

@@ -5,6 +5,7 @@ Reads   Processed Input Images/224x224/train/<Class>/*.png and its preprocessing
 Writes  Models/224x224/: cvae_encoder.keras, cvae_decoder.keras, cvae_parameters.json,
         training_history.csv, loss_plot.png, samples_epoch_<N>.png, checkpoints/, logs/ (TensorBoard)
         Latent Space Tensors/224x224/: z_mean_<Class>.npy, z_log_var_<Class>.npy
+        with --prior_epochs: latent_prior.keras, prior_history.csv and class_filter.keras (the second stage)
 
 Example:
     python Scripts/cvae_training_224x224.py --epochs=40
@@ -64,7 +65,7 @@ PRIOR_LOSS_WEIGHTING = (
     "uniform"  # weight of each noise level's error: "min_snr" (min-SNR-5, Hang et al. 2023) or "uniform"
 )
 PRIOR_SAMPLE_EVERY = 2  # write prior_samples_epoch_<N>.png every this many prior epochs (and after the last)
-CLASS_FILTER_EPOCHS = 5  # second stage, after the prior: epochs of the class filter, a small classifier over the same latent maps (train split only) that inference's --class_filter=True uses to keep only maps of the requested class (0: none); a finished prior without one gets one with --continue_finished=True
+CLASS_FILTER_EPOCHS = 5  # second stage, after the prior: epochs of the class filter, a small CNN of the train split's crops at 64 px that inference's --class_filter=True uses to keep only images of the requested class (0: none); a finished prior without one gets one with --continue_finished=True
 PROCESSED_IMAGES_DIR = config.PROCESSED_IMAGES_DIR  # read: the preprocessed images
 MODELS_DIR = config.MODELS_DIR  # written: <S>x<S>/ with the models, history and checkpoints
 LATENT_TENSORS_DIR = config.LATENT_TENSORS_DIR  # written: <S>x<S>/ with the latents of the training images
