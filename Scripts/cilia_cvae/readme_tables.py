@@ -242,7 +242,12 @@ def evaluation_table(relative_path):
     return "\n".join(rows) + "\n"
 
 
-HEADLINE_VARIATIONS = ("variation_strength_0.3", "variation_strength_0.7", "variation_strength_0.7_filtered")
+HEADLINE_VARIATIONS = (
+    "variation_strength_0.3",
+    "variation_strength_0.7",
+    "variation_strength_0.7_filtered_0.9",
+    "variation_strength_0.5_mix_0.5_filtered_0.9",
+)
 
 
 def headline_table(relative_path):
