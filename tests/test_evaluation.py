@@ -589,7 +589,7 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
         "--image_size=32",
         "--epochs=1",
         "--prior_epochs=1",
-        "--contenders=default,diffusion_guidance_2,real_test",
+        "--contenders=default,variation_strength_0.3,real_test",
         "--images_per_class=8",  # every test image of the tiny split, so the control is the whole split
         "--quick=True",
         f"--work_dir={work}",
@@ -602,9 +602,9 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
     assert finished.returncode == 0, finished.stderr[-3000:] + finished.stdout[-2000:]
     comparison = json.loads(output.read_text())
     candidates = comparison["candidates"]
-    assert set(candidates) == {"diffusion_guidance_2", "real_test"}
+    assert set(candidates) == {"variation_strength_0.3", "real_test"}
     assert comparison["epochs"] == 1
-    for result in (comparison["default"], candidates["diffusion_guidance_2"]):
+    for result in (comparison["default"], candidates["variation_strength_0.3"]):
         for key in (
             "real_accuracy",
             "class_fidelity",
@@ -622,18 +622,23 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
             assert key in result, key
         assert set(result["class_fidelity_per_class"]) == {"CP", "Disarranged", "IDA", "Normal", "ODA"}
     assert comparison["default"]["training"]["architecture"] == "default"
-    assert candidates["diffusion_guidance_2"]["inference"]["overrides"] == [
-        "--sampling=diffusion",
-        "--guidance=2",
+    assert candidates["variation_strength_0.3"]["inference"]["overrides"] == [
+        "--sampling=variation",
+        "--variation_strength=0.3",
+        "--guidance=4",
     ]
+    # A variation is nearest to a training crop; whether it is its own source is measured.
+    assert 0 <= candidates["variation_strength_0.3"]["pixel_nearest_is_source_share"] <= 1
     # A sampling candidate reuses the default's training instead of training again: the
-    # diffusion candidate trained the default's latent prior, as a second stage, and drew from it.
-    assert not (work / "diffusion_guidance_2" / "models").exists()
-    assert candidates["diffusion_guidance_2"]["latent_prior"]["epochs_done"] == 1
+    # variation candidate trained the default's latent prior, as a second stage, and drew from it.
+    assert not (work / "variation_strength_0.3" / "models").exists()
+    assert candidates["variation_strength_0.3"]["latent_prior"]["epochs_done"] == 1
     assert (work / "default" / "models" / "32x32" / "latent_prior.keras").is_file()
-    manifest = (work / "diffusion_guidance_2" / "generated" / "32x32" / "generation_manifest.csv").read_text()
-    assert "diffusion" in manifest
-    assert (work / "diffusion_guidance_2" / "generated" / "32x32" / "evaluation_report.json").is_file()
+    manifest = (
+        work / "variation_strength_0.3" / "generated" / "32x32" / "generation_manifest.csv"
+    ).read_text()
+    assert "variation" in manifest
+    assert (work / "variation_strength_0.3" / "generated" / "32x32" / "evaluation_report.json").is_file()
     # The control is the real test split judged as generated images: the judge's own accuracy,
     # a memorisation ratio of exactly 1, and no distribution measures against itself.
     control = candidates["real_test"]
@@ -645,14 +650,14 @@ def test_compare_trains_each_contender_once_and_writes_the_comparison(tiny_train
     assert (tmp_path / "contenders.png").is_file(), "every contender's first images side by side"
     assert (
         comparison["commands"] == [comparison["command"]]
-        and "--contenders=default,diffusion_guidance_2" in comparison["command"]
+        and "--contenders=default,variation_strength_0.3" in comparison["command"]
     )
     table = readme_tables.evaluation_table(output)
-    for row in ("| default |", "| diffusion_guidance_2 |", "| real_test |"):
+    for row in ("| default |", "| variation_strength_0.3 |", "| real_test |"):
         assert row in table
-    assert "`--sampling=diffusion --guidance=2`" in table
+    assert "`--sampling=variation --variation_strength=0.3 --guidance=4`" in table
     headline = readme_tables.headline_table(output)
-    assert "| diffusion_guidance_2 |" in headline and "| real_test |" in headline
+    assert "| variation_strength_0.3 |" in headline and "| real_test |" in headline
     # A second run reuses everything: nothing is trained, generated or judged again.
     again = run_script("cvae_compare", *arguments, timeout=600)
     assert again.returncode == 0 and ".py --" not in again.stdout, again.stdout
