@@ -122,6 +122,21 @@ if SAMPLING == "diffusion" or edits:
     # The prior must be this run's, the very file its training recorded: checked before anything is written.
     generation.load_latent_prior(generator, MODELS_DIR, LATENT_TENSORS_DIR, IMAGE_SIZE)
     diffusion = {"guidance": GUIDANCE, "steps": SAMPLING_STEPS}
+    # A prior trained short of pure noise (--prior_max_noise_level) never learnt the levels above it.
+    trained_up_to = generator["prior"]["config"].max_noise_level
+    strength_name = "edit_strength" if COUNTERFACTUAL_FROM else "variation_strength"
+    strength = (EDIT_STRENGTH if COUNTERFACTUAL_FROM else VARIATION_STRENGTH) if edits else 1.0
+    if strength > trained_up_to:
+        remedy = (
+            f"lower --{strength_name} to at most {trained_up_to:g}"
+            if edits
+            else f"draw variations instead (--sampling=variation --variation_strength={trained_up_to:g})"
+        )
+        raise UserError(
+            f"this run's latent prior was trained on noise levels up to {trained_up_to:g} only "
+            f"(--prior_max_noise_level), so it cannot start from level {strength:g}; {remedy}, or train a "
+            f"prior with --prior_max_noise_level=1"
+        )
 class_screen = None
 if CLASS_FILTER:
     # The filter must be the one trained for this prior: checked before anything is written.

@@ -63,6 +63,7 @@ PRIOR_WIDTH = 32  # channels of the prior's U-Net at the map's resolution (doubl
 PRIOR_ATTENTION_SIDE = 0  # self-attention after each residual block of the prior's levels whose map side is at most this (14: the 14 x 14 level too, where the ring of doublets can agree with itself), besides the one at its lowest map (0: that one only)
 PRIOR_POSITION_CHANNEL = False  # give the prior's network each cell's distance from the crop's centre, where the ring and the central pair sit, as one more input channel
 PRIOR_LABEL_DROPOUT = 0.1  # share of prior training examples shown no class, for classifier-free guidance
+PRIOR_MAX_NOISE_LEVEL = 1.0  # the highest noise level the prior trains on, a share of its schedule: 1 all (full draws, --sampling=diffusion); e.g. 0.7 only what variations and counterfactuals up to strength 0.7 use, learnt on the same budget by more steps each
 PRIOR_PREDICTION = "v"  # what the prior's network predicts: "v" (velocity) or "noise"
 PRIOR_LOSS_WEIGHTING = (
     "uniform"  # weight of each noise level's error: "min_snr" (min-SNR-5, Hang et al. 2023) or "uniform"

@@ -7,6 +7,7 @@ model alone; sampling is deterministic; the train step runs under two mirrored C
 through training.py's own step functions. The whole file takes about 30 s on 2 cores.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -85,6 +86,9 @@ def toy_latents(count_per_class, seed):
         ({"latent_scale": 0.0}, "latent_scale"),
         ({"latent_shift": math.inf}, "latent_shift"),
         ({"position_channel": 1}, "position_channel"),
+        ({"max_noise_level": 0.0}, "max_noise_level"),
+        ({"max_noise_level": 1.5}, "max_noise_level"),
+        ({"max_noise_level": math.nan}, "max_noise_level"),
     ],
 )
 def test_config_refuses_impossible_values_in_one_line(change, message):
@@ -256,6 +260,25 @@ def trained_prior():
         prior.trackers["prior_loss"].reset_state()
         step_losses.append(float(train_step(batch)["prior_loss"]))
     return prior, np.array(step_losses)
+
+
+def test_a_prior_for_variations_trains_only_on_the_noise_levels_they_use():
+    # --prior_max_noise_level=0.4: every level a training step draws lies at or under 0.4 of the
+    # schedule, spread over that range, and validation draws from the same range.
+    prior = latent_prior.build_latent_prior(dataclasses.replace(SMALL, max_noise_level=0.4), seed=1)
+    seen = []
+
+    def recording_denoiser(inputs, training=False):
+        seen.append(np.asarray(inputs[1]).ravel())
+        return tf.zeros_like(inputs[0])
+
+    prior.denoiser = recording_denoiser
+    latents, labels = toy_latents(64, seed=0)
+    for step in range(3):
+        prior.per_example_losses(latents, labels, tf.constant([step, 1]), training=True)
+    levels = np.concatenate(seen)
+    assert levels.max() <= 0.4 and levels.min() >= 0 and levels.max() > 0.35, (levels.min(), levels.max())
+    assert latent_prior.PriorConfig.from_json(prior.prior_config.to_json()).max_noise_level == 0.4
 
 
 def test_training_reduces_the_loss_and_validation_is_repeatable(trained_prior):

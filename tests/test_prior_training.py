@@ -5,9 +5,18 @@ import hashlib
 import json
 
 import numpy as np
+import tensorflow as tf
 from test_training import TINY_MODEL, folders, write_processed_split
 
-from cilia_cvae.prior_training import epoch_order, identity, mosaic, same_identity
+from cilia_cvae import latent_prior
+from cilia_cvae.prior_training import (
+    SAMPLE_GRID_COLUMNS,
+    epoch_order,
+    identity,
+    mosaic,
+    same_identity,
+    sample_grid,
+)
 from conftest import run_script
 
 # No sample grid but the last epoch's: its DDIM sampler costs more to trace than the tiny prior to train.
@@ -113,6 +122,37 @@ def test_the_sample_grid_puts_a_class_in_each_row():
     picture = mosaic(images, rows)
     assert picture.shape == (rows * side, columns * side)
     assert picture[side * 2, side * 3] == 23 and picture[0, side] == 1 and picture[side, 0] == 10
+
+
+def test_a_prior_trained_short_of_pure_noise_shows_redrawn_crops_not_draws():
+    # Its sample grid starts from training maps noised to its highest level, never from pure noise
+    # (levels it never learnt): the same maps in every row, each row redrawn under its class.
+    prior_config = latent_prior.PriorConfig(map_side=4, latent_channels=2, num_classes=3, width=8)
+    short_config = latent_prior.PriorConfig(**{**prior_config.to_json(), "max_noise_level": 0.5})
+    denoiser = latent_prior.build_denoiser(short_config, name="ema_denoiser")
+    maps = np.random.default_rng(0).standard_normal((24, 4, 4, 2)).astype("float32")
+    calls = []
+
+    class Prior:
+        ema_denoiser = denoiser
+
+    def decoder(inputs, training=False):
+        calls.append(inputs[0])
+        return tf.zeros((len(inputs[0]), 4, 4, 1))
+
+    original_edit, edits = latent_prior.edit, []
+
+    def recording_edit(*arguments, **keywords):
+        edits.append(keywords["strength"])
+        return original_edit(*arguments, **keywords)
+
+    latent_prior.edit = recording_edit
+    try:
+        grid = sample_grid({"prior_config": short_config, "prior": Prior, "maps": maps}, decoder, 3, seed=0)
+    finally:
+        latent_prior.edit = original_edit
+    assert edits == [0.5] and grid.shape == (3 * 4, SAMPLE_GRID_COLUMNS * 4)
+    assert len(calls[0]) == 3 * SAMPLE_GRID_COLUMNS
 
 
 def test_an_epoch_visits_each_map_once_or_every_class_equally():

@@ -53,6 +53,10 @@ def variation_run(tiny_trained_model, tmp_path_factory):
     folders = dict(tiny_trained_model, models=root / "models")
     shutil.copytree(tiny_trained_model["models"], folders["models"])
     add_latent_prior(folders["models"], folders["latents"], 32, width=8)
+    # The same run with a prior trained on noise levels up to 0.5 only (--prior_max_noise_level=0.5).
+    short = dict(folders, models=root / "short_prior_models")
+    shutil.copytree(tiny_trained_model["models"], short["models"])
+    add_latent_prior(short["models"], short["latents"], 32, width=8, max_noise_level=0.5)
     requests = {
         "strength_0": arguments(folders, root / "strength_0", "--variation_strength=0", "--figures=False"),
         "half": arguments(folders, root / "half", "--variation_strength=0.5"),
@@ -64,6 +68,11 @@ def variation_run(tiny_trained_model, tmp_path_factory):
         "bad_mix": arguments(folders, root / "refused", "--variation_mix=0.8"),
         "with_counterfactual": arguments(folders, root / "refused", "--counterfactual_from=Normal"),
         "no_prior": arguments(tiny_trained_model, root / "refused"),
+        "short_prior_at_its_level": arguments(
+            short, root / "short_prior_at_its_level", "--variation_strength=0.5", "--figures=False"
+        ),
+        "short_prior_above_its_level": arguments(short, root / "refused", "--variation_strength=0.7"),
+        "short_prior_full_draw": arguments(short, root / "refused", "--sampling=diffusion"),
     }
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {
@@ -155,11 +164,15 @@ def test_refusals_are_one_line(variation_run):
         ("bad_mix", "--variation_mix"),
         ("with_counterfactual", "choose one"),
         ("no_prior", "has no latent prior"),
+        ("short_prior_above_its_level", "up to 0.5 only"),
+        ("short_prior_full_draw", "cannot start from level 1"),
     ):
         lines = finished[name].stderr.strip().splitlines()
         assert finished[name].returncode == 2 and len(lines) == 1, (name, finished[name].stderr[-2000:])
         assert fragment in lines[0], (name, lines[0])
     assert not (variation_run["root"] / "refused").exists()
+    # A prior trained up to 0.5 draws variations at 0.5 itself.
+    assert len(manifest_of(variation_run, "short_prior_at_its_level")) == IMAGES * len(CLASSES)
 
 
 def test_orientations_are_the_ones_the_prior_learnt():

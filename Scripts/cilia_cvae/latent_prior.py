@@ -94,6 +94,7 @@ class PriorConfig:
         False  # give the network each cell's distance from the map's centre as one more input channel
     )
     label_dropout: float = 0.1  # share of training examples shown the null class instead of theirs
+    max_noise_level: float = 1.0  # the highest noise level trained, a share of the schedule: 1 all of it (full draws); below 1 only edits up to that strength
     prediction: str = "v"  # what the network predicts: "v" (alpha noise - sigma x0) or "noise"
     loss_weighting: str = "uniform"  # "min_snr" (min-SNR-5 weights per noise level) or "uniform"
     ema_decay: float = 0.999  # decay of the moving average of the weights that samples
@@ -126,6 +127,10 @@ class PriorConfig:
             )
         if not 0 <= self.label_dropout < 1:  # also refuses nan
             raise ValueError(f"prior label_dropout must be at least 0 and below 1, not {self.label_dropout}")
+        if not 0 < self.max_noise_level <= 1:  # also refuses nan
+            raise ValueError(
+                f"prior max_noise_level must be above 0 and at most 1, not {self.max_noise_level}"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"prior ema_decay must be at least 0 and below 1, not {self.ema_decay}")
         if not math.isfinite(self.latent_shift):
@@ -408,7 +413,10 @@ class LatentPrior(keras.Model):
         and the weight each example's error carries in training (loss_weights)."""
         level_seed, noise_seed, dropout_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         count = ops.shape(latents)[0]
-        end = schedule_end(self.prior_config.prediction)
+        # Levels above max_noise_level are never drawn: a prior for variations up to that strength
+        # spends all its steps on the levels they use (the top of the schedule is the global layout,
+        # which a variation keeps from its crop).
+        end = schedule_end(self.prior_config.prediction) * self.prior_config.max_noise_level
         noise_levels = tf.random.stateless_uniform((count, 1), level_seed) * end
         noise = tf.random.stateless_normal(ops.shape(latents), noise_seed)
         if label_dropout:

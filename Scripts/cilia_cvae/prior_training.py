@@ -51,6 +51,7 @@ PRIOR_SETTINGS_ADDED_LATER = {
     "PRIOR_LEARNING_RATE_SCHEDULE": "constant",
     "PRIOR_CLASS_BALANCED": False,
     "PRIOR_POSITION_CHANNEL": False,
+    "PRIOR_MAX_NOISE_LEVEL": 1.0,
 }
 SAMPLE_GRID_COLUMNS = 6
 SAMPLE_GRID_STEPS, SAMPLE_GRID_GUIDANCE = 20, 2.0
@@ -157,6 +158,7 @@ def prior_config_for(settings, model_config, shift, scale):
         attention_side=settings["PRIOR_ATTENTION_SIDE"],
         position_channel=settings["PRIOR_POSITION_CHANNEL"],
         label_dropout=settings["PRIOR_LABEL_DROPOUT"],
+        max_noise_level=settings["PRIOR_MAX_NOISE_LEVEL"],
         prediction=settings["PRIOR_PREDICTION"],
         loss_weighting=settings["PRIOR_LOSS_WEIGHTING"],
         latent_shift=shift,
@@ -300,19 +302,27 @@ def train_prior_epoch(strategy, stage, settings, epoch):
 
 
 def sample_grid(stage, decoder, num_classes, seed):
-    """Decoded prior draws: a row per class, the same starting noise in every row."""
+    """Decoded prior draws: a row per class, the same starting noise in every row. A prior trained
+    short of pure noise cannot draw from it: it redraws the same training maps, noised to its
+    highest level, under each class instead."""
     prior_config = stage["prior_config"]
     noise = np.random.default_rng(seed).standard_normal((SAMPLE_GRID_COLUMNS, *prior_config.map_shape))
     noise = np.tile(noise.astype(np.float32), (num_classes, 1, 1, 1))
     labels = np.repeat(np.arange(num_classes), SAMPLE_GRID_COLUMNS)
-    maps = latent_prior.sample(
-        stage["prior"].ema_denoiser,
-        labels,
-        noise,
-        steps=SAMPLE_GRID_STEPS,
-        guidance=SAMPLE_GRID_GUIDANCE,
-        prediction=prior_config.prediction,
-    )
+    denoising = {
+        "steps": SAMPLE_GRID_STEPS,
+        "guidance": SAMPLE_GRID_GUIDANCE,
+        "prediction": prior_config.prediction,
+    }
+    denoiser = stage["prior"].ema_denoiser
+    if prior_config.max_noise_level < 1:
+        spacing = max(1, len(stage["maps"]) // SAMPLE_GRID_COLUMNS)
+        sources = np.tile(stage["maps"][::spacing][:SAMPLE_GRID_COLUMNS], (num_classes, 1, 1, 1))
+        maps = latent_prior.edit(
+            denoiser, sources, labels, strength=prior_config.max_noise_level, noise=noise, **denoising
+        )
+    else:
+        maps = latent_prior.sample(denoiser, labels, noise, **denoising)
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     images = decoder([latent_prior.to_model_latents(maps, prior_config), one_hot], training=False).numpy()
     return mosaic(images[..., 0], num_classes)
@@ -327,7 +337,7 @@ def mosaic(images, rows):
     return (picture * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def save_sample_figure(path, grid, class_names, epoch):
+def save_sample_figure(path, grid, class_names, epoch, max_noise_level=1.0):
     """The prior's sample grid with its rows named by class."""
     import matplotlib.pyplot as plt
 
@@ -336,8 +346,9 @@ def save_sample_figure(path, grid, class_names, epoch):
     axis.imshow(grid, cmap="gray", vmin=0, vmax=255)
     axis.set_yticks([(row + 0.5) * row_height for row in range(len(class_names))], class_names)
     axis.set_xticks([])
+    start = "the same noise" if max_noise_level == 1 else f"the same crops noised to {max_noise_level:g}"
     axis.set_title(
-        f"latent prior after epoch {epoch}: the same noise in every row, "
+        f"latent prior after epoch {epoch}: {start} in every row, "
         f"{SAMPLE_GRID_STEPS} DDIM steps, guidance {SAMPLE_GRID_GUIDANCE:g}"
     )
     figure.tight_layout()
@@ -358,7 +369,13 @@ def record_prior_epoch(stage, settings, facts, layout, decoder, row):
     every = settings["PRIOR_SAMPLE_EVERY"]
     if (every > 0 and row["epoch"] % every == 0) or row["epoch"] == settings["PRIOR_EPOCHS"]:
         grid = sample_grid(stage, decoder, len(facts["class_names"]), settings["SEED"])
-        save_sample_figure(layout.prior_samples(row["epoch"]), grid, facts["class_names"], row["epoch"])
+        save_sample_figure(
+            layout.prior_samples(row["epoch"]),
+            grid,
+            facts["class_names"],
+            row["epoch"],
+            stage["prior_config"].max_noise_level,
+        )
     print(
         f"prior epoch {row['epoch']}: loss {row['prior_loss']:.4f}, "
         f"{row['latents_per_second']:.0f} latents/s, {row['seconds']:.0f} s"

@@ -86,6 +86,10 @@ def check_prior_settings(settings):
         raise UserError(
             f"--prior_label_dropout must be at least 0 and below 1, not {settings['PRIOR_LABEL_DROPOUT']}"
         )
+    if not 0 < settings["PRIOR_MAX_NOISE_LEVEL"] <= 1:
+        raise UserError(
+            f"--prior_max_noise_level must be above 0 and at most 1, not {settings['PRIOR_MAX_NOISE_LEVEL']}"
+        )
     check_choice("PRIOR_PREDICTION", settings["PRIOR_PREDICTION"], list(PREDICTIONS))
     check_choice("PRIOR_LOSS_WEIGHTING", settings["PRIOR_LOSS_WEIGHTING"], list(LOSS_WEIGHTINGS))
     check_choice(

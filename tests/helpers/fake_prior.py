@@ -46,7 +46,9 @@ def trained_denoiser(prior_config, latents, labels, train_steps, seed):
     return prior.ema_denoiser
 
 
-def add_latent_prior(models_dir, latent_tensors_dir, image_size, *, width=8, train_steps=0, seed=0):
+def add_latent_prior(
+    models_dir, latent_tensors_dir, image_size, *, width=8, train_steps=0, seed=0, max_noise_level=1.0
+):
     """Save a denoiser for this run and record it; returns (denoiser, prior_config)."""
     layout = RunLayout(models_dir, latent_tensors_dir, image_size)
     parameters = json.loads(layout.parameters.read_text(encoding="utf-8"))
@@ -58,6 +60,7 @@ def add_latent_prior(models_dir, latent_tensors_dir, image_size, *, width=8, tra
         latent_channels=int(parameters["latent_dim"]) // (side * side),
         num_classes=len(class_names),
         width=width,
+        max_noise_level=max_noise_level,
         latent_shift=shift,
         latent_scale=scale,
     )
