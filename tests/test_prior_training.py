@@ -20,7 +20,9 @@ from cilia_cvae.prior_training import (
 from conftest import run_script
 
 # No sample grid but the last epoch's: its DDIM sampler costs more to trace than the tiny prior to train.
-# The cosine schedule and class balance are on, so that a resumed run is seen to keep to both.
+# The cosine schedule and class balance are on, so that a resumed run is seen to keep to both. No
+# class filter (its training, after the prior's, is test_variation.py's filter_run): every run here
+# would train one, at seconds each.
 PRIOR = [
     "--prior_epochs=2",
     "--prior_batch_size=16",
@@ -28,6 +30,7 @@ PRIOR = [
     "--prior_sample_every=0",
     "--prior_learning_rate_schedule=cosine",
     "--prior_class_balanced=True",
+    "--class_filter_epochs=0",
 ]
 
 
