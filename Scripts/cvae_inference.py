@@ -235,8 +235,10 @@ if FIGURES:
         {name: generator["latents"][name][0] for name in all_classes}, output_dir / "latent_space.png"
     )
     figure_names = ["image_comparison.png", "latent_space.png", diffusion_figures.CLASS_FIGURE_NAME]
-    if "prior" in generator:
-        # The class acts in the prior, not the decoder: the same noise under each class, and guidance's effect.
+    # The class acts in the prior, not the decoder: the same noise under each class, and guidance's effect.
+    # Both start from pure noise, which a prior trained short of it (--prior_max_noise_level) never
+    # learnt: such a run gets the decoder's figure instead.
+    if "prior" in generator and generator["prior"]["config"].max_noise_level == 1:
         diffusion_figures.same_noise_under_each_class(
             generator,
             all_classes,

@@ -97,6 +97,18 @@ if uses_prior and not model_parameters.get("latent_prior"):
         f"train it with --prior_epochs first"
     )
 
+# A counterfactual set is repeated by each fraction as full draws (usefulness.inference_arguments),
+# which a prior trained short of pure noise cannot make.
+evaluated_max_noise_level = (
+    (model_parameters.get("latent_prior") or {}).get("settings", {}).get("PRIOR_MAX_NOISE_LEVEL", 1.0)
+)
+if evaluated_sampling.get("sampling") == "counterfactual" and evaluated_max_noise_level < 1:
+    raise UserError(
+        f"the evaluated images are counterfactuals, which each fraction repeats as full draws of its "
+        f"own prior, but the evaluated prior was trained on noise levels up to {evaluated_max_noise_level:g} "
+        f"only (--prior_max_noise_level); evaluate variations or diffusion draws instead"
+    )
+
 # Posterior draws at temperature 1 keep the names they always had, so earlier runs are reused.
 sampling_tag = (
     ""

@@ -359,6 +359,23 @@ def _stand_in_usefulness(tmp_path):
 DEFAULT_STAND_IN_SETTINGS = {"ARCHITECTURE": "default", "KL_WARMUP_EPOCHS": 5}
 
 
+def test_usefulness_refuses_counterfactuals_of_a_prior_that_cannot_draw_from_pure_noise(tmp_path):
+    # Each fraction repeats a counterfactual set as full draws; a prior trained up to 0.7 only
+    # (--prior_max_noise_level=0.7) cannot make them, so the experiment is refused before it trains.
+    run_usefulness, calls, _ = _stand_in_usefulness(tmp_path)
+    manifest = tmp_path / "generated" / "32x32" / "generation_manifest.csv"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(
+        "file,class,sampling,temperature,seed,guidance,sampling_steps,edit_strength\n"
+        "ODA/Synthetic_ODA_00001.png,ODA,counterfactual,1.0,0,4.0,20,0.5\n"
+    )
+    prior = {"epochs_done": 3, "settings": {"PRIOR_MAX_NOISE_LEVEL": 0.7}}
+    refused = run_usefulness("finish", latent_prior=prior)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "up to 0.7 only" in lines[0], refused.stderr
+    assert calls() == []
+
+
 def test_usefulness_with_diffusion_trains_each_fractions_prior_and_draws_from_it(tmp_path):
     run_usefulness, calls, work_dir = _stand_in_usefulness(tmp_path)
     # The evaluated images were drawn by a latent prior at guidance 4.

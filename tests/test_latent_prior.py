@@ -276,7 +276,9 @@ def test_a_prior_for_variations_trains_only_on_the_noise_levels_they_use():
     latents, labels = toy_latents(64, seed=0)
     for step in range(3):
         prior.per_example_losses(latents, labels, tf.constant([step, 1]), training=True)
+    prior.test_step((latents, labels))
     levels = np.concatenate(seen)
+    assert len(levels) == 4 * len(latents), "three training batches and one validation batch"
     assert levels.max() <= 0.4 and levels.min() >= 0 and levels.max() > 0.35, (levels.min(), levels.max())
     assert latent_prior.PriorConfig.from_json(prior.prior_config.to_json()).max_noise_level == 0.4
 
@@ -296,7 +298,7 @@ def test_training_reduces_the_loss_and_validation_is_repeatable(trained_prior):
     assert validation[0] == validation[1] and validation[0] < 0.8 * step_losses[0]
 
 
-def test_guided_samples_and_edits_take_the_sign_of_their_class(trained_prior):
+def test_guided_samples_take_the_sign_of_their_class_and_edits_move_towards_theirs(trained_prior):
     prior, _ = trained_prior
     labels = np.repeat([0, 1], 8)
     noise = np.random.default_rng(2).standard_normal((16, *SMALL.map_shape)).astype("float32")

@@ -146,7 +146,7 @@ def test_a_prior_trained_short_of_pure_noise_shows_redrawn_crops_not_draws():
     original_edit, edits = latent_prior.edit, []
 
     def recording_edit(*arguments, **keywords):
-        edits.append(keywords["strength"])
+        edits.append((arguments[1], keywords["strength"]))
         return original_edit(*arguments, **keywords)
 
     latent_prior.edit = recording_edit
@@ -154,7 +154,10 @@ def test_a_prior_trained_short_of_pure_noise_shows_redrawn_crops_not_draws():
         grid = sample_grid({"prior_config": short_config, "prior": Prior, "maps": maps}, decoder, 3, seed=0)
     finally:
         latent_prior.edit = original_edit
-    assert edits == [0.5] and grid.shape == (3 * 4, SAMPLE_GRID_COLUMNS * 4)
+    assert len(edits) == 1 and edits[0][1] == 0.5 and grid.shape == (3 * 4, SAMPLE_GRID_COLUMNS * 4)
+    # Every row starts from the same training maps, spread over the training set.
+    spread = maps[:: len(maps) // SAMPLE_GRID_COLUMNS][:SAMPLE_GRID_COLUMNS]
+    assert np.array_equal(edits[0][0], np.tile(spread, (3, 1, 1, 1)))
     assert len(calls[0]) == 3 * SAMPLE_GRID_COLUMNS
 
 
@@ -175,8 +178,10 @@ def test_an_epoch_visits_each_map_once_or_every_class_equally():
 def test_a_prior_recorded_before_a_setting_existed_keeps_its_identity():
     settings = {"PRIOR_EPOCHS": 3, "PRIOR_WIDTH": 32, "PRIOR_ATTENTION_SIDE": 0}
     settings |= {"PRIOR_LEARNING_RATE_SCHEDULE": "constant", "PRIOR_CLASS_BALANCED": False}
+    settings |= {"PRIOR_MAX_NOISE_LEVEL": 1.0}
     wanted = identity(settings, "fingerprint")
     older = {"PRIOR_WIDTH": 32, "RUN_FINGERPRINT": "fingerprint"}
     assert "PRIOR_EPOCHS" not in wanted and same_identity(older, wanted)
     assert not same_identity(older, identity(settings | {"PRIOR_CLASS_BALANCED": True}, "fingerprint"))
+    assert not same_identity(older, identity(settings | {"PRIOR_MAX_NOISE_LEVEL": 0.7}, "fingerprint"))
     assert not same_identity(older, identity(settings, "another run")) and not same_identity(None, wanted)

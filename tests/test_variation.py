@@ -69,10 +69,17 @@ def variation_run(tiny_trained_model, tmp_path_factory):
         "with_counterfactual": arguments(folders, root / "refused", "--counterfactual_from=Normal"),
         "no_prior": arguments(tiny_trained_model, root / "refused"),
         "short_prior_at_its_level": arguments(
-            short, root / "short_prior_at_its_level", "--variation_strength=0.5", "--figures=False"
+            short, root / "short_prior_at_its_level", "--variation_strength=0.5"
         ),
         "short_prior_above_its_level": arguments(short, root / "refused", "--variation_strength=0.7"),
         "short_prior_full_draw": arguments(short, root / "refused", "--sampling=diffusion"),
+        "short_prior_counterfactual": arguments(
+            short,
+            root / "refused",
+            "--sampling=diffusion",
+            "--counterfactual_from=Normal",
+            "--edit_strength=0.7",
+        ),
     }
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {
@@ -166,6 +173,7 @@ def test_refusals_are_one_line(variation_run):
         ("no_prior", "has no latent prior"),
         ("short_prior_above_its_level", "up to 0.5 only"),
         ("short_prior_full_draw", "cannot start from level 1"),
+        ("short_prior_counterfactual", "lower --edit_strength to at most 0.5"),
     ):
         lines = finished[name].stderr.strip().splitlines()
         assert finished[name].returncode == 2 and len(lines) == 1, (name, finished[name].stderr[-2000:])
@@ -173,6 +181,9 @@ def test_refusals_are_one_line(variation_run):
     assert not (variation_run["root"] / "refused").exists()
     # A prior trained up to 0.5 draws variations at 0.5 itself.
     assert len(manifest_of(variation_run, "short_prior_at_its_level")) == IMAGES * len(CLASSES)
+    # Its figures draw nothing from pure noise: the decoder's class figure, no guidance sweep.
+    figures = variation_run["root"] / "short_prior_at_its_level" / "32x32"
+    assert (figures / "variations.png").is_file() and not (figures / "guidance_sweep.png").exists()
 
 
 def test_orientations_are_the_ones_the_prior_learnt():

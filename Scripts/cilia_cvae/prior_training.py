@@ -28,6 +28,7 @@ host with --continue_finished=True.
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -347,9 +348,11 @@ def save_sample_figure(path, grid, class_names, epoch, max_noise_level=1.0):
     axis.set_yticks([(row + 0.5) * row_height for row in range(len(class_names))], class_names)
     axis.set_xticks([])
     start = "the same noise" if max_noise_level == 1 else f"the same crops noised to {max_noise_level:g}"
+    # An edit from level s takes ceil(s x steps) of the sampler's steps (latent_prior.edit).
+    steps = math.ceil(max_noise_level * SAMPLE_GRID_STEPS)
     axis.set_title(
         f"latent prior after epoch {epoch}: {start} in every row, "
-        f"{SAMPLE_GRID_STEPS} DDIM steps, guidance {SAMPLE_GRID_GUIDANCE:g}"
+        f"{steps} DDIM steps, guidance {SAMPLE_GRID_GUIDANCE:g}"
     )
     figure.tight_layout()
     with atomic_path(path) as temporary_path:
